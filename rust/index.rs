@@ -1,0 +1,1 @@
+//! The key index: prefix filters, grouping of keys by owning module, and diffs.

@@ -1,0 +1,14 @@
+//! The ckptmap core: everything that grows with the number of state-dict keys.
+//!
+//! The modules below are plain Rust without any Python object, so `cargo test` and
+//! `cargo bench` run without an interpreter. The PyO3 layer lives in [`py`] behind the
+//! `python` feature, which maturin turns on.
+
+pub mod error;
+pub mod index;
+pub mod pattern;
+pub mod rules;
+pub mod template;
+
+#[cfg(feature = "python")]
+mod py;

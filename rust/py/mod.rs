@@ -1,0 +1,20 @@
+//! The PyO3 binding layer: extract Python inputs, run the pure core with the GIL released,
+//! build Python results. This file only registers.
+
+mod errors;
+mod index;
+mod rules;
+
+use pyo3::prelude::*;
+
+/// The compiled core of ckptmap. Import from `ckptmap`, not from here.
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use super::rules::KeyRules;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}

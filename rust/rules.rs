@@ -1,0 +1,267 @@
+//! Compiled key rules: `(pattern, replacement)` pairs applied in order, each exactly as
+//! Python's `re.sub(pattern, replacement, key)` would.
+
+use std::borrow::Cow;
+
+use regex::{Regex, RegexBuilder};
+
+use crate::error::{CoreError, CoreResult};
+use crate::pattern::{self, Translation};
+use crate::template::Template;
+
+/// One rule compiled for the `regex` crate.
+#[derive(Debug, Clone)]
+pub struct NativeRule {
+    regex: Regex,
+    template: Template,
+    translation: Translation,
+}
+
+/// Size limit for one compiled rule; a larger one runs on Python's `re` instead.
+const REGEX_SIZE_LIMIT: usize = 16 << 20;
+
+impl NativeRule {
+    /// Compiles a Python pattern (with `re` flag bits) and replacement template.
+    /// [`CoreError::Unsupported`] means the rule must run on Python's `re`.
+    pub fn compile(pattern: &str, flags: u32, repl: &str) -> CoreResult<Self> {
+        let translation = pattern::translate(pattern, flags)?;
+        let template = Template::parse(repl, translation.groups, &translation.names)?;
+        let regex = RegexBuilder::new(&translation.regex)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| CoreError::Unsupported(format!("regex crate: {e}")))?;
+        Ok(Self { regex, template, translation })
+    }
+
+    /// The `regex` crate pattern this rule runs.
+    pub fn regex(&self) -> &str {
+        self.regex.as_str()
+    }
+
+    /// Whether this key must go through Python's `re` for this rule: a non-ASCII key for a
+    /// rule using Unicode-dependent constructs, or a key ending in `\n` for a rule using `$`.
+    pub fn needs_python(&self, key: &str) -> bool {
+        (self.translation.unicode_sensitive && !key.is_ascii())
+            || (self.translation.dollar_sensitive && key.ends_with('\n'))
+    }
+
+    /// `re.sub(pattern, repl, key)`. Borrows the key when nothing matched.
+    ///
+    /// Python's loop (3.7+): after a non-empty match the next search starts at its end and
+    /// may find an empty match there; after an empty match it must find a non-empty match at
+    /// the same place or move one character on. [`pattern::translate`] only admits patterns
+    /// for which no such non-empty match can exist, so moving on is exact.
+    pub fn sub<'k>(&self, key: &'k str) -> Cow<'k, str> {
+        let literal = self.template.as_literal();
+        let mut locs = self.regex.capture_locations();
+        let mut out: Option<String> = None;
+        let (mut last, mut pos) = (0, 0);
+        while pos <= key.len() {
+            let (start, end) = if literal.is_some() {
+                match self.regex.find_at(key, pos) {
+                    Some(m) => (m.start(), m.end()),
+                    None => break,
+                }
+            } else {
+                match self.regex.captures_read_at(&mut locs, key, pos) {
+                    Some(m) => (m.start(), m.end()),
+                    None => break,
+                }
+            };
+            let buf = out.get_or_insert_with(|| String::with_capacity(key.len() + 16));
+            buf.push_str(&key[last..start]);
+            match literal {
+                Some(s) => buf.push_str(s),
+                None => self.template.expand(key, &locs, buf),
+            }
+            last = end;
+            pos = if end > start {
+                end
+            } else {
+                match key[end..].chars().next() {
+                    Some(c) => end + c.len_utf8(),
+                    None => break,
+                }
+            };
+        }
+        match out {
+            None => Cow::Borrowed(key),
+            Some(mut buf) => {
+                buf.push_str(&key[last..]);
+                Cow::Owned(buf)
+            }
+        }
+    }
+}
+
+/// How one rule runs.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    Native(Box<NativeRule>),
+    /// Python's `re`, with the reason the `regex` crate could not be trusted.
+    Python(String),
+}
+
+impl Engine {
+    pub fn compile(pattern: &str, flags: u32, repl: &str) -> Self {
+        match NativeRule::compile(pattern, flags, repl) {
+            Ok(rule) => Engine::Native(Box::new(rule)),
+            Err(e) => Engine::Python(match e {
+                CoreError::Unsupported(why) | CoreError::Invalid(why) => why,
+            }),
+        }
+    }
+}
+
+/// Where a key's native run stopped: the key so far and the rule that needs Python.
+pub struct Pending<'k> {
+    pub value: Cow<'k, str>,
+    pub rule: usize,
+}
+
+/// An ordered list of rules.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRules {
+    engines: Vec<Engine>,
+}
+
+impl KeyRules {
+    pub fn new(engines: Vec<Engine>) -> Self {
+        Self { engines }
+    }
+
+    /// Compiles `(pattern, replacement)` pairs with no flags.
+    pub fn compile<'a>(rules: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self::new(rules.into_iter().map(|(p, r)| Engine::compile(p, 0, r)).collect())
+    }
+
+    pub fn engines(&self) -> &[Engine] {
+        &self.engines
+    }
+
+    pub fn len(&self) -> usize {
+        self.engines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.engines.is_empty()
+    }
+
+    /// Runs rules `from..` on `value` while they can run natively. `Ok` is the final key;
+    /// `Err` says which rule must run on Python next.
+    pub fn run_native<'k>(&self, mut value: Cow<'k, str>, from: usize) -> Result<Cow<'k, str>, Pending<'k>> {
+        for (i, engine) in self.engines.iter().enumerate().skip(from) {
+            match engine {
+                Engine::Native(rule) if !rule.needs_python(&value) => {
+                    value = match value {
+                        Cow::Borrowed(k) => rule.sub(k),
+                        Cow::Owned(k) => Cow::Owned(rule.sub(&k).into_owned()),
+                    };
+                }
+                _ => return Err(Pending { value, rule: i }),
+            }
+        }
+        Ok(value)
+    }
+
+    /// Applies every rule to `key`; an error if some rule needs Python for it.
+    pub fn apply_one<'k>(&self, key: &'k str) -> CoreResult<Cow<'k, str>> {
+        self.run_native(Cow::Borrowed(key), 0).map_err(|p| {
+            CoreError::Unsupported(format!("rule {} needs Python's re for {:?}", p.rule, key))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(p: &str, r: &str, key: &str) -> String {
+        match NativeRule::compile(p, 0, r) {
+            Ok(rule) => rule.sub(key).into_owned(),
+            Err(e) => panic!("{p:?} should run natively: {e}"),
+        }
+    }
+
+    #[test]
+    fn strips_a_prefix() {
+        assert_eq!(sub(r"^module\.", "", "module.backbone.conv.weight"), "backbone.conv.weight");
+        assert_eq!(sub(r"^module\.", "", "backbone.module.x"), "backbone.module.x");
+    }
+
+    #[test]
+    fn replaces_every_match() {
+        assert_eq!(sub(r"\.", "/", "a.b.c"), "a/b/c");
+        assert_eq!(sub(r"layers\.(\d+)", r"blocks.\1", "layers.3.x.layers.12"), "blocks.3.x.blocks.12");
+    }
+
+    #[test]
+    fn empty_matches_follow_python() {
+        // Values from CPython 3.11's re.sub.
+        assert_eq!(sub("x*", "-", "abxd"), "-a-b--d-");
+        assert_eq!(sub(r"\b", "|", "ab cd"), "|ab| |cd|");
+        assert_eq!(sub("^", "p.", "key"), "p.key");
+        assert_eq!(sub("$", "X", "a"), "aX");
+        assert_eq!(sub("(?m)^", "X", "a\n"), "Xa\nX");
+        assert_eq!(sub("", "-", "ab"), "-a-b-");
+        assert_eq!(sub("", "-", "é"), "-é-");
+    }
+
+    #[test]
+    fn unmatched_groups_expand_to_nothing() {
+        assert_eq!(sub(r"(a)|(b)", r"[\1\2]", "ab"), "[a][b]");
+    }
+
+    #[test]
+    fn named_groups_in_templates() {
+        assert_eq!(sub(r"(?P<n>\d+)", r"<\g<n>>", "x1y22"), "x<1>y<22>");
+    }
+
+    #[test]
+    fn dollar_before_trailing_newline_needs_python() {
+        let rule = NativeRule::compile("a$", 0, "b").unwrap();
+        assert!(rule.needs_python("a\n"));
+        assert!(!rule.needs_python("a"));
+        assert_eq!(rule.sub("a"), "b");
+    }
+
+    #[test]
+    fn non_ascii_keys_need_python_for_word_classes() {
+        let rule = NativeRule::compile(r"\w+", 0, "w").unwrap();
+        assert!(rule.needs_python("é"));
+        assert_eq!(rule.sub("ab.cd"), "w.w");
+        let plain = NativeRule::compile(r"\.", 0, "/").unwrap();
+        assert!(!plain.needs_python("é.x"));
+    }
+
+    #[test]
+    fn unchanged_keys_are_borrowed() {
+        let rule = NativeRule::compile("zzz", 0, "y").unwrap();
+        assert!(matches!(rule.sub("abc"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn chain_reports_where_python_is_needed() {
+        let rules = KeyRules::new(vec![
+            Engine::compile(r"^module\.", 0, ""),
+            Engine::compile(r"(a)\1", 0, "b"),
+            Engine::compile(r"x", 0, "y"),
+        ]);
+        assert!(matches!(rules.engines()[1], Engine::Python(_)));
+        match rules.run_native(Cow::Borrowed("module.aa.x"), 0) {
+            Err(p) => {
+                assert_eq!(p.rule, 1);
+                assert_eq!(p.value, "aa.x");
+            }
+            Ok(v) => panic!("should stop at rule 1, got {v}"),
+        }
+        assert_eq!(rules.run_native(Cow::Borrowed("bb.x"), 2).ok().unwrap(), "bb.y");
+    }
+
+    #[test]
+    fn catastrophic_pattern_is_linear() {
+        let rule = NativeRule::compile(r"^(a+)+$", 0, "x").unwrap();
+        let key = format!("{}b", "a".repeat(10_000));
+        assert_eq!(rule.sub(&key), key.as_str());
+    }
+}
