@@ -42,7 +42,11 @@ pub enum Perl {
 pub enum ClassItem {
     Char(char),
     Range(char, char),
-    Perl { kind: Perl, negated: bool, ascii: bool },
+    Perl {
+        kind: Perl,
+        negated: bool,
+        ascii: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,15 +67,36 @@ pub enum Assertion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     Empty,
-    Literal { ch: char, icase: bool },
-    Any { dotall: bool },
-    Class { items: Vec<ClassItem>, negated: bool, icase: bool },
-    Perl { kind: Perl, negated: bool, ascii: bool },
+    Literal {
+        ch: char,
+        icase: bool,
+    },
+    Any {
+        dotall: bool,
+    },
+    Class {
+        items: Vec<ClassItem>,
+        negated: bool,
+        icase: bool,
+    },
+    Perl {
+        kind: Perl,
+        negated: bool,
+        ascii: bool,
+    },
     Assert(Assertion),
-    Group { capture: bool, node: Box<Node> },
+    Group {
+        capture: bool,
+        node: Box<Node>,
+    },
     Concat(Vec<Node>),
     Alt(Vec<Node>),
-    Repeat { node: Box<Node>, min: u32, max: Option<u32>, greedy: bool },
+    Repeat {
+        node: Box<Node>,
+        min: u32,
+        max: Option<u32>,
+        greedy: bool,
+    },
 }
 
 /// A pattern translated for the `regex` crate.
@@ -178,7 +203,9 @@ impl Parser {
     }
 
     fn next_token(&mut self) -> CoreResult<Option<Token>> {
-        let Some(c) = self.peek() else { return Ok(None) };
+        let Some(c) = self.peek() else {
+            return Ok(None);
+        };
         self.pos += 1;
         if c != '\\' {
             return Ok(Some(Token::Char(c)));
@@ -223,7 +250,9 @@ impl Parser {
         let mut items: Vec<Node> = Vec::new();
         loop {
             let start = self.pos;
-            let Some(token) = self.next_token()? else { break };
+            let Some(token) = self.next_token()? else {
+                break;
+            };
             match token {
                 Token::Char('|') | Token::Char(')') => {
                     self.pos = start;
@@ -235,7 +264,9 @@ impl Parser {
                         items.push(node);
                     }
                 }
-                Token::Char('.') => items.push(Node::Any { dotall: self.has(flags::DOTALL) }),
+                Token::Char('.') => items.push(Node::Any {
+                    dotall: self.has(flags::DOTALL),
+                }),
                 Token::Char('^') => items.push(Node::Assert(Assertion::LineStart {
                     multiline: self.has(flags::MULTILINE),
                 })),
@@ -255,7 +286,12 @@ impl Parser {
                             if matches!(last, Node::Assert(_) | Node::Repeat { .. }) {
                                 return unsupported("repeat of an assertion or a repeat");
                             }
-                            items.push(Node::Repeat { node: Box::new(last), min, max, greedy });
+                            items.push(Node::Repeat {
+                                node: Box::new(last),
+                                min,
+                                max,
+                                greedy,
+                            });
                         }
                         // `{` that does not start a valid `{m,n}` is a literal.
                         None => items.push(self.literal('{')),
@@ -279,7 +315,10 @@ impl Parser {
     }
 
     fn literal(&self, ch: char) -> Node {
-        Node::Literal { ch, icase: self.has(flags::IGNORECASE) }
+        Node::Literal {
+            ch,
+            icase: self.has(flags::IGNORECASE),
+        }
     }
 
     /// After one of `*+?{`: the bounds, or `None` when `{` is a literal.
@@ -295,7 +334,11 @@ impl Parser {
             return Ok(None);
         }
         let lo = self.digits();
-        let hi = if self.eat(',') { self.digits() } else { lo.clone() };
+        let hi = if self.eat(',') {
+            self.digits()
+        } else {
+            lo.clone()
+        };
         if !self.eat('}') {
             self.pos = here;
             return Ok(None);
@@ -307,7 +350,11 @@ impl Parser {
                 .map_or_else(|| unsupported("the repetition number is too large"), Ok)
         };
         let min = if lo.is_empty() { 0 } else { parse(&lo)? };
-        let max = if hi.is_empty() { None } else { Some(parse(&hi)?) };
+        let max = if hi.is_empty() {
+            None
+        } else {
+            Some(parse(&hi)?)
+        };
         if max.is_some_and(|m| m < min) {
             return unsupported("min repeat greater than max repeat");
         }
@@ -329,7 +376,9 @@ impl Parser {
         let mut capture = true;
         let saved_flags = self.flags;
         if self.eat('?') {
-            let Some(c) = self.peek() else { return unsupported("unexpected end of pattern") };
+            let Some(c) = self.peek() else {
+                return unsupported("unexpected end of pattern");
+            };
             self.pos += 1;
             match c {
                 ':' => capture = false,
@@ -389,7 +438,10 @@ impl Parser {
         if !self.eat(')') {
             return unsupported("missing ), unterminated subpattern");
         }
-        Ok(Node::Group { capture, node: Box::new(node) })
+        Ok(Node::Group {
+            capture,
+            node: Box::new(node),
+        })
     }
 
     /// Letters of `(?aiLmsux-imsx:` or `(?aiLmsux)`; returns (add, del, is_global).
@@ -455,7 +507,11 @@ impl Parser {
     /// An escape outside a class (`re._parser._escape`).
     fn parse_escape(&mut self, e: char) -> CoreResult<Node> {
         let ascii = self.has(flags::ASCII);
-        let perl = |kind, negated| Node::Perl { kind, negated, ascii };
+        let perl = |kind, negated| Node::Perl {
+            kind,
+            negated,
+            ascii,
+        };
         Ok(match e {
             'A' => Node::Assert(Assertion::TextStart),
             'Z' => Node::Assert(Assertion::TextEnd),
@@ -576,12 +632,20 @@ impl Parser {
                 items.push(first);
             }
         }
-        Ok(Node::Class { items, negated, icase: self.has(flags::IGNORECASE) })
+        Ok(Node::Class {
+            items,
+            negated,
+            icase: self.has(flags::IGNORECASE),
+        })
     }
 
     fn class_atom(&mut self, token: Token) -> CoreResult<ClassItem> {
         let ascii = self.has(flags::ASCII);
-        let perl = |kind, negated| ClassItem::Perl { kind, negated, ascii };
+        let perl = |kind, negated| ClassItem::Perl {
+            kind,
+            negated,
+            ascii,
+        };
         Ok(match token {
             Token::Char(c) => ClassItem::Char(c),
             Token::Escape(e) => match e {
@@ -635,7 +699,9 @@ fn check_empty_match_semantics(root: &Node) -> CoreResult<()> {
             Node::Concat(items) => items.iter().try_for_each(|n| walk(n, root_nullable)),
             Node::Alt(branches) => {
                 if root_nullable
-                    && branches[..branches.len().saturating_sub(1)].iter().any(nullable)
+                    && branches[..branches.len().saturating_sub(1)]
+                        .iter()
+                        .any(nullable)
                 {
                     return unsupported("empty-matching alternative before the last");
                 }
@@ -695,13 +761,21 @@ fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
             }
         }
         Node::Any { dotall } => t.regex.push_str(if *dotall { "(?s:.)" } else { "[^\\n]" }),
-        Node::Perl { kind, negated, ascii } => {
+        Node::Perl {
+            kind,
+            negated,
+            ascii,
+        } => {
             t.unicode_sensitive |= !ascii;
             t.regex.push_str(if *negated { "[^" } else { "[" });
             t.regex.push_str(perl_set(*kind, *ascii));
             t.regex.push(']');
         }
-        Node::Class { items, negated, icase } => {
+        Node::Class {
+            items,
+            negated,
+            icase,
+        } => {
             if *icase {
                 let non_ascii = items.iter().any(|item| match item {
                     ClassItem::Char(c) => !c.is_ascii(),
@@ -723,7 +797,11 @@ fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
                         t.regex.push('-');
                         push_char(&mut t.regex, *hi);
                     }
-                    ClassItem::Perl { kind, negated, ascii } => {
+                    ClassItem::Perl {
+                        kind,
+                        negated,
+                        ascii,
+                    } => {
                         t.unicode_sensitive |= !ascii;
                         t.regex.push_str(if *negated { "[^" } else { "[" });
                         t.regex.push_str(perl_set(*kind, *ascii));
@@ -774,7 +852,12 @@ fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
             }
             t.regex.push(')');
         }
-        Node::Repeat { node, min, max, greedy } => {
+        Node::Repeat {
+            node,
+            min,
+            max,
+            greedy,
+        } => {
             t.regex.push_str("(?:");
             emit(node, t)?;
             t.regex.push(')');
@@ -882,7 +965,7 @@ mod tests {
     #[test]
     fn catastrophic_pattern_runs_natively() {
         let t = tr(r"^(a+)+$");
-        assert!(regex::Regex::new(&t.regex).is_ok());
+        assert!(regex_automata::meta::Regex::new(&t.regex).is_ok());
     }
 
     #[test]
@@ -904,7 +987,18 @@ mod tests {
 
     #[test]
     fn never_panics_on_odd_input() {
-        for p in ["(", ")", "[", "\\", "a{99999999999}", "(?", "(?P<", "[a-", "(?P<1>a)", "*"] {
+        for p in [
+            "(",
+            ")",
+            "[",
+            "\\",
+            "a{99999999999}",
+            "(?",
+            "(?P<",
+            "[a-",
+            "(?P<1>a)",
+            "*",
+        ] {
             let _ = translate(p, 0);
         }
     }

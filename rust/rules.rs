@@ -3,7 +3,9 @@
 
 use std::borrow::Cow;
 
-use regex::{Regex, RegexBuilder};
+use regex_automata::meta::{self, Regex};
+use regex_automata::util::captures::Captures;
+use regex_automata::Input;
 
 use crate::error::{CoreError, CoreResult};
 use crate::pattern::{self, Translation};
@@ -20,22 +22,41 @@ pub struct NativeRule {
 /// Size limit for one compiled rule; a larger one runs on Python's `re` instead.
 const REGEX_SIZE_LIMIT: usize = 16 << 20;
 
+/// Per-thread search state for one rule, reused across keys (no allocation per key).
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    cache: meta::Cache,
+    caps: Captures,
+}
+
 impl NativeRule {
     /// Compiles a Python pattern (with `re` flag bits) and replacement template.
     /// [`CoreError::Unsupported`] means the rule must run on Python's `re`.
     pub fn compile(pattern: &str, flags: u32, repl: &str) -> CoreResult<Self> {
         let translation = pattern::translate(pattern, flags)?;
         let template = Template::parse(repl, translation.groups, &translation.names)?;
-        let regex = RegexBuilder::new(&translation.regex)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .build()
+        let regex = Regex::builder()
+            .configure(Regex::config().nfa_size_limit(Some(REGEX_SIZE_LIMIT)))
+            .build(&translation.regex)
             .map_err(|e| CoreError::Unsupported(format!("regex crate: {e}")))?;
-        Ok(Self { regex, template, translation })
+        Ok(Self {
+            regex,
+            template,
+            translation,
+        })
     }
 
     /// The `regex` crate pattern this rule runs.
     pub fn regex(&self) -> &str {
-        self.regex.as_str()
+        &self.translation.regex
+    }
+
+    /// Search state for [`NativeRule::sub_with`]; make one per thread.
+    pub fn scratch(&self) -> Scratch {
+        Scratch {
+            cache: self.regex.create_cache(),
+            caps: self.regex.create_captures(),
+        }
     }
 
     /// Whether this key must go through Python's `re` for this rule: a non-ASCII key for a
@@ -52,18 +73,25 @@ impl NativeRule {
     /// the same place or move one character on. [`pattern::translate`] only admits patterns
     /// for which no such non-empty match can exist, so moving on is exact.
     pub fn sub<'k>(&self, key: &'k str) -> Cow<'k, str> {
+        self.sub_with(&mut self.scratch(), key)
+    }
+
+    /// [`NativeRule::sub`] with reusable search state.
+    pub fn sub_with<'k>(&self, scratch: &mut Scratch, key: &'k str) -> Cow<'k, str> {
         let literal = self.template.as_literal();
-        let mut locs = self.regex.capture_locations();
         let mut out: Option<String> = None;
         let (mut last, mut pos) = (0, 0);
         while pos <= key.len() {
+            let input = Input::new(key).range(pos..);
             let (start, end) = if literal.is_some() {
-                match self.regex.find_at(key, pos) {
+                match self.regex.search_with(&mut scratch.cache, &input) {
                     Some(m) => (m.start(), m.end()),
                     None => break,
                 }
             } else {
-                match self.regex.captures_read_at(&mut locs, key, pos) {
+                self.regex
+                    .search_captures_with(&mut scratch.cache, &input, &mut scratch.caps);
+                match scratch.caps.get_match() {
                     Some(m) => (m.start(), m.end()),
                     None => break,
                 }
@@ -72,7 +100,7 @@ impl NativeRule {
             buf.push_str(&key[last..start]);
             match literal {
                 Some(s) => buf.push_str(s),
-                None => self.template.expand(key, &locs, buf),
+                None => self.template.expand(key, &scratch.caps, buf),
             }
             last = end;
             pos = if end > start {
@@ -132,7 +160,12 @@ impl KeyRules {
 
     /// Compiles `(pattern, replacement)` pairs with no flags.
     pub fn compile<'a>(rules: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        Self::new(rules.into_iter().map(|(p, r)| Engine::compile(p, 0, r)).collect())
+        Self::new(
+            rules
+                .into_iter()
+                .map(|(p, r)| Engine::compile(p, 0, r))
+                .collect(),
+        )
     }
 
     pub fn engines(&self) -> &[Engine] {
@@ -147,15 +180,41 @@ impl KeyRules {
         self.engines.is_empty()
     }
 
+    /// Search state for [`KeyRules::run_native`]; make one per thread.
+    pub fn scratch(&self) -> Vec<Option<Scratch>> {
+        self.engines
+            .iter()
+            .map(|e| match e {
+                Engine::Native(rule) => Some(rule.scratch()),
+                Engine::Python(_) => None,
+            })
+            .collect()
+    }
+
     /// Runs rules `from..` on `value` while they can run natively. `Ok` is the final key;
-    /// `Err` says which rule must run on Python next.
-    pub fn run_native<'k>(&self, mut value: Cow<'k, str>, from: usize) -> Result<Cow<'k, str>, Pending<'k>> {
-        for (i, engine) in self.engines.iter().enumerate().skip(from) {
-            match engine {
-                Engine::Native(rule) if !rule.needs_python(&value) => {
+    /// `Err` says which rule must run on Python next. `scratch` comes from
+    /// [`KeyRules::scratch`].
+    pub fn run_native<'k>(
+        &self,
+        scratch: &mut [Option<Scratch>],
+        mut value: Cow<'k, str>,
+        from: usize,
+    ) -> Result<Cow<'k, str>, Pending<'k>> {
+        for (i, (engine, scratch)) in self
+            .engines
+            .iter()
+            .zip(scratch.iter_mut())
+            .enumerate()
+            .skip(from)
+        {
+            match (engine, scratch) {
+                (Engine::Native(rule), Some(scratch)) if !rule.needs_python(&value) => {
                     value = match value {
-                        Cow::Borrowed(k) => rule.sub(k),
-                        Cow::Owned(k) => Cow::Owned(rule.sub(&k).into_owned()),
+                        Cow::Borrowed(k) => rule.sub_with(scratch, k),
+                        Cow::Owned(k) => match rule.sub_with(scratch, &k) {
+                            Cow::Borrowed(_) => Cow::Owned(k),
+                            Cow::Owned(changed) => Cow::Owned(changed),
+                        },
                     };
                 }
                 _ => return Err(Pending { value, rule: i }),
@@ -166,9 +225,10 @@ impl KeyRules {
 
     /// Applies every rule to `key`; an error if some rule needs Python for it.
     pub fn apply_one<'k>(&self, key: &'k str) -> CoreResult<Cow<'k, str>> {
-        self.run_native(Cow::Borrowed(key), 0).map_err(|p| {
-            CoreError::Unsupported(format!("rule {} needs Python's re for {:?}", p.rule, key))
-        })
+        self.run_native(&mut self.scratch(), Cow::Borrowed(key), 0)
+            .map_err(|p| {
+                CoreError::Unsupported(format!("rule {} needs Python's re for {:?}", p.rule, key))
+            })
     }
 }
 
@@ -185,14 +245,23 @@ mod tests {
 
     #[test]
     fn strips_a_prefix() {
-        assert_eq!(sub(r"^module\.", "", "module.backbone.conv.weight"), "backbone.conv.weight");
-        assert_eq!(sub(r"^module\.", "", "backbone.module.x"), "backbone.module.x");
+        assert_eq!(
+            sub(r"^module\.", "", "module.backbone.conv.weight"),
+            "backbone.conv.weight"
+        );
+        assert_eq!(
+            sub(r"^module\.", "", "backbone.module.x"),
+            "backbone.module.x"
+        );
     }
 
     #[test]
     fn replaces_every_match() {
         assert_eq!(sub(r"\.", "/", "a.b.c"), "a/b/c");
-        assert_eq!(sub(r"layers\.(\d+)", r"blocks.\1", "layers.3.x.layers.12"), "blocks.3.x.blocks.12");
+        assert_eq!(
+            sub(r"layers\.(\d+)", r"blocks.\1", "layers.3.x.layers.12"),
+            "blocks.3.x.blocks.12"
+        );
     }
 
     #[test]
@@ -248,14 +317,21 @@ mod tests {
             Engine::compile(r"x", 0, "y"),
         ]);
         assert!(matches!(rules.engines()[1], Engine::Python(_)));
-        match rules.run_native(Cow::Borrowed("module.aa.x"), 0) {
+        let mut scratch = rules.scratch();
+        match rules.run_native(&mut scratch, Cow::Borrowed("module.aa.x"), 0) {
             Err(p) => {
                 assert_eq!(p.rule, 1);
                 assert_eq!(p.value, "aa.x");
             }
             Ok(v) => panic!("should stop at rule 1, got {v}"),
         }
-        assert_eq!(rules.run_native(Cow::Borrowed("bb.x"), 2).ok().unwrap(), "bb.y");
+        assert_eq!(
+            rules
+                .run_native(&mut scratch, Cow::Borrowed("bb.x"), 2)
+                .ok()
+                .unwrap(),
+            "bb.y"
+        );
     }
 
     #[test]

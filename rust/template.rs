@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use regex_automata::util::captures::Captures;
+
 use crate::error::{CoreError, CoreResult};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +66,8 @@ impl Template {
                     let name: String = chars[i + 1..i + 1 + len].iter().collect();
                     i += len + 2;
                     let index = if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
-                        name.parse::<usize>().map_or_else(|_| unsupported("group index"), Ok)?
+                        name.parse::<usize>()
+                            .map_or_else(|_| unsupported("group index"), Ok)?
                     } else if let Some(&index) = names.get(&name) {
                         index
                     } else {
@@ -88,7 +91,10 @@ impl Template {
                     if chars.get(i).is_some_and(char::is_ascii_digit) {
                         digits.push(chars[i]);
                         i += 1;
-                        if is_oct(Some(&e)) && is_oct(digits.chars().nth(1).as_ref()) && is_oct(chars.get(i)) {
+                        if is_oct(Some(&e))
+                            && is_oct(digits.chars().nth(1).as_ref())
+                            && is_oct(chars.get(i))
+                        {
                             digits.push(chars[i]);
                             i += 1;
                             let value = u32::from_str_radix(&digits, 8).unwrap_or(u32::MAX);
@@ -134,13 +140,13 @@ impl Template {
     }
 
     /// Appends the expansion for one match; unmatched groups expand to "" as in Python.
-    pub fn expand(&self, haystack: &str, locs: &regex::CaptureLocations, out: &mut String) {
+    pub fn expand(&self, haystack: &str, caps: &Captures, out: &mut String) {
         for piece in &self.pieces {
             match piece {
                 Piece::Literal(s) => out.push_str(s),
                 Piece::Group(i) => {
-                    if let Some((start, end)) = locs.get(*i) {
-                        out.push_str(&haystack[start..end]);
+                    if let Some(span) = caps.get_group(*i) {
+                        out.push_str(&haystack[span.range()]);
                     }
                 }
             }
@@ -166,7 +172,14 @@ mod tests {
         let t = parse(r"a\1b\g<2>\g<name>\g<0>", 2).unwrap();
         assert_eq!(
             t.pieces,
-            vec![lit("a"), Piece::Group(1), lit("b"), Piece::Group(2), Piece::Group(1), Piece::Group(0)]
+            vec![
+                lit("a"),
+                Piece::Group(1),
+                lit("b"),
+                Piece::Group(2),
+                Piece::Group(1),
+                Piece::Group(0)
+            ]
         );
     }
 

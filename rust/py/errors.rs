@@ -8,7 +8,9 @@ use crate::error::CoreError;
 impl From<CoreError> for PyErr {
     fn from(err: CoreError) -> PyErr {
         match err {
-            CoreError::Unsupported(_) | CoreError::Invalid(_) => PyValueError::new_err(err.to_string()),
+            CoreError::Unsupported(_) | CoreError::Invalid(_) => {
+                PyValueError::new_err(err.to_string())
+            }
         }
     }
 }

@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 /// The compiled core of ckptmap. Import from `ckptmap`, not from here.
 #[pymodule]
 mod _core {
+    use pyo3::prelude::*;
+
     #[pymodule_export]
     use super::rules::KeyRules;
 
