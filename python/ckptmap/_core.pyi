@@ -34,3 +34,31 @@ class KeyRules:
     def __reduce__(self) -> tuple[type[KeyRules], tuple[list[tuple[_Pattern, _Repl]]]]: ...
 
 # --- key index ---
+
+def filter_prefix_keys(
+    keys: Sequence[str], prefix: str, strip: bool = True
+) -> tuple[list[int], list[str]]:
+    """Keeps the keys under `prefix`, optionally stripping it.
+
+    A non-empty prefix not ending in "." gets one appended ("backbone" keeps "backbone.x",
+    not "backbone2.x" nor "backbone"); the empty prefix keeps every key. Returns the positions
+    of the kept keys in input order and their (stripped) names.
+    """
+
+def group_by_owner(keys: Sequence[str], module_paths: Sequence[str]) -> list[list[int]]:
+    """Groups key positions by owning module, in linear time.
+
+    `module_paths` as `named_modules()` yields them ("" for the root). A module owns a key when
+    `key == path + "." + rest`, the root owns every key, the deepest owner wins. Returns one
+    ascending list per module path, then one list of the keys that no module owns.
+    """
+
+def diff_keys(source: Sequence[str], expected: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Returns `(missing, unexpected)`.
+
+    `missing`: expected keys absent from `source`, in `expected` order; `unexpected`: source
+    keys absent from `expected`, in `source` order; each key once, at its first position.
+    """
+
+def find_collisions(keys: Sequence[str]) -> list[list[int]]:
+    """Positions of repeated keys: one ascending list per repeated key, by first occurrence."""

@@ -14,6 +14,8 @@ mod _core {
 
     #[pymodule_export]
     use super::rules::KeyRules;
+    #[pymodule_export]
+    use super::index::{diff_keys, filter_prefix_keys, find_collisions, group_by_owner};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
