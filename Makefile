@@ -16,7 +16,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  o = p['optional-dependencies']; \
-	  print('\n'.join(p['dependencies'] + o['test'] + o['bench'] + ['maturin>=1.8,<2', 'ruff>=0.8']))" \
+	  print('\n'.join(p['dependencies'] + o['test'] + o['bench'] + ['maturin>=1.8,<2', 'ruff>=0.8', 'mypy>=1.10']))" \
 	  > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	touch $@
@@ -37,6 +37,7 @@ test-py: build  ## pytest + hypothesis
 lint: venv  ## ruff, rustfmt and clippy
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
+	$(PY) -m mypy.stubtest ckptmap._core
 	cargo fmt --check
 	cargo clippy -q --all-targets -- -D warnings
 	cargo clippy -q --all-targets --features python -- -D warnings
@@ -51,5 +52,5 @@ demo:  ## the main job on its built-in default
 
 bench:  ## benchmarks side by side (release build)
 	$(MAKE) -s build PROFILE=release
-	cargo bench --bench core
+	cargo bench
 	$(PY) -m pytest benches -q --benchmark-enable

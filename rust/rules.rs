@@ -341,3 +341,54 @@ mod tests {
         assert_eq!(rule.sub(&key), key.as_str());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn escape(s: &str) -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_string()
+                } else {
+                    format!("\\{c}")
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// A literal pattern with a literal replacement is `str::replace`.
+        #[test]
+        fn literal_rule_is_str_replace(needle in "[a-c.]{1,3}", repl in "[x-z.]{0,3}", key in "[a-c.]{0,24}") {
+            let rule = NativeRule::compile(&escape(&needle), 0, &repl).unwrap();
+            prop_assert_eq!(rule.sub(&key).into_owned(), key.replace(&needle, &repl));
+        }
+
+        /// `^prefix` strips the prefix exactly when the key starts with it.
+        #[test]
+        fn anchored_prefix_is_strip_prefix(prefix in "[a-z]{1,6}\\.", key in "[a-z.]{0,20}") {
+            let rule = NativeRule::compile(&format!("^{}", escape(&prefix)), 0, "").unwrap();
+            let expected = key.strip_prefix(prefix.as_str()).unwrap_or(&key);
+            prop_assert_eq!(rule.sub(&key).into_owned(), expected);
+        }
+
+        /// Neither the parser, the template parser nor the engine panics on any input.
+        #[test]
+        fn never_panics(pattern in "\\PC{0,16}", repl in "\\PC{0,8}", key in "\\PC{0,16}") {
+            if let Ok(rule) = NativeRule::compile(&pattern, 0, &repl) {
+                let _ = rule.sub(&key);
+            }
+        }
+
+        /// Regex-flavoured noise, where the parser's corner cases live.
+        #[test]
+        fn never_panics_on_regex_noise(pattern in "[()\\[\\]{}|*+?.^$\\\\a-c0-9,:<>=!#PgimsxL-]{0,20}", key in "[a-c\\n]{0,12}") {
+            if let Ok(rule) = NativeRule::compile(&pattern, 0, "\\g<0>") {
+                prop_assert_eq!(rule.sub(&key).into_owned(), key.clone());
+            }
+        }
+    }
+}

@@ -2,19 +2,31 @@
 
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import final
 
+from typing_extensions import Self
+
+__all__ = [
+    "KeyRules",
+    "__version__",
+    "diff_keys",
+    "filter_prefix_keys",
+    "find_collisions",
+    "group_by_owner",
+]
 __version__: str
 
 _Pattern = str | re.Pattern[str]
 _Repl = str | Callable[[re.Match[str]], str]
 
+@final
 class KeyRules:
     """An ordered list of `(pattern, replacement)` key rules, compiled once.
 
     Each rule is applied as Python's `re.sub(pattern, replacement, key)`.
     """
 
-    def __init__(self, rules: Iterable[tuple[_Pattern, _Repl]]) -> None: ...
+    def __new__(cls, rules: Iterable[tuple[_Pattern, _Repl]]) -> Self: ...
     def apply(self, keys: Iterable[str]) -> list[str]:
         """Applies every rule in order to each key."""
     def sub(self, key: str) -> str:

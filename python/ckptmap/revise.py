@@ -61,7 +61,7 @@ def revise_keys(state_dict: Mapping[str, Any], rules: RuleSpec) -> Revised:
     keys = list(state_dict.keys())
     values = list(state_dict.values())
     new_keys = key_rules.apply(keys)
-    revised: OrderedDict[str, Any] = OrderedDict(zip(new_keys, values))
+    revised: OrderedDict[str, Any] = OrderedDict(zip(new_keys, values, strict=True))
     collisions: list[Collision] = []
     if len(revised) != len(keys):
         for members in _collision_groups(new_keys):
@@ -88,7 +88,7 @@ def revise_metadata(metadata: Mapping[str, Any], rules: KeyRules) -> OrderedDict
     paths = list(metadata.keys())
     prefixes = rules.apply([f"{p}." if p else "" for p in paths])
     out: OrderedDict[str, Any] = OrderedDict()
-    for path, prefix in zip(paths, prefixes):
+    for path, prefix in zip(paths, prefixes, strict=True):
         out[prefix[:-1] if prefix.endswith(".") else prefix] = metadata[path]
     return out
 
@@ -112,7 +112,7 @@ def _sequential_winner(rules: KeyRules, sources: list[str]) -> int:
     for rule in rules.rules:
         names = KeyRules([rule]).apply([key for key, _ in stage])
         merged: dict[str, int] = {}
-        for name, (_, source) in zip(names, stage):
+        for name, (_, source) in zip(names, stage, strict=True):
             merged[name] = source
         stage = list(merged.items())
     return stage[-1][1]

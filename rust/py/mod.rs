@@ -13,9 +13,9 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use super::rules::KeyRules;
-    #[pymodule_export]
     use super::index::{diff_keys, filter_prefix_keys, find_collisions, group_by_owner};
+    #[pymodule_export]
+    use super::rules::KeyRules;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
