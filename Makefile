@@ -16,7 +16,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  o = p['optional-dependencies']; \
-	  print('\n'.join(p['dependencies'] + o['test'] + o['bench'] + ['maturin>=1.8,<2', 'ruff>=0.8', 'mypy>=1.10']))" \
+	  print('\n'.join(p['dependencies'] + o['s3'] + o['test'][1:] + o['bench'] + ['maturin>=1.8,<2', 'ruff>=0.8', 'mypy>=1.10']))" \
 	  > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	touch $@
