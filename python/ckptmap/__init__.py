@@ -4,7 +4,15 @@ Regex key rules, prefix filters and key diffs run in a Rust core; the public API
 OpenMMLab's checkpoint functions.
 """
 
-from ckptmap._core import KeyRules, __version__
+from ckptmap._core import (
+    KeyRules,
+    __version__,
+    diff_keys,
+    filter_prefix_keys,
+    find_collisions,
+    group_by_owner,
+)
+from ckptmap.prefix import filter_prefix
 from ckptmap.revise import Collision, Revised, revise_keys
 
 __all__ = [
@@ -12,5 +20,10 @@ __all__ = [
     "KeyRules",
     "Revised",
     "__version__",
+    "diff_keys",
+    "filter_prefix",
+    "filter_prefix_keys",
+    "find_collisions",
+    "group_by_owner",
     "revise_keys",
 ]
