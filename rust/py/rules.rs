@@ -61,6 +61,7 @@ impl KeyRules {
     fn finish<'k, 'py>(
         &self,
         py: Python<'py>,
+        scratch: &mut [Option<Scratch>],
         mut value: Cow<'k, str>,
         mut rule: usize,
     ) -> PyResult<Value<'k, 'py>> {
@@ -76,11 +77,10 @@ impl KeyRules {
                 // Not representable as UTF-8 (lone surrogates): stay on Python for the rest.
                 return self.finish_on_python(py, out, rule);
             };
-            match self.core.run_native(
-                &mut self.core.scratch(),
-                Cow::Owned(text.into_owned()),
-                rule,
-            ) {
+            match self
+                .core
+                .run_native(scratch, Cow::Owned(text.into_owned()), rule)
+            {
                 Ok(done) => return Ok(Value::Text(done)),
                 Err(Pending { value: v, rule: r }) => {
                     value = v;
@@ -226,10 +226,11 @@ impl KeyRules {
             }
         });
         let mut out = Vec::with_capacity(keys.len());
+        let mut scratch = self.core.scratch();
         for ((key, text), result) in keys.iter().zip(&texts).zip(native) {
             let value = match result {
                 Some(Ok(done)) => Value::Text(done),
-                Some(Err(Pending { value, rule })) => self.finish(py, value, rule)?,
+                Some(Err(Pending { value, rule })) => self.finish(py, &mut scratch, value, rule)?,
                 None => self.finish_on_python(py, key.clone().into_any(), 0)?,
             };
             out.push(match value {
