@@ -50,7 +50,7 @@ demo:  ## the main job on its built-in default
 	$(MAKE) -s build
 	$(VENV)/bin/ckptmap demo
 
-bench:  ## benchmarks side by side (release build)
+bench:  ## benchmarks side by side (release build); writes benches/results/latest.md + ratios.png
 	$(MAKE) -s build PROFILE=release
 	cargo bench
-	$(PY) -m pytest benches -q --benchmark-enable
+	$(PY) benches/report.py
