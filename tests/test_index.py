@@ -6,6 +6,7 @@ real `torch.nn.Module` trees.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 from collections import OrderedDict
@@ -362,3 +363,15 @@ def test_large_grouping_is_right(million_keys: tuple[list[str], list[str]]) -> N
     experts = paths.index("module.layers.7.experts")
     assert groups[experts] == list(range(7000, 8000))
     assert sum(map(len, groups)) == len(keys)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_state_is_restored(enabled: bool) -> None:
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert group_by_owner(["a.b", "c"], ["", "a"]) == [[1], [0], []]
+        assert find_collisions(["a", "a"]) == [[0, 1]]
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -40,11 +40,15 @@ def filter_prefix(
         TypeError: a key of `state_dict` (or of its `_metadata`) is not a str.
     """
     keys = list(state_dict.keys())
-    values = list(state_dict.values())
     positions, names = filter_prefix_keys(keys, prefix, strip)
-    kept: OrderedDict[str, V] = OrderedDict(
-        zip(names, map(values.__getitem__, positions), strict=True)
-    )
+    if type(state_dict) is dict:
+        values = list(state_dict.values())
+        kept_values = map(values.__getitem__, positions)
+    else:
+        # An OrderedDict's values() costs two hash lookups per entry, and a lazy mapping
+        # would load every value: look up only the kept keys.
+        kept_values = map(state_dict.__getitem__, map(keys.__getitem__, positions))
+    kept: OrderedDict[str, V] = OrderedDict(zip(names, kept_values, strict=True))
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         kept._metadata = filter_prefix_metadata(metadata, prefix, strip)  # type: ignore[attr-defined]
