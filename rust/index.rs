@@ -134,12 +134,15 @@ pub fn filter_prefix<'k, K: AsRef<str> + Sync>(
 ///
 /// Module `path` owns `key` when `key == path + "." + rest` (any `rest`, even empty); the root
 /// `""` owns every key. A key's owner is the deepest (longest) such module. Built once, each
-/// lookup walks the key's `.`-separated prefixes longest first through a hash map: O(depth of
-/// the key), whatever the number of modules.
+/// lookup walks the key's `.`-separated prefixes longest first through a hash map, trying only
+/// prefix lengths that some module path has: O(depth of the key) whatever the number of
+/// modules, and bounded by the longest module path however long a (possibly hostile) key is.
 #[derive(Debug, Clone)]
 pub struct ModuleTable<'m> {
     paths: KeyMap<'m, usize>,
     state: RandomState,
+    /// `has_len[n]`: whether some module path is `n` bytes long.
+    has_len: Vec<bool>,
     root: Option<usize>,
 }
 
@@ -148,8 +151,11 @@ impl<'m> ModuleTable<'m> {
     pub fn new<M: AsRef<str> + Sync>(module_paths: &'m [M]) -> Self {
         let state = RandomState::new();
         let hashed = hash_all(module_paths, &state);
+        let longest = hashed.iter().map(|h| h.key.len()).max().unwrap_or(0);
+        let mut has_len = vec![false; longest + 1];
         let mut paths = KeyMap::with_capacity_and_hasher(hashed.len(), Default::default());
         for (i, path) in hashed.into_iter().enumerate() {
+            has_len[path.key.len()] = true;
             paths.entry(path).or_insert(i);
         }
         let root = paths
@@ -158,22 +164,31 @@ impl<'m> ModuleTable<'m> {
                 key: "",
             })
             .copied();
-        Self { paths, state, root }
+        Self {
+            paths,
+            state,
+            has_len,
+            root,
+        }
     }
 
     /// The position of the module owning `key`, or `None` when no module does (only possible
     /// when the root `""` is not in the table).
     pub fn owner(&self, key: &str) -> Option<usize> {
         let bytes = key.as_bytes();
-        let mut end = bytes.len();
+        // A prefix longer than every module path cannot be one: never look past it.
+        let mut end = bytes.len().min(self.has_len.len());
         // `.` is ASCII, so every position found here is a char boundary.
         while let Some(dot) = bytes[..end].iter().rposition(|&b| b == b'.') {
-            let path = &key[..dot];
-            if let Some(&i) = self.paths.get(&Hashed {
-                hash: self.state.hash_one(path),
-                key: path,
-            }) {
-                return Some(i);
+            if self.has_len[dot] {
+                let path = &key[..dot];
+                let probe = Hashed {
+                    hash: self.state.hash_one(path),
+                    key: path,
+                };
+                if let Some(&i) = self.paths.get(&probe) {
+                    return Some(i);
+                }
             }
             end = dot;
         }
@@ -404,6 +419,17 @@ mod tests {
         assert_eq!((g.group(0), g.group(1)), (&[3][..], &[0][..]));
         assert_eq!(g.unowned(), &[1, 2]);
         assert_eq!(g.iter().collect::<Vec<_>>(), vec![&[3][..], &[0], &[1, 2]]);
+    }
+
+    #[test]
+    fn long_keys_are_searched_only_as_deep_as_the_modules() {
+        let modules = ["", "a", "a.b"];
+        let hostile = format!("a.b.{}", ".".repeat(1 << 20));
+        assert_eq!(
+            owners(&[hostile.as_str(), "a.bb.c", "a", "x.y"], &modules),
+            vec![Some(2), Some(1), Some(0), Some(0)]
+        );
+        assert_eq!(ModuleTable::new::<&str>(&[]).owner("a.b"), None);
     }
 
     #[test]

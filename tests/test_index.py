@@ -235,6 +235,12 @@ def test_owner_is_the_deepest_dotted_prefix() -> None:
     assert group_by_owner(keys, ["layer1"]) == [[0, 1], [2, 3, 4, 5]]
 
 
+def test_hostile_long_key_is_searched_only_as_deep_as_the_modules() -> None:
+    # A million dots would cost a million lookups of up to a megabyte each without the bound.
+    hostile = "a.b." + "." * 1_000_000
+    assert group_by_owner([hostile, "a.bc"], ["", "a", "a.b"]) == [[], [1], [0], []]
+
+
 # --- diff and collisions ---------------------------------------------------------------------
 
 
