@@ -1,0 +1,712 @@
+"""Where tensors reach modules: `load_state_dict` over a module tree, linear in the keys.
+
+torch's `Module.load_state_dict` (and the OpenMMLab copies of it) hand every module a dict
+holding its whole subtree, built by scanning the parent's dict once per child: quadratic on a
+wide `ModuleList`. A module's `_load_from_state_dict` only looks up `prefix + name` for its own
+tensors, and reports as unexpected the keys under `prefix` whose first component is neither a
+child module nor its own state. So a dict holding exactly the keys a module *owns* (the
+deepest module whose path is a dotted prefix of the key) gives the same outcome, and the key
+index computes every module's keys in one pass.
+
+Modules that override `_load_from_state_dict` or carry load pre-hooks may read, rename or
+delete their descendants' keys (OpenMMLab modules rename old keys, BatchNorm adds
+`num_batches_tracked`). They receive their whole subtree, as in torch, and their descendants'
+keys are grouped again from the dict they leave behind, so the descendants see every change.
+
+Modules with the stock `_load_from_state_dict`, no pre-hooks and the stock `set_extra_state`
+take a fast path: the same checks and messages as torch's code, with the copies batched into
+`torch._foreach_copy_` calls. Anything unusual about a module's tensors sends it back to its own
+`_load_from_state_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from torch import nn
+
+from ckptmap.dist import get_dist_info
+from ckptmap.errors import (
+    InvalidStateDictError,
+    LoadHookError,
+    NothingLoadedWarning,
+    StateDictMismatchError,
+)
+from ckptmap.report import LoadResult, LoggerLike, ReportStyle, log_message
+
+try:  # torch's own record type, so post-hooks get exactly what torch gives them
+    from torch.nn.modules.module import _IncompatibleKeys
+except ImportError:  # pragma: no cover - every supported torch has it
+    from collections import namedtuple
+
+    _IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+try:
+    from ckptmap._core import group_by_owner as _core_group_by_owner
+except ImportError:  # pragma: no cover - the compiled core predates the key index
+    _core_group_by_owner = None
+
+__all__ = [
+    "is_model_wrapper",
+    "load_state_dict",
+    "register_model_wrapper",
+    "unwrap_model",
+]
+
+_T = TypeVar("_T", bound=type)
+
+# --- model wrappers -----------------------------------------------------------------------
+
+_MODEL_WRAPPERS: list[type] = [nn.DataParallel, nn.parallel.DistributedDataParallel]
+_wrapper_types: tuple[type, ...] = tuple(_MODEL_WRAPPERS)
+
+
+def register_model_wrapper(cls: _T) -> _T:
+    """Registers a model wrapper class: its `.module` is loaded in its place.
+
+    Like mmengine's `MODEL_WRAPPERS` registry; DataParallel and DistributedDataParallel are
+    registered already. Usable as a class decorator.
+    """
+    global _wrapper_types
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"a model wrapper must be an nn.Module subclass, got {cls!r}")
+    if cls not in _MODEL_WRAPPERS:
+        _MODEL_WRAPPERS.append(cls)
+        _wrapper_types = tuple(_MODEL_WRAPPERS)
+    return cls
+
+
+def is_model_wrapper(module: Any) -> bool:
+    """Whether `module` is an instance of a registered model wrapper class."""
+    return isinstance(module, _wrapper_types)
+
+
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """`module.module`, repeatedly, while `module` is a registered model wrapper."""
+    while isinstance(module, _wrapper_types):
+        module = module.module
+    return module
+
+
+# --- public entry point ---------------------------------------------------------------------
+
+
+def load_state_dict(
+    module: nn.Module,
+    state_dict: Mapping[str, Any],
+    strict: bool = False,
+    logger: LoggerLike = None,
+    *,
+    assign: bool = False,
+    report: ReportStyle = "folded",
+    fast: bool = True,
+) -> LoadResult:
+    """Loads `state_dict` into `module` and its descendants.
+
+    The OpenMMLab `load_state_dict`: the parameters, buffers and extra states end as
+    `torch.nn.Module.load_state_dict` leaves them (every `_load_from_state_dict` override and
+    load hook runs), but a shape mismatch is reported and the parameter kept instead of
+    raising. Model wrappers (see `register_model_wrapper`) are unwrapped at every level.
+    Mismatches are logged on rank 0 only; `num_batches_tracked` missing keys are not reported.
+
+    Args:
+        module: the module that receives the weights.
+        state_dict: parameter and buffer names to tensors; not modified. Its `_metadata`
+            (per-module versions) is used as torch uses it.
+        strict: raise `StateDictMismatchError` (a RuntimeError) when keys are missing or
+            unexpected, or shapes mismatch, on every rank.
+        logger: where the report goes (see `ckptmap.report.log_message`); None logs to the
+            ``"ckptmap"`` logger.
+        assign: assign the state dict's tensors to the module instead of copying into the
+            existing ones, as torch's `assign=True`.
+        report: ``"folded"`` (indices folded into patterns) or ``"flat"`` (the OpenMMLab
+            message, key by key).
+        fast: batch the copies of modules with the stock loading code (same outcome).
+
+    Returns:
+        A `LoadResult` with the missing, unexpected and shape-mismatched keys and every error
+        message.
+
+    Raises:
+        StateDictMismatchError: `strict` is set and the state dict does not match.
+        InvalidStateDictError: `state_dict` is not a mapping, or has a key that is not a str.
+    """
+    result = load_into(module, state_dict, assign=assign, fast=fast)
+    return finish_load(result, strict=strict, logger=logger, report=report)
+
+
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    assign: bool = False,
+    fast: bool = True,
+    collisions: Iterable[Any] = (),
+) -> LoadResult:
+    """Loads `state_dict` into `module` and returns the outcome, without logging or raising."""
+    if not isinstance(state_dict, Mapping):
+        raise InvalidStateDictError(
+            f"expected state_dict to be a mapping of names to tensors, got "
+            f"{type(state_dict).__name__}; pass checkpoint['state_dict'] or use load_checkpoint"
+        )
+    metadata = getattr(state_dict, "_metadata", None)
+    source: OrderedDict[str, Any] = OrderedDict(state_dict)
+    if metadata is not None:
+        source._metadata = metadata  # type: ignore[attr-defined]
+    for key in source:
+        if type(key) is not str:
+            raise InvalidStateDictError(
+                f"state_dict key {key!r} is a {type(key).__name__}, not a str: state dict "
+                "keys are dotted parameter names such as 'layer1.0.weight'"
+            )
+    use_fast = fast and not assign and not torch.__future__.get_swap_module_params_on_conversion()
+    # The walk allocates a few small objects per module; on a model with a million live
+    # objects the collector would rescan them all several times over for nothing.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loader = _Loader(unwrap_model(module), source, metadata, assign, use_fast)
+        loader.run()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return LoadResult.build(
+        loader.missing,
+        loader.unexpected,
+        loader.errors,
+        collisions=collisions,
+        num_source_keys=len(source),
+    )
+
+
+def finish_load(
+    result: LoadResult,
+    *,
+    strict: bool,
+    logger: LoggerLike = None,
+    report: ReportStyle = "folded",
+) -> LoadResult:
+    """Raises (strict, every rank) or logs (rank 0) what `result` holds; returns it."""
+    message = result.report(report)
+    failed = bool(result.unexpected_keys or result.reported_missing_keys or result.error_msgs)
+    if strict and failed:
+        raise StateDictMismatchError(message, result)
+    if result.nothing_loaded and get_dist_info()[0] == 0:
+        warnings.warn(
+            NothingLoadedWarning(
+                f"loaded 0 of {result.num_source_keys} keys into the model: no key of the "
+                "state_dict matches it; check revise_keys / the prefix against "
+                "model.state_dict().keys()"
+            ),
+            stacklevel=3,
+        )
+    log_message(message, logger)
+    return result
+
+
+# --- the recursion --------------------------------------------------------------------------
+
+# Node kinds. _FAST: the stock `_load_from_state_dict`, no pre-hooks, the stock
+# `set_extra_state`: loaded by `_Loader` itself. _PLAIN: stock loading code otherwise (called
+# with the module's own keys). _CUSTOM: an override or pre-hooks (called with its subtree).
+_FAST, _PLAIN, _CUSTOM = 0, 1, 2
+# Event types, in torch's visiting order: a module's load, a fast module's outcome (its missing,
+# unexpected and error entries), a module's post-hooks.
+_LOAD, _COMMIT, _POST = 0, 1, 2
+_TOP = -1
+_BASE_LOAD = nn.Module._load_from_state_dict
+_BASE_SET_EXTRA = nn.Module.set_extra_state
+_EXTRA = "_extra_state"
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+_STRIDED = torch.strided
+# dtypes whose CPU copies (with casting) cannot fail or warn.
+_COPY_DTYPES = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    }
+)
+_MISS = object()
+
+
+def _group_by_owner_py(keys: Sequence[str], paths: Sequence[str]) -> list[list[int]]:
+    """Reference `group_by_owner` (used when the compiled core lacks it)."""
+    index: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        index.setdefault(path, i)
+    fallback = index.get("", len(paths))
+    groups: list[list[int]] = [[] for _ in range(len(paths) + 1)]
+    for j, key in enumerate(keys):
+        owner = fallback
+        pos = key.rfind(".")
+        while pos >= 0:
+            found = index.get(key[:pos])
+            if found is not None:
+                owner = found
+                break
+            pos = key.rfind(".", 0, pos) if pos else -1
+        groups[owner].append(j)
+    return groups
+
+
+_group_by_owner: Callable[[Sequence[str], Sequence[str]], list[list[int]]] = (
+    _core_group_by_owner or _group_by_owner_py
+)
+
+
+class _Region(NamedTuple):
+    """The dict a group of modules take their keys from, listed once for grouping."""
+
+    keys: list[str]
+    values: list[Any]
+    state: Mapping[str, Any]
+
+
+class _Loader:
+    """One load of a module tree.
+
+    The tree is walked once in torch's order. Fast modules of the top region (not below a
+    custom module) are matched against the source while walking; their copies are queued in
+    `top_dst`/`top_src` and their outcome recorded per module. Everything that must happen in
+    order (custom and plain modules' loads, post-hooks, the fast modules' outcomes) becomes an
+    event; `run` replays the events, doing the queued copies before anything that could look
+    at the weights. Modules below a custom module are loaded one by one when their turn comes,
+    from the dict that custom module leaves behind.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        source: OrderedDict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        assign: bool,
+        fast: bool,
+    ) -> None:
+        self.source = source
+        self.metadata = metadata
+        self.assign = assign
+        self.fast = fast
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.errors: list[str] = []
+        self.incompatible = _IncompatibleKeys(self.missing, self.unexpected)
+        # The tree in pre-order (torch's `_load_from_state_dict` order).
+        self.modules: list[nn.Module] = []
+        self.prefixes: list[str] = []
+        self.kinds: list[int] = []
+        self.regions: list[int] = []
+        # Members of each custom module's region: they get their keys from its dict.
+        self.members: dict[int, list[int]] = {}
+        # (order, node, type, copies queued before it), sorted by order.
+        self.events: list[tuple[float, int, int, int]] = []
+        # The top region's fast modules: queued copies, matched keys, outcomes.
+        self.top_dst: list[torch.Tensor] = []
+        self.top_src: list[torch.Tensor] = []
+        self.top_done = 0
+        self.matched: list[str] = []
+        self.fast_missing: dict[int, list[str]] = {}
+        self.fast_errors: dict[int, list[str]] = {}
+        self.fast_unexpected: dict[int, list[str]] = {}
+        # Copies queued by fast modules below custom ones, in visiting order.
+        self.dst: list[torch.Tensor] = []
+        self.src: list[torch.Tensor] = []
+        # Keys of the modules loaded through their own `_load_from_state_dict`.
+        self.views: dict[int, _Region] = {}
+        self.owned: dict[int, list[int]] = {}
+        self.class_traits: dict[type, tuple[bool, int]] = {}
+        self._add(root, "", _TOP)
+        self._assign_leftovers()
+
+    # -- the walk --
+
+    def _class_traits(self, cls: type) -> tuple[bool, int]:
+        """(is a model wrapper, kind by the class alone), cached for this load."""
+        traits = self.class_traits.get(cls)
+        if traits is None:
+            kind: int
+            if cls._load_from_state_dict is not _BASE_LOAD:  # type: ignore[attr-defined]
+                kind = _CUSTOM
+            elif self.fast and getattr(cls, "set_extra_state", _BASE_SET_EXTRA) is _BASE_SET_EXTRA:
+                kind = _FAST
+            else:
+                kind = _PLAIN
+            traits = self.class_traits[cls] = (issubclass(cls, _wrapper_types), kind)
+        return traits
+
+    def _add(self, module: nn.Module, prefix: str, region: int) -> None:
+        traits = self.class_traits
+        wrapper, kind = traits.get(type(module)) or self._class_traits(type(module))
+        while wrapper:
+            module = module.module
+            wrapper, kind = traits.get(type(module)) or self._class_traits(type(module))
+        i = len(self.modules)
+        if kind != _CUSTOM and (
+            module._load_state_dict_pre_hooks or "_load_from_state_dict" in module.__dict__
+        ):
+            kind = _CUSTOM
+        self.modules.append(module)
+        self.prefixes.append(prefix)
+        self.regions.append(region)
+        if region != _TOP:
+            self.members[region].append(i)
+            self.events.append((i, i, _LOAD, len(self.top_dst)))
+        elif kind != _FAST:
+            self.events.append((i, i, _LOAD, len(self.top_dst)))
+        elif (module._parameters or module._buffers) and not self._match_top(i, module, prefix):
+            kind = _PLAIN
+            self.events.append((i, i, _LOAD, len(self.top_dst)))
+        self.kinds.append(kind)
+        if kind == _CUSTOM:
+            region = i
+            self.members[i] = []
+        for name, child in module._modules.items():
+            if child is not None:
+                self._add(child, prefix + name + ".", region)
+        if module._load_state_dict_post_hooks:
+            self.events.append((len(self.modules) - 0.5, i, _POST, len(self.top_dst)))
+
+    def _match_top(self, i: int, module: nn.Module, prefix: str) -> bool:
+        """Loads a fast module of the top region as torch would, copies deferred.
+
+        The hot loop of a load (once per tensor), hence `_match` written out inline. Returns
+        False, having recorded nothing, when a tensor needs torch's own code.
+        """
+        buffers = module._buffers
+        entries: Iterable[tuple[str, Any]] = module._parameters.items()
+        if buffers:
+            entries = _with_persistent_buffers(module, entries)
+        state = self.source
+        top_dst = self.top_dst
+        top_src = self.top_src
+        matched = self.matched
+        start = len(top_dst)
+        start_matched = len(matched)
+        missing: list[str] | None = None
+        errors: list[str] | None = None
+        for name, param in entries:
+            if param is None:
+                continue
+            key = prefix + name
+            value = state.get(key, _MISS)
+            if value is _MISS:
+                if missing is None:
+                    missing = []
+                missing.append(key)
+                continue
+            if not (
+                type(value) in _PLAIN_TENSORS
+                and type(param) in _PLAIN_TENSORS
+                and value.is_cpu
+                and param.is_cpu
+                and value.layout is _STRIDED
+                and param.layout is _STRIDED
+                and param.dtype in _COPY_DTYPES
+                and (value.dtype is param.dtype or value.dtype in _COPY_DTYPES)
+                and param.is_contiguous()
+                and not param.is_inference()
+            ):
+                del top_dst[start:], top_src[start:], matched[start_matched:]
+                return False
+            matched.append(key)
+            shape = param.shape
+            if not shape and value.dim() == 1 and value.shape[0] == 1:
+                value = value[0]
+            if value.shape != shape:
+                if errors is None:
+                    errors = []
+                errors.append(_size_mismatch(key, value, param))
+                continue
+            top_dst.append(param)
+            top_src.append(value)
+        if missing is not None or errors is not None:
+            if missing is not None:
+                self.fast_missing[i] = missing
+            if errors is not None:
+                self.fast_errors[i] = errors
+            self.events.append((i, i, _COMMIT, 0))
+        return True
+
+    def _assign_leftovers(self) -> None:
+        """Hands the top region's keys that no fast module took to their owners.
+
+        They are the keys of plain and custom modules (their subtrees, for custom ones) and
+        the fast modules' unexpected keys.
+        """
+        source = self.source
+        if len(self.matched) == len(source):
+            return
+        taken = set(self.matched)
+        keys = [k for k in source if k not in taken]
+        values = [source[k] for k in keys]
+        nodes = [n for n, r in enumerate(self.regions) if r == _TOP]
+        groups = _group_by_owner(keys, [self.prefixes[n][:-1] for n in nodes])
+        view = _Region(keys, values, source)
+        added = False
+        for n, group in zip(nodes, groups, strict=False):
+            if not group:
+                continue
+            if self.kinds[n] != _FAST:
+                self.views[n] = view
+                self.owned[n] = group
+                continue
+            unexpected = _unexpected(self.modules[n], self.prefixes[n], keys, group)
+            if unexpected:
+                self.fast_unexpected[n] = unexpected
+                if n not in self.fast_missing and n not in self.fast_errors:
+                    self.events.append((n, n, _COMMIT, 0))
+                    added = True
+        if added:
+            self.events.sort(key=_order)
+
+    # -- replaying the events --
+
+    def run(self) -> None:
+        marker = 0
+        try:
+            for _, i, kind, marker in self.events:
+                if kind == _COMMIT:
+                    self.missing.extend(self.fast_missing.get(i, ()))
+                    self.errors.extend(self.fast_errors.get(i, ()))
+                    self.unexpected.extend(self.fast_unexpected.get(i, ()))
+                elif kind == _LOAD:
+                    self._load(i, marker)
+                else:
+                    self._flush(marker)
+                    self._post_hooks(i)
+            marker = len(self.top_dst)
+        finally:
+            # What was visited is copied even when a module's code raises, as in torch.
+            self._flush(marker)
+
+    def _load(self, i: int, marker: int) -> None:
+        kind = self.kinds[i]
+        if kind == _FAST:  # below a custom module
+            if self._load_fast(i):
+                return
+            kind = _PLAIN
+        self._flush(marker)
+        if kind == _PLAIN:
+            self._call(i, self._own_dict(i))
+            return
+        # The root gets the whole copy, `_metadata` and all, as in torch.
+        local = self.source if i == 0 else self._own_dict(i)
+        self._call(i, local)
+        if self.members[i]:
+            self._group(i, local)
+
+    def _post_hooks(self, i: int) -> None:
+        module = self.modules[i]
+        for hook in module._load_state_dict_post_hooks.values():
+            if hook(module, self.incompatible) is not None:
+                raise LoadHookError(
+                    "Hooks registered with ``register_load_state_dict_post_hook`` are not "
+                    "expected to return new values, if incompatible_keys need to be modified, "
+                    f"it should be done inplace (hook {hook!r} on {type(module).__name__} at "
+                    f"{self.prefixes[i][:-1] or '<root>'!r})"
+                )
+
+    def _group(self, region: int, state: Mapping[str, Any]) -> None:
+        """Hands each member of a custom module's region its keys from that module's dict."""
+        members = self.members[region]
+        keys = list(state.keys())
+        for key in keys:
+            if type(key) is not str:
+                raise InvalidStateDictError(
+                    f"{type(self.modules[region]).__name__}._load_from_state_dict or a load "
+                    f"pre-hook put the non-str key {key!r} in the state dict"
+                )
+        paths = [self.prefixes[m][:-1] for m in members]
+        paths.append(self.prefixes[region][:-1])
+        groups = _group_by_owner(keys, paths)
+        view = _Region(keys, list(state.values()), state)
+        for m, group in zip(members, groups, strict=False):  # the region root's group is last
+            self.views[m] = view
+            self.owned[m] = group
+
+    def _own_dict(self, i: int) -> dict[str, Any]:
+        view = self.views.get(i)
+        if view is None:
+            return {}
+        keys, values, _ = view
+        return {keys[j]: values[j] for j in self.owned[i]}
+
+    def _local_metadata(self, prefix: str) -> dict[str, Any]:
+        local = {} if self.metadata is None else self.metadata.get(prefix[:-1], {})
+        if self.assign:
+            # torch writes this flag into the caller's metadata; a copy leaves it untouched.
+            local = {**local, "assign_to_params_buffers": True}
+        return local
+
+    def _call(self, i: int, local: Mapping[str, Any]) -> None:
+        prefix = self.prefixes[i]
+        self.modules[i]._load_from_state_dict(
+            local,
+            prefix,
+            self._local_metadata(prefix),
+            True,
+            self.missing,
+            self.unexpected,
+            self.errors,
+        )
+
+    def _flush(self, marker: int) -> None:
+        """Does every queued copy of the modules visited so far, in visiting order.
+
+        The copies queued below custom modules come first: every top-region copy not yet done
+        belongs to a module visited after them.
+        """
+        batches = []
+        if self.dst:
+            batches.append((self.dst, self.src))
+            self.dst, self.src = [], []
+        if marker > self.top_done:
+            batches.append(
+                (self.top_dst[self.top_done : marker], self.top_src[self.top_done : marker])
+            )
+            self.top_done = marker
+        if batches:
+            with torch.no_grad():
+                for dst, src in batches:
+                    # On CPU this is `copy_` tensor by tensor, in order: a weight tied to two
+                    # keys ends with the later one, as in torch.
+                    torch._foreach_copy_(dst, src)
+
+    def _load_fast(self, i: int) -> bool:
+        """`_match_top` for a fast module below a custom one, copies queued in `dst`/`src`."""
+        module = self.modules[i]
+        prefix = self.prefixes[i]
+        view = self.views.get(i)
+        state: Mapping[str, Any] = {} if view is None else view.state
+        outcome = _match(module, prefix, state, module._parameters, module._buffers)
+        if outcome is None:
+            return False
+        missing, errors, dst, src, _ = outcome
+        self.missing += missing
+        self.errors += errors
+        if view is not None:
+            self.unexpected += _unexpected(module, prefix, view.keys, self.owned[i])
+        self.dst += dst
+        self.src += src
+        return True
+
+
+def _match(
+    module: nn.Module,
+    prefix: str,
+    state: Mapping[str, Any],
+    params: Mapping[str, Any],
+    buffers: Mapping[str, Any],
+) -> tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor], list[str]] | None:
+    """The parameter and buffer half of torch's `Module._load_from_state_dict`, copies deferred.
+
+    Returns `(missing, errors, dst, src, matched keys)`, or None when a tensor needs torch's
+    own code (not a plain CPU tensor, an unusual dtype or layout, a lazy or inference-mode
+    parameter).
+    """
+    missing: list[str] = []
+    errors: list[str] = []
+    dst: list[torch.Tensor] = []
+    src: list[torch.Tensor] = []
+    matched: list[str] = []
+    entries: Iterable[tuple[str, Any]] = params.items()
+    if buffers:
+        entries = _with_persistent_buffers(module, entries)
+    for name, param in entries:
+        if param is None:
+            continue
+        key = prefix + name
+        value = state.get(key, _MISS)
+        if value is _MISS:
+            missing.append(key)
+            continue
+        if not (
+            type(value) in _PLAIN_TENSORS
+            and type(param) in _PLAIN_TENSORS
+            and value.is_cpu
+            and param.is_cpu
+            and value.layout is _STRIDED
+            and param.layout is _STRIDED
+            and param.dtype in _COPY_DTYPES
+            and (value.dtype is param.dtype or value.dtype in _COPY_DTYPES)
+            and param.is_contiguous()
+            and not param.is_inference()
+        ):
+            # `param.copy_(value)` might fail or warn: torch's code reports it its way.
+            return None
+        matched.append(key)
+        shape = param.shape
+        # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into a 0-dim
+        # parameter.
+        if not shape and value.dim() == 1 and value.shape[0] == 1:
+            value = value[0]
+        if value.shape != shape:
+            errors.append(_size_mismatch(key, value, param))
+            continue
+        dst.append(param)
+        src.append(value)
+    return missing, errors, dst, src, matched
+
+
+def _order(event: tuple[float, int, int, int]) -> float:
+    return event[0]
+
+
+def _with_persistent_buffers(
+    module: nn.Module, params: Iterable[tuple[str, Any]]
+) -> Iterable[tuple[str, Any]]:
+    """torch's local state order: the parameters, then the persistent buffers."""
+    non_persistent = module._non_persistent_buffers_set
+    persistent = [(k, v) for k, v in module._buffers.items() if k not in non_persistent]
+    return itertools.chain(params, persistent)
+
+
+def _size_mismatch(key: str, value: torch.Tensor, param: torch.Tensor) -> str:
+    return (
+        f"size mismatch for {key}: copying a param with shape {value.shape} from checkpoint, "
+        f"the shape in current model is {param.shape}."
+    )
+
+
+def _unexpected(module: nn.Module, prefix: str, keys: list[str], owned: list[int]) -> list[str]:
+    """torch's unexpected-key scan of a stock module, over the keys it owns."""
+    params = module._parameters
+    buffers = module._buffers
+    non_persistent = module._non_persistent_buffers_set
+    submodules = module._modules
+    extra_key = prefix + _EXTRA
+    unexpected: list[str] = []
+    cut = len(prefix)
+    for j in owned:
+        key = keys[j]
+        if key == extra_key:
+            # Without a `set_extra_state`, an extra state is unexpected, reported first.
+            unexpected.insert(0, key)
+            continue
+        rest = key[cut:]
+        dot = rest.find(".")
+        if dot >= 0:
+            if rest[:dot] not in submodules:
+                unexpected.append(key)
+        elif params.get(rest) is None and (buffers.get(rest) is None or rest in non_persistent):
+            unexpected.append(key)
+    return unexpected
+
+
+def with_collisions(result: LoadResult, collisions: Iterable[Any]) -> LoadResult:
+    """`result` with its `collisions` replaced."""
+    return dataclasses.replace(result, collisions=tuple(collisions))
