@@ -5,6 +5,7 @@
 //! `python` feature, which maturin turns on.
 
 pub mod error;
+pub mod header;
 pub mod index;
 pub mod pattern;
 pub mod rules;

@@ -1,5 +1,6 @@
 """Type stubs for the compiled core `ckptmap._core`. Import these names from `ckptmap`."""
 
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import final
@@ -8,6 +9,8 @@ from typing_extensions import Self
 
 __all__ = [
     "KeyRules",
+    "SafetensorsHeader",
+    "SafetensorsHeaderError",
     "__version__",
     "diff_keys",
     "filter_prefix_keys",
@@ -74,3 +77,58 @@ def diff_keys(source: Sequence[str], expected: Sequence[str]) -> tuple[list[str]
 
 def find_collisions(keys: Sequence[str]) -> list[list[int]]:
     """Positions of repeated keys: one ascending list per repeated key, by first occurrence."""
+
+# --- safetensors header ---
+
+class SafetensorsHeaderError(ValueError):
+    """A safetensors header that fails validation.
+
+    Attributes: `path` (the file), `kind` (which check failed, e.g. "header_too_large"),
+    `detail` (the specifics).
+    """
+
+    path: str
+    kind: str
+    detail: str
+
+@final
+class SafetensorsHeader:
+    """A validated safetensors header: every tensor's name, dtype, shape and byte range.
+
+    Lists are in file (JSON) order. Validation failures raise `SafetensorsHeaderError`; I/O
+    failures raise the matching `OSError` subclass.
+    """
+
+    @staticmethod
+    def open(path: str | os.PathLike[str]) -> SafetensorsHeader:
+        """Maps the file at `path` read-only and validates its header."""
+    @staticmethod
+    def from_fd(fd: int, path: str | os.PathLike[str]) -> SafetensorsHeader:
+        """Maps the open descriptor `fd` (duplicated, never closed) and validates its header."""
+    @staticmethod
+    def parse(data: bytes, path: str = "<bytes>") -> SafetensorsHeader:
+        """Validates the header of a whole safetensors file held in `data`."""
+    @property
+    def path(self) -> str: ...
+    @property
+    def names(self) -> list[str]: ...
+    @property
+    def dtypes(self) -> list[str]:
+        """Torch-style dtype names ("bfloat16", "float8_e4m3fn"), one per tensor."""
+    @property
+    def safetensors_dtypes(self) -> list[str]:
+        """Dtypes as the header spells them ("BF16"), one per tensor."""
+    @property
+    def shapes(self) -> list[tuple[int, ...]]: ...
+    @property
+    def byte_ranges(self) -> list[tuple[int, int]]:
+        """`(start, end)` absolute file offsets of each tensor's bytes."""
+    @property
+    def metadata(self) -> dict[str, str] | None: ...
+    @property
+    def data_offset(self) -> int: ...
+    @property
+    def header_len(self) -> int: ...
+    @property
+    def file_size(self) -> int: ...
+    def __len__(self) -> int: ...

@@ -2,6 +2,7 @@
 //! build Python results. This file only registers.
 
 mod errors;
+mod header;
 mod index;
 mod rules;
 
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 mod _core {
     use pyo3::prelude::*;
 
+    #[pymodule_export]
+    use super::header::{SafetensorsHeader, SafetensorsHeaderError};
     #[pymodule_export]
     use super::index::{diff_keys, filter_prefix_keys, find_collisions, group_by_owner};
     #[pymodule_export]
