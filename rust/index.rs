@@ -107,8 +107,8 @@ pub fn normalize_prefix(prefix: &str) -> String {
 /// Unicode normalisation).
 ///
 /// Returns the positions of the kept keys in input order, each with its name: the key minus
-/// the normalised prefix when `strip` is true, the whole key otherwise. Stripping never makes two
-/// names equal, since all kept keys share the one prefix.
+/// the normalised prefix when `strip` is true, the whole key otherwise. Since all kept keys
+/// share the one prefix, stripping never makes two distinct keys equal.
 pub fn filter_prefix<'k, K: AsRef<str> + Sync>(
     keys: &'k [K],
     prefix: &str,
