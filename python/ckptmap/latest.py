@@ -1,0 +1,406 @@
+"""Which checkpoint to resume from, the `last_checkpoint` pointer, and keeping the last N.
+
+mmengine's runner writes the path of each new checkpoint into ``<work_dir>/last_checkpoint``
+and `find_latest_checkpoint` reads it back. Here the pointer is trusted only when it names a
+complete checkpoint; otherwise the newest complete one is chosen by this rule:
+
+1. Candidates are the files directly in the directory whose names end in ``.pth``, ``.pt``,
+   ``.bin``, ``.ckpt``, ``.safetensors`` or ``.index.json`` (a sharded checkpoint's index),
+   except temp files of unfinished writes (`ckptmap.atomic.is_temp_file`) and shards
+   (``...-00001-of-00004.pth``), which are parts, not checkpoints.
+2. A candidate counts only if it is complete: a torch zip whose central directory is intact
+   and holds a ``data.pkl``; a safetensors file whose header parses and whose size is exactly
+   what the header describes; an index whose every shard is there and complete; a legacy
+   (pre-zip) torch pickle when it is not empty.
+3. Names starting with ``epoch_<N>`` or ``iter_<N>`` rank above all others, by N; ties and the
+   others go by modification time, then by name.
+
+Writing the pointer (`write_last_checkpoint`) is atomic and refuses to name a file that is not
+complete. `rotate_checkpoints` deletes old ones only once the newest is durable, and never the
+one the pointer names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import re
+import time
+import warnings
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
+from ckptmap.errors import CheckpointNotFoundError, CkptmapError
+from ckptmap.save import INDEX_SUFFIX, is_shard_file
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "LAST_CHECKPOINT",
+    "CheckpointPointerWarning",
+    "IncompleteCheckpointError",
+    "find_latest_checkpoint",
+    "is_complete_checkpoint",
+    "list_checkpoints",
+    "remove_orphan_shards",
+    "rotate_checkpoints",
+    "write_last_checkpoint",
+]
+
+logger = logging.getLogger("ckptmap")
+
+PathLike = str | os.PathLike[str]
+
+#: The pointer file's name inside a work dir (as mmengine's runner names it).
+LAST_CHECKPOINT = "last_checkpoint"
+
+#: Names that may be checkpoints when a directory is scanned.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", INDEX_SUFFIX)
+
+_STEP_RE = re.compile(r"^(?:epoch|iter)_(\d+)(?!\d)")
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+class CheckpointPointerWarning(UserWarning):
+    """`last_checkpoint` names a missing, unreadable or incomplete file; another was chosen."""
+
+
+class IncompleteCheckpointError(CkptmapError, ValueError):
+    """A checkpoint file exists but is cut short or is not a checkpoint (e.g. a killed write)."""
+
+
+# --- is this file a whole checkpoint? ----------------------------------------------------------
+
+
+def is_complete_checkpoint(path: PathLike) -> bool:
+    """Whether `path` is a checkpoint that was written to the end (see the module docstring).
+
+    Cheap: only a zip's central directory, a safetensors header or an index and its shards'
+    headers are read, never the tensor data. Never raises for bad or missing files.
+    """
+    try:
+        return _complete(Path(path), depth=0)
+    except (OSError, ValueError, zipfile.BadZipFile, RecursionError):
+        return False
+
+
+def _complete(path: Path, depth: int) -> bool:
+    if is_temp_file(path) or not path.is_file():
+        return False
+    if path.name.endswith(INDEX_SUFFIX):
+        return depth == 0 and _index_complete(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        with zipfile.ZipFile(path) as archive:
+            return any(
+                name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()
+            )
+    if len(head) == 9 and head[8:9] == b"{":
+        return _safetensors_complete(path, size, int.from_bytes(head[:8], "little"))
+    # A legacy torch pickle starts with a pickled magic number; nothing cheap proves its end.
+    return size > 0 and head[:1] == b"\x80"
+
+
+def _safetensors_complete(path: Path, size: int, header_len: int) -> bool:
+    if header_len > _MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        return False
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            return False
+        if not all(isinstance(o, int) and o >= 0 for o in offsets):
+            return False
+        end = max(end, offsets[1])
+    return size == 8 + header_len + end
+
+
+def _shards_of(index: Path) -> list[Path] | None:
+    """The shard files an index names (in its directory), or None for a bad index."""
+    with open(index, encoding="utf-8") as f:
+        data = json.load(f)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return None
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            return None  # only plain names beside the index
+        shards.append(index.parent / shard)
+    return shards
+
+
+def _index_complete(index: Path) -> bool:
+    shards = _shards_of(index)
+    return shards is not None and all(_complete(s, depth=1) for s in shards)
+
+
+# --- scanning ------------------------------------------------------------------------------------
+
+
+def _is_candidate(name: str, pattern: str | None) -> bool:
+    if name == LAST_CHECKPOINT or is_temp_file(name) or is_shard_file(name):
+        return False
+    if not name.endswith(CHECKPOINT_SUFFIXES):
+        return False
+    return pattern is None or fnmatch.fnmatchcase(name, pattern)
+
+
+def _rank(path: Path) -> tuple[int, int, int, str]:
+    match = _STEP_RE.match(path.name)
+    step = int(match.group(1)) if match else -1
+    return (match is not None, step, path.stat().st_mtime_ns, path.name)
+
+
+def list_checkpoints(directory: PathLike, pattern: str | None = None) -> list[str]:
+    """The complete checkpoints directly in `directory`, oldest first by the module's rule.
+
+    Args:
+        directory: the work dir.
+        pattern: an `fnmatch` glob the names must also match (e.g. ``"epoch_*.pth"``).
+    """
+    ranked = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(directory):
+            if _is_candidate(entry.name, pattern) and is_complete_checkpoint(entry.path):
+                path = Path(entry.path)
+                with contextlib.suppress(OSError):
+                    ranked.append((_rank(path), entry.path))
+    return [path for _, path in sorted(ranked)]
+
+
+# --- the pointer -------------------------------------------------------------------------------
+
+
+def _resolve(directory: str, named: str) -> str:
+    """A relative name is taken as mmengine does (from the cwd), else from the work dir."""
+    if os.path.isabs(named) or os.path.exists(named):
+        return named
+    return os.path.join(directory, named)
+
+
+def find_latest_checkpoint(path: PathLike) -> str | None:
+    """The checkpoint to resume from in the work dir `path`.
+
+    Returns what ``<path>/last_checkpoint`` names when that is a complete checkpoint (a remote
+    URI there is returned unchecked). When the pointer names a missing, unreadable or
+    incomplete file, or is empty or unreadable itself, a `CheckpointPointerWarning` says so
+    and the newest complete checkpoint in `path` (see the module docstring) is returned, or
+    None if there is none. Without a pointer file the answer is None, as in mmengine: a
+    directory that never had a checkpoint committed is not resumed from.
+    """
+    directory = os.fspath(path)
+    pointer = os.path.join(directory, LAST_CHECKPOINT)
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            named = f.read().strip()
+    except FileNotFoundError:
+        logger.info("Did not find last_checkpoint to be resumed.")
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        named, problem = "", f"can not be read ({err})"
+    else:
+        problem = "is empty"
+    if named:
+        if "://" in named:
+            return named
+        resolved = _resolve(directory, named)
+        if is_complete_checkpoint(resolved):
+            return resolved
+        problem = f"names {named!r}, which " + (
+            "is incomplete or not a checkpoint" if os.path.exists(resolved) else "is missing"
+        )
+    found = list_checkpoints(directory)
+    choice = found[-1] if found else None
+    instead = f"resuming from {choice} instead" if choice else "and no other complete one is there"
+    warnings.warn(
+        f"{pointer} {problem}; {instead} (the newest complete checkpoint: highest epoch_N / "
+        "iter_N, then modification time)",
+        CheckpointPointerWarning,
+        stacklevel=2,
+    )
+    return choice
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable(path: str) -> None:
+    """fsync a checkpoint (and its shards) and its directory, in case another tool wrote it."""
+    files = [path]
+    if path.endswith(INDEX_SUFFIX):
+        files += [str(s) for s in _shards_of(Path(path)) or []]
+    for name in files:
+        _fsync_file(name)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def write_last_checkpoint(work_dir: PathLike, checkpoint: PathLike) -> str:
+    """Points ``<work_dir>/last_checkpoint`` at `checkpoint`, atomically.
+
+    The checkpoint is checked to be complete and made durable (fsynced) first, so the pointer
+    never names a missing or partial file. A remote URI (``s3://...``) is written unchecked.
+
+    Args:
+        work_dir: the directory holding the pointer (created if needed).
+        checkpoint: the path written into the pointer, as given (mmengine writes the full
+            path); a relative one is looked up from the cwd, else from `work_dir`.
+
+    Returns:
+        The pointer's path.
+
+    Raises:
+        CheckpointNotFoundError: `checkpoint` does not exist.
+        IncompleteCheckpointError: it exists but is not a complete checkpoint.
+    """
+    directory = os.fspath(work_dir)
+    named = os.fspath(checkpoint)
+    if "://" not in named:
+        resolved = _resolve(directory, named)
+        if not os.path.exists(resolved):
+            raise CheckpointNotFoundError(
+                resolved,
+                f"refusing to point {LAST_CHECKPOINT} at {resolved!r}: no such file; save the "
+                "checkpoint first",
+            )
+        if not is_complete_checkpoint(resolved):
+            raise IncompleteCheckpointError(
+                f"refusing to point {LAST_CHECKPOINT} at {resolved!r}: it is incomplete or not "
+                "a checkpoint; save it again"
+            )
+        _make_durable(resolved)
+    os.makedirs(directory, exist_ok=True)
+    pointer = os.path.join(directory, LAST_CHECKPOINT)
+    with atomic_write(pointer, "w") as f:
+        f.write(named)
+    return pointer
+
+
+# --- rotation ----------------------------------------------------------------------------------
+
+
+def _remove_checkpoint(path: str, keep_shards: set[str]) -> list[str]:
+    shards = None
+    if path.endswith(INDEX_SUFFIX):
+        with contextlib.suppress(OSError, ValueError):
+            shards = _shards_of(Path(path))
+    removed = []
+    # The index goes first: once it is gone, no one loads the shards through it.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+        removed.append(path)
+    for shard in shards or []:
+        if os.path.realpath(shard) not in keep_shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shard)
+                removed.append(str(shard))
+    return removed
+
+
+def _protected_shards(checkpoints: Iterable[str]) -> set[str]:
+    keep = set()
+    for path in checkpoints:
+        if path.endswith(INDEX_SUFFIX):
+            keep.update(os.path.realpath(s) for s in _shards_of(Path(path)) or [])
+    return keep
+
+
+def rotate_checkpoints(
+    directory: PathLike, keep_last: int, pattern: str | None = None
+) -> list[str]:
+    """Deletes all but the newest `keep_last` checkpoints in `directory`.
+
+    Only complete checkpoints whose names start with ``epoch_<N>`` / ``iter_<N>`` take part
+    (or, with `pattern`, those matching that glob), ranked as in the module docstring, so
+    ``best_*`` and hand-named files are left alone, as are incomplete files. Before anything is
+    deleted the newest checkpoint is fsynced (with its directory), and the file the
+    `last_checkpoint` pointer names is never deleted. A sharded checkpoint goes with its
+    shards (those no kept index shares).
+
+    Args:
+        directory: the work dir.
+        keep_last: how many to keep (at least 1).
+        pattern: an `fnmatch` glob selecting the names to rotate (e.g. ``"iter_*.pth"``).
+
+    Returns:
+        The paths deleted.
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+    directory = os.fspath(directory)
+    found = list_checkpoints(directory, pattern)
+    if pattern is None:
+        found = [p for p in found if _STEP_RE.match(os.path.basename(p))]
+    if len(found) <= keep_last:
+        return []
+    keep, old = found[-keep_last:], found[:-keep_last]
+    _make_durable(keep[-1])
+    protected = {os.path.realpath(p) for p in keep}
+    pointed = _pointer_target(directory)
+    if pointed is not None:
+        protected.add(os.path.realpath(pointed))
+    keep_shards = _protected_shards(p for p in found if os.path.realpath(p) in protected)
+    removed = []
+    for path in old:
+        if os.path.realpath(path) not in protected:
+            removed += _remove_checkpoint(path, keep_shards)
+    if removed:
+        fsync_directory(directory)
+    return removed
+
+
+def _pointer_target(directory: str) -> str | None:
+    try:
+        with open(os.path.join(directory, LAST_CHECKPOINT), encoding="utf-8") as f:
+            named = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return _resolve(directory, named) if named and "://" not in named else None
+
+
+def remove_orphan_shards(directory: PathLike, older_than_s: float = 3600.0) -> list[str]:
+    """Deletes shard files no index in `directory` names, left by sharded saves killed midway.
+
+    A shard younger than `older_than_s` may belong to a save still running and is kept.
+
+    Returns:
+        The paths deleted.
+    """
+    directory = os.fspath(directory)
+    named: set[str] = set()
+    shards = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.name.endswith(INDEX_SUFFIX) and not is_temp_file(entry.name):
+                with contextlib.suppress(OSError, ValueError):
+                    named.update(os.path.realpath(s) for s in _shards_of(Path(entry.path)) or [])
+            elif is_shard_file(entry.name) and not is_temp_file(entry.name):
+                shards.append(entry)
+    now = time.time()
+    removed = []
+    for entry in shards:
+        if os.path.realpath(entry.path) in named:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if now - entry.stat(follow_symlinks=False).st_mtime >= older_than_s:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed
