@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 
+# What the MMENGINE_RUNNER allowlist's getattr says when a pickle asks it for anything else.
+_RESTRICTED_GETATTR = "allowlist only resolves HistoryBuffer's statistics methods"
+
+
 class DanglingSymlinkError(CheckpointNotFoundError):
     """The checkpoint path is a symlink whose target does not exist.
 
@@ -138,6 +142,11 @@ class UnsafeCheckpointError(CkptmapError, pickle.UnpicklingError):
             message = (
                 f"{path!r} is a pickle that needs globals the safe loader does not allow: "
                 f"{', '.join(self.globals)}. {opt_in}"
+            )
+        elif reason and _RESTRICTED_GETATTR in reason:
+            message = (
+                f"refusing to load {path!r}: {reason}. mmengine never writes such a reference; "
+                "do not load this file unless you wrote it yourself"
             )
         else:
             message = (
