@@ -408,7 +408,31 @@ pub fn read_file(file: &File, path: &str) -> ReadResult<Header> {
     // SAFETY: the map is read-only and private to this call. Like every reader of mapped
     // files, it assumes the file is not truncated or rewritten while it is being parsed.
     let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| io_error(path, &e))?;
+    advise_header_only(&map);
     parse(&map).map_err(|e| e.at(path))
+}
+
+/// Asks the kernel to read the header and nothing else: without this, the fault on the
+/// first page reads the whole read-around window (often megabytes) of tensor data too.
+/// Advice only: failures change nothing but speed.
+fn advise_header_only(map: &memmap2::Mmap) {
+    #[cfg(unix)]
+    {
+        use memmap2::Advice;
+        let _ = map.advise(Advice::Random);
+        let header_len = map
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .filter(|&n| n <= MAX_HEADER_LEN);
+        if let Some(n) = header_len {
+            // n <= MAX_HEADER_LEN, so this fits in usize and cannot overflow.
+            let end = (LEN_PREFIX + n).min(map.len() as u64) as usize;
+            let _ = map.advise_range(Advice::WillNeed, 0, end);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = map;
 }
 
 fn check_regular(path: &str, meta: &std::fs::Metadata) -> ReadResult<()> {

@@ -1,0 +1,496 @@
+"""safetensors files: a validated header, then tensors as zero-copy views of the mapped file.
+
+`SafetensorsFile(path)` reads the header in Rust (`ckptmap._core.SafetensorsHeader`, which
+checks the whole header before any offset is trusted) and maps the file. Nothing else is
+read: names, dtypes, shapes and byte sizes (`infos()`, the plan) come from the header alone,
+and each tensor is built on access as a view of the map, so a load that uses 10% of the
+tensors reads about 10% of the file.
+
+Views, not copies:
+    A tensor whose bytes are aligned for its dtype is a view of the mapped pages
+    (`torch.frombuffer`). The map is private copy-on-write (``MAP_PRIVATE``, as
+    ``torch.load(mmap=True)`` maps): writing to a tensor changes this process's copy, never
+    the file. **The file must not be truncated or rewritten while tensors from it are in
+    use**: pages not yet read then show the new content, and reading past a truncated end
+    kills the process with SIGBUS (as with any memory-mapped file, torch's included). Save to
+    a new file and rename it over the old one instead (`ckptmap.atomic`): the old file's
+    inode stays valid for as long as it is mapped.
+
+    A tensor whose bytes are not aligned for its dtype (files written with a header length
+    that is not a multiple of 8, or with small tensors before large ones) is copied into
+    fresh, aligned memory; only that tensor is copied.
+
+Dtypes: every safetensors dtype with a torch equivalent: F64 F32 F16 BF16 I64 I32 I16 I8 U8
+BOOL, C64 (complex64: a safetensors dtype since 0.4.3; complex128 is not one), F8_E4M3
+F8_E5M2 F8_E4M3FNUZ F8_E5M2FNUZ F8_E8M0, and U16 U32 U64. The sub-byte floats F4, F6_E2M3
+and F6_E3M2 appear in the plan, but reading their data raises `UnsupportedDtypeError` (torch
+has no one-element-per-value type for them).
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import stat
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import torch
+
+from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError, filter_prefix_keys
+from ckptmap.errors import (
+    CheckpointIsADirectoryError,
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    CkptmapError,
+)
+from ckptmap.formats.errors import CorruptCheckpointError
+from ckptmap.formats.sniff import check_path
+
+__all__ = [
+    "InvalidSafetensorsError",
+    "SafetensorsFile",
+    "TensorInfo",
+    "TensorNotFoundError",
+    "UnsupportedDtypeError",
+    "load_file",
+    "load_safetensors",
+    "map_location_fn",
+    "open_safetensors",
+]
+
+_GENERIC_HINT = (
+    "re-download or re-copy it (if it came from a download cache, delete that cache entry so "
+    "the next run fetches it again); if your own code wrote it, save it again with "
+    "safetensors.torch.save_file"
+)
+# What to do, for the header faults where the generic advice is not the best one.
+_HINTS = {
+    "duplicate_name": (
+        "the program that wrote it is broken: save the weights again with "
+        "safetensors.torch.save_file (ckptmap does not guess which of the repeated tensors "
+        "is meant)"
+    ),
+    "unknown_dtype": (
+        "it was written by a newer or non-standard safetensors writer: convert it to a "
+        "dtype listed above, or save it again with safetensors.torch.save_file"
+    ),
+}
+
+
+class InvalidSafetensorsError(CorruptCheckpointError, ValueError):
+    """A safetensors file whose header fails validation.
+
+    Also a `ValueError` (what a bad header is to a parser) besides the `RuntimeError` of
+    `CorruptCheckpointError`.
+
+    Attributes:
+        path: the file.
+        size: its size in bytes.
+        kind: which check failed (``"header_too_large"``, ``"duplicate_name"``, ``"overlap"``,
+            ... as `ckptmap._core.SafetensorsHeaderError.kind`).
+        detail: the specifics (names, offsets, sizes).
+    """
+
+    def __init__(self, path: str, size: int, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(
+            path,
+            size,
+            f"a damaged safetensors file ({kind.replace('_', ' ')}: {detail})",
+            _HINTS.get(kind, _GENERIC_HINT),
+        )
+        self._init_args = (path, size, kind, detail)
+
+
+class UnsupportedDtypeError(CkptmapError, TypeError):
+    """A tensor whose safetensors dtype has no torch equivalent in this torch version.
+
+    Attributes:
+        path: the file.
+        name: the tensor.
+        dtype: its dtype as the header spells it (``"F4"``).
+    """
+
+    def __init__(self, path: str, name: str, dtype: str) -> None:
+        self.path = path
+        self.name = name
+        self.dtype = dtype
+        self._init_args = (path, name, dtype)
+        super().__init__(
+            f"tensor {name!r} in {path!r} has dtype {dtype}, which torch {torch.__version__} "
+            "can not hold: leave it out of the load (e.g. with a prefix or a key filter), "
+            "convert the file with a tool that unpacks it, or upgrade torch"
+        )
+
+
+class TensorNotFoundError(CkptmapError, KeyError):
+    """A tensor name that the checkpoint does not have.
+
+    A `KeyError`, so `Mapping.get` and ``except KeyError`` work as for a dict.
+
+    Attributes:
+        path: the file.
+        name: the name that was asked for.
+    """
+
+    def __init__(self, path: str, name: str, detail: str | None = None) -> None:
+        self.path = path
+        self.name = name
+        self._init_args = (path, name, detail)
+        super().__init__(
+            detail
+            or f"{path!r} has no tensor named {name!r}: check the name (its `keys()` lists them)"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class TensorInfo(NamedTuple):
+    """What the header says about one tensor: enough to plan a load without its data.
+
+    Attributes:
+        name: the tensor's name.
+        dtype: the torch-style dtype name (``"bfloat16"``; see the module docstring).
+        shape: the shape.
+        start: absolute file offset of the first byte.
+        end: absolute file offset after the last byte.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        """The tensor's size in bytes."""
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The `torch.dtype`, or None where this torch has none."""
+        return _torch_dtype(self.dtype)
+
+
+@functools.cache
+def _torch_dtype(name: str) -> torch.dtype | None:
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def map_location_fn(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Turns a `torch.load`-style `map_location` into a function on CPU tensors.
+
+    Args:
+        map_location: None or "cpu" (keep), a device or device string, a dict mapping
+            location tags (``"cpu"``) to devices, or a callable ``(storage, location)``
+            returning a storage or None, as `torch.load` calls it (location ``"cpu"``).
+
+    Returns:
+        A function moving one tensor, or None when tensors stay where they are.
+    """
+    if map_location is None:
+        return None
+    if isinstance(map_location, dict):
+        return map_location_fn(map_location.get("cpu"))
+    if isinstance(map_location, (str, torch.device, int)):
+        device = torch.device(map_location)
+        if device.type == "cpu":
+            return None
+        return lambda t: t.to(device)
+    if callable(map_location):
+        fn = map_location
+
+        def call(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            moved = fn(storage, "cpu")
+            if moved is None or moved is storage:
+                return t
+            out = torch.empty(0, dtype=t.dtype, device=moved.device)
+            return out.set_(moved, t.storage_offset(), t.shape, t.stride())
+
+        return call
+    raise TypeError(
+        "map_location must be None, a device, a str, a dict or a callable (as for torch.load), "
+        f"not {type(map_location).__name__}"
+    )
+
+
+def _open_fd(path: str) -> int:
+    """Opens `path` for reading, turning OS errors into ckptmap's typed errors."""
+    if os.path.isdir(path):
+        raise CheckpointIsADirectoryError(path)
+    try:
+        # O_NONBLOCK: a FIFO must not block the open; it is rejected just below.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(path) from err
+    except PermissionError as err:
+        raise CheckpointPermissionError(path) from err
+    except IsADirectoryError as err:
+        raise CheckpointIsADirectoryError(path) from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptCheckpointError(
+                path,
+                0,
+                "a special file (a pipe or a device), not a regular file",
+                "save the checkpoint to a regular file first",
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A lazy mapping of names to tensors over a memory-mapped safetensors file.
+
+    Opening validates the header and maps the file; no tensor data is read. Each
+    ``file[name]`` builds the tensor anew: a zero-copy view of the map (a copy for misaligned
+    data), moved by `map_location` if one was given. Iteration follows the header's order.
+    The map lives as long as this object or any tensor taken from it; `close()` only drops
+    this object's reference. See the module docstring for what must not happen to the file
+    meanwhile.
+
+    Args:
+        path: the safetensors file.
+        map_location: as for `torch.load` (see `map_location_fn`).
+
+    Raises:
+        CheckpointNotFoundError / DanglingSymlinkError / CheckpointIsADirectoryError /
+            CheckpointPermissionError: the path can not be opened as a file.
+        InvalidSafetensorsError: the header fails validation.
+        CorruptCheckpointError: not a regular file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, map_location: Any = None) -> None:
+        self.path = check_path(path)
+        self._move = map_location_fn(map_location)
+        fd = _open_fd(self.path)
+        try:
+            try:
+                self.header = SafetensorsHeader.from_fd(fd, self.path)
+            except SafetensorsHeaderError as err:
+                size = os.fstat(fd).st_size
+                raise InvalidSafetensorsError(self.path, size, err.kind, err.detail) from None
+            size = self.header.file_size
+            try:
+                # Private copy-on-write: writable for torch.frombuffer, never written back.
+                self._map: mmap.mmap | None = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            except ValueError as err:  # shorter now than when the header was read
+                raise CorruptCheckpointError(
+                    self.path,
+                    os.fstat(fd).st_size,
+                    f"a safetensors file that changed while it was being opened ({err})",
+                    "make sure nothing rewrites the file while it is loaded, then retry",
+                ) from None
+        finally:
+            os.close(fd)
+        # Tensors hold this view, not the map: while one is alive the map can not be closed.
+        self._view: memoryview | None = memoryview(self._map)
+        self._names: list[str] = self.header.names
+        self._index = {name: i for i, name in enumerate(self._names)}
+
+    # --- the plan: header only ---
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The header's ``__metadata__`` (empty when it has none)."""
+        return self.header.metadata or {}
+
+    @cached_property
+    def _columns(self) -> tuple[list[str], list[tuple[int, ...]], list[tuple[int, int]]]:
+        h = self.header
+        return h.dtypes, h.shapes, h.byte_ranges
+
+    def info(self, name: str) -> TensorInfo:
+        """What the header says about tensor `name`."""
+        i = self._position(name)
+        dtypes, shapes, ranges = self._columns
+        start, end = ranges[i]
+        return TensorInfo(name, dtypes[i], shapes[i], start, end)
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor's `TensorInfo`, in header order: the plan, read from the header alone."""
+        dtypes, shapes, ranges = self._columns
+        return [
+            TensorInfo(n, d, s, r[0], r[1])
+            for n, d, s, r in zip(self._names, dtypes, shapes, ranges, strict=True)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the data section (every tensor's bytes)."""
+        return self.header.file_size - self.header.data_offset
+
+    # --- Mapping ---
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensor(self._position(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def keys(self) -> Any:
+        # The header's own list: cheaper than the generic KeysView walk for 100k names.
+        return self._index.keys()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({self.path!r}, tensors={len(self)}, nbytes={self.nbytes})"
+
+    # --- loading ---
+
+    def load(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        prefix: str | None = None,
+        prefetch: bool | None = None,
+    ) -> OrderedDict[str, torch.Tensor]:
+        """Builds the tensors `names` (default: all), optionally only those under `prefix`.
+
+        Only the selected tensors' pages are read, and only when the tensors are used (or
+        now, in the background, with `prefetch`).
+
+        Args:
+            names: the tensors to build, in the order wanted (default: header order).
+            prefix: keep only names under this module prefix ("backbone" keeps
+                "backbone.x", not "backbone2.x"); names are not stripped.
+            prefetch: start reading the selected tensors' bytes now (see `prefetch`).
+                Default: when `names` or `prefix` selects a subset, whose tensors are then
+                presumably all going to be used.
+
+        Raises:
+            TensorNotFoundError: a name in `names` that the file does not have.
+        """
+        positions: list[int] | range = (
+            range(len(self._names)) if names is None else [self._position(n) for n in names]
+        )
+        if prefix is not None:
+            chosen = [self._names[i] for i in positions]
+            kept, _ = filter_prefix_keys(chosen, prefix, False)
+            positions = [positions[k] for k in kept]
+        if prefetch if prefetch is not None else (names is not None or prefix is not None):
+            self._prefetch(positions)
+        return OrderedDict((self._names[i], self._tensor(i)) for i in positions)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Starts reading the bytes of tensors `names` into the page cache, in the background.
+
+        Exactly their byte ranges (page-rounded, adjacent ones merged) are requested with
+        ``madvise(MADV_WILLNEED)``: large reads instead of one page fault at a time, and none
+        of the kernel's speculative read-around past the tensors, which on a cold cache can
+        read megabytes of unused tensors per access. Advice only: it never fails a load.
+        """
+        self._prefetch([self._position(n) for n in names])
+
+    def _prefetch(self, positions: Iterable[int]) -> None:
+        advise = getattr(self._map, "madvise", None)
+        willneed = getattr(mmap, "MADV_WILLNEED", None)
+        if advise is None or willneed is None:
+            return
+        ranges = self._columns[2]
+        spans = sorted(ranges[i] for i in positions)
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if end == start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            aligned = start - start % mmap.PAGESIZE
+            try:
+                advise(willneed, aligned, end - aligned)
+            except OSError:  # pragma: no cover - advice only
+                return
+
+    def close(self) -> None:
+        """Drops this object's reference to the map (tensors taken from it stay valid)."""
+        # Never mmap.close(): tensors hold pointers into the map, and torch.frombuffer
+        # does not keep the buffer exported; unmapping now would leave them dangling.
+        self._view = None
+        self._map = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _position(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except (KeyError, TypeError):
+            raise TensorNotFoundError(self.path, name) from None
+
+    def _tensor(self, i: int) -> torch.Tensor:
+        view = self._view
+        if view is None:
+            raise ValueError(f"{self.path!r}: this SafetensorsFile is closed; open it again")
+        dtypes, shapes, ranges = self._columns
+        dtype = _torch_dtype(dtypes[i])
+        if dtype is None:
+            name = self.header.safetensors_dtypes[i]
+            raise UnsupportedDtypeError(self.path, self._names[i], name)
+        shape = shapes[i]
+        start, end = ranges[i]
+        nbytes = end - start
+        if nbytes == 0:
+            tensor = torch.empty(shape, dtype=dtype)
+        elif start % dtype.itemsize == 0:
+            # mmap's base is page-aligned, so the file offset decides the alignment.
+            count = nbytes // dtype.itemsize
+            tensor = torch.frombuffer(view, dtype=dtype, count=count, offset=start).view(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
+            raw = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=start)
+            tensor.reshape(-1).view(torch.uint8).copy_(raw)
+        if sys.byteorder == "big":  # pragma: no cover - safetensors data is little-endian
+            tensor = torch.from_numpy(tensor.numpy().byteswap())
+        return tensor if self._move is None else self._move(tensor)
+
+
+def open_safetensors(path: str | os.PathLike[str], map_location: Any = None) -> SafetensorsFile:
+    """Opens `path` as a lazy `SafetensorsFile` (header validated, data mapped, none read)."""
+    return SafetensorsFile(path, map_location=map_location)
+
+
+def load_file(
+    path: str | os.PathLike[str], map_location: Any = None
+) -> OrderedDict[str, torch.Tensor]:
+    """Loads every tensor of a safetensors file as zero-copy views (what the dispatcher calls).
+
+    Args:
+        path: the safetensors file.
+        map_location: as for `torch.load`.
+
+    Returns:
+        The tensors in header order. Data pages are read when the tensors are used.
+    """
+    return SafetensorsFile(path, map_location=map_location).load()
+
+
+def load_safetensors(
+    path: str | os.PathLike[str], map_location: Any = None
+) -> tuple[OrderedDict[str, torch.Tensor], dict[str, str]]:
+    """Like `load_file`, also returning the header's ``__metadata__`` (empty if none)."""
+    with SafetensorsFile(path, map_location=map_location) as f:
+        return f.load(), f.metadata
