@@ -499,6 +499,7 @@ def test_unusual_tensors_take_torchs_path():
         warnings.filterwarnings("ignore", "Casting complex values", UserWarning)
         missing, unexpected, errors = torch_load(theirs, sd)
         result = load_state_dict(model, sd, logger="silent")
+    assert (list(result.missing_keys), list(result.unexpected_keys)) == (missing, unexpected)
     assert list(result.error_msgs) == errors
     assert any("expected torch.Tensor" in e for e in errors)
     assert_same_state(model, theirs)
@@ -813,7 +814,7 @@ def test_registered_wrapper_is_unwrapped():
     finally:
         module_load._MODEL_WRAPPERS.remove(MyWrapper)
         module_load._wrapper_types = tuple(module_load._MODEL_WRAPPERS)
-    with pytest.raises(TypeError, match="nn.Module subclass"):
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
         register_model_wrapper(int)  # type: ignore[arg-type]
 
 
