@@ -39,7 +39,13 @@ from ckptmap.errors import (
     NothingLoadedWarning,
     StateDictMismatchError,
 )
-from ckptmap.report import LoadResult, LoggerLike, ReportStyle, log_message
+from ckptmap.report import (
+    LoadResult,
+    LoggerLike,
+    ReportStyle,
+    log_message,
+    nothing_loaded_line,
+)
 
 try:  # torch's own record type, so post-hooks get exactly what torch gives them
     from torch.nn.modules.module import _IncompatibleKeys
@@ -199,14 +205,7 @@ def finish_load(
     if strict and failed:
         raise StateDictMismatchError(message, result)
     if result.nothing_loaded and get_dist_info()[0] == 0:
-        warnings.warn(
-            NothingLoadedWarning(
-                f"loaded 0 of {result.num_source_keys} keys into the model: no key of the "
-                "state_dict matches it; check revise_keys / the prefix against "
-                "model.state_dict().keys()"
-            ),
-            stacklevel=3,
-        )
+        warnings.warn(NothingLoadedWarning(nothing_loaded_line(result)), stacklevel=3)
     log_message(message, logger)
     return result
 

@@ -26,6 +26,7 @@ __all__ = [
     "fold_keys",
     "format_report",
     "log_message",
+    "nothing_loaded_line",
     "parse_size_mismatch",
 ]
 
@@ -249,10 +250,18 @@ def format_report(result: LoadResult, style: ReportStyle = "folded") -> str:
     raise ValueError(f"unknown report style {style!r}: use 'folded' or 'flat'")
 
 
-def _nothing_loaded_line(result: LoadResult) -> str:
+def nothing_loaded_line(result: LoadResult) -> str:
+    """The warning for a load that took none of the source's keys, with the likely cause."""
+    n = result.num_source_keys
+    if not result.mismatched:
+        return (
+            f"loaded 0 of {n} keys: no key of the source state_dict matches the model; check "
+            "revise_keys / the prefix against the model's state_dict() keys"
+        )
     return (
-        f"loaded 0 of {result.num_source_keys} keys: no key of the source state_dict matches "
-        "the model; check revise_keys / the prefix against the model's state_dict() keys"
+        f"loaded 0 of {n} keys: {len(set(result.unexpected_keys))} match no key of the model "
+        f"and {len(result.mismatched)} have a different shape; check that the checkpoint "
+        "belongs to this model and its configuration"
     )
 
 
@@ -267,7 +276,7 @@ def _format_flat(result: LoadResult) -> str:
         described = "; ".join(_describe_collision(c) for c in result.collisions)
         msgs.append(f"key collisions after revise_keys: {described}\n")
     if result.nothing_loaded:
-        msgs.append(_nothing_loaded_line(result) + "\n")
+        msgs.append(nothing_loaded_line(result) + "\n")
     if not msgs:
         return ""
     msgs.insert(0, HEADER + "\n")
@@ -279,7 +288,7 @@ def _format_folded(result: LoadResult) -> str:
         return ""
     lines: list[str] = []
     if result.nothing_loaded:
-        lines.append(_nothing_loaded_line(result))
+        lines.append(nothing_loaded_line(result))
     lines.append(f"{HEADER} (loaded {result.num_loaded} of {result.num_source_keys} keys)")
     _section(lines, UNEXPECTED, result.unexpected_keys)
     _section(lines, MISSING, result.reported_missing_keys)
@@ -317,7 +326,7 @@ def _count(n: int) -> str:
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    return str(tuple(shape))
 
 
 def _describe_collision(collision: Any) -> str:
