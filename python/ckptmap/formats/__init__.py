@@ -18,7 +18,6 @@ named ``.safetensors`` as a torch checkpoint.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -147,27 +146,10 @@ def validate_state_dict(state_dict: Any, path: str | os.PathLike[str]) -> Mappin
 
 
 def _load_safetensors(sniffed: Sniffed, map_location: Any, mmap: bool | None) -> Any:
-    try:
-        reader = importlib.import_module("ckptmap.formats.safetensors")
-    except ModuleNotFoundError as err:
-        if err.name != "ckptmap.formats.safetensors":
-            raise
-        return _load_safetensors_package(sniffed, map_location)
-    return reader.load_file(sniffed.path, map_location=map_location)
+    # Imported on use: a pickle-only load never pays for it. Always mapped (mmap is moot).
+    from ckptmap.formats import safetensors
 
-
-def _load_safetensors_package(sniffed: Sniffed, map_location: Any) -> dict[str, torch.Tensor]:
-    # Until ckptmap's own reader lands: the safetensors package, which validates the header.
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file as st_load_file
-
-    device = "cpu" if map_location is None else str(map_location)
-    try:
-        return st_load_file(sniffed.path, device=device)
-    except SafetensorError as err:
-        raise CorruptCheckpointError(
-            sniffed.path, sniffed.size, f"a damaged safetensors file ({err})"
-        ) from None
+    return safetensors.load_file(sniffed.path, map_location)
 
 
 def _load_sharded(
@@ -180,5 +162,10 @@ def _load_sharded(
 ) -> Any:
     from ckptmap.formats import sharded
 
-    assert sniffed.index_path is not None
-    return sharded.load_sharded(sniffed.index_path, map_location=map_location)
+    return sharded.load_sharded(
+        sniffed.path,
+        map_location,
+        weights_only=weights_only,
+        allowed_globals=tuple(allowed_globals),
+        mmap=mmap,
+    )

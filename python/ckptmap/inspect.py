@@ -1,0 +1,306 @@
+"""`ckptmap inspect PATH`: what a checkpoint holds, from its header where the format allows.
+
+`inspect_checkpoint` returns a JSON-ready summary (tensor count, bytes, dtypes, a prefix tree
+with counts and bytes per prefix); `format_inspect` renders it for people. Nothing reads
+tensor data:
+
+- safetensors and sharded safetensors: the validated header (and index) only;
+- torch zip: ``torch.load(mmap=True, weights_only=True)``, which builds tensors as views of
+  the mapped file without touching their pages;
+- legacy torch and plain pickles can not be mapped: they are read (``header_only`` False).
+
+Tensors nested anywhere in a checkpoint (``state_dict``, ``optimizer.state`` ...) are listed
+under their dotted path. Tensors that share storage (tied weights) count once per name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ckptmap.formats import load_file
+from ckptmap.formats.errors import TorchScriptArchiveError
+from ckptmap.formats.sniff import Format, sniff
+
+__all__ = ["add_inspect_parser", "format_inspect", "inspect_checkpoint", "run_inspect"]
+
+#: Named allowlists that ``ckptmap inspect --allow`` accepts.
+ALLOWLISTS = ("numpy", "mmengine-runner")
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    depth: int = 3,
+    max_children: int = 24,
+    allowed_globals: Iterable[Any] = (),
+) -> dict[str, Any]:
+    """Summarises a checkpoint without reading tensor data where its format allows.
+
+    Args:
+        path: a checkpoint file, a ``*.index.json``, or a directory holding one.
+        depth: how many dotted levels the prefix tree keeps; deeper levels are folded into
+            their ancestor's totals.
+        max_children: children shown per tree node; the rest are summed into one
+            ``"(N more)"`` entry.
+        allowed_globals: as for `ckptmap.formats.load_file` (pickle checkpoints only).
+
+    Returns:
+        A JSON-serialisable dict: ``path``, ``format``, ``looks_like``, ``file_bytes``,
+        ``header_only``, ``tensor_count``, ``total_bytes``, ``dtypes`` (name to ``count`` and
+        ``bytes``, largest first), ``tree`` (``name``, ``count``, ``bytes``, ``children``;
+        runs of numbered siblings such as ``layers.0`` .. ``layers.47`` are merged into one
+        node named ``"0-47"`` with ``repeat`` 48), ``metadata`` (safetensors ``__metadata__``)
+        and ``shards`` (sharded checkpoints).
+
+    Raises:
+        The errors of `ckptmap.formats.load_file` (missing, corrupt, unsafe, TorchScript ...).
+    """
+    sniffed = sniff(path)
+    sniffed.raise_if_corrupt()
+    if sniffed.format is Format.TORCHSCRIPT:
+        raise TorchScriptArchiveError(sniffed.path)
+    metadata: dict[str, str] | None = None
+    shards: int | None = None
+    if sniffed.format is Format.SAFETENSORS:
+        from ckptmap.formats.safetensors import SafetensorsFile
+
+        with SafetensorsFile(sniffed.path) as st:
+            entries = [(i.name, i.dtype, i.nbytes) for i in st.infos()]
+            metadata = dict(st.metadata) or None
+    elif sniffed.format is Format.SHARDED:
+        from ckptmap.formats.sharded import ShardedCheckpoint
+
+        with ShardedCheckpoint(sniffed.path, allowed_globals=tuple(allowed_globals)) as sharded:
+            entries = [(e.name, e.dtype, e.nbytes) for e in sharded.plan()]
+            metadata = {k: str(v) for k, v in sharded.metadata.items()} or None
+            shards = len(sharded.shards)
+    else:
+        checkpoint = load_file(sniffed.path, allowed_globals=allowed_globals)
+        entries = [
+            (name, str(t.dtype).removeprefix("torch."), t.nbytes)
+            for name, t in _walk_tensors(checkpoint, "")
+        ]
+    dtypes: dict[str, dict[str, int]] = {}
+    for _name, dtype, nbytes in entries:
+        slot = dtypes.setdefault(dtype, {"count": 0, "bytes": 0})
+        slot["count"] += 1
+        slot["bytes"] += nbytes
+    tree = _fold(_build_tree((name, nbytes) for name, _dtype, nbytes in entries), depth, 0)
+    return {
+        "path": sniffed.path,
+        "format": sniffed.format.value,
+        "looks_like": sniffed.looks_like,
+        "file_bytes": sniffed.size,
+        "header_only": sniffed.format in (Format.SAFETENSORS, Format.SHARDED, Format.TORCH_ZIP),
+        "tensor_count": len(entries),
+        "total_bytes": sum(nbytes for _n, _d, nbytes in entries),
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
+        "tree": _cap_children(tree, max_children),
+        "metadata": metadata,
+        "shards": shards,
+    }
+
+
+def format_inspect(summary: Mapping[str, Any]) -> str:
+    """Renders `inspect_checkpoint`'s summary as text for a terminal."""
+    lines = [
+        f"{summary['path']}: {summary['looks_like']}, {_size(summary['file_bytes'])} on disk"
+        + ("" if summary["header_only"] else " (read in full: this format has no header)"),
+        f"tensors: {summary['tensor_count']:,}   bytes: {_size(summary['total_bytes'])}"
+        + (f"   shards: {summary['shards']}" if summary.get("shards") else ""),
+    ]
+    if summary["dtypes"]:
+        lines.append("dtypes:")
+        width = max(len(d) for d in summary["dtypes"])
+        for dtype, slot in summary["dtypes"].items():
+            lines.append(f"  {dtype:<{width}}  {slot['count']:>9,}  {_size(slot['bytes']):>10}")
+    if summary.get("metadata"):
+        lines.append("metadata:")
+        for key, value in summary["metadata"].items():
+            text = str(value)
+            lines.append(f"  {key}: {text[:70] + '...' if len(text) > 73 else text}")
+    children = summary["tree"]["children"]
+    if children:
+        rows = list(_tree_rows(children, 0))
+        width = min(60, max(len(label) for label, _c, _b in rows))
+        lines.append("tree:")
+        for label, count, nbytes in rows:
+            lines.append(f"  {label:<{width}}  {count:>9,}  {_size(nbytes):>10}")
+    return "\n".join(lines)
+
+
+def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``inspect`` subcommand to `ckptmap`'s argument parser."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarise a checkpoint from its header: tensors, bytes, dtypes, prefix tree",
+        description="Prints what a checkpoint holds without reading tensor data where the "
+        "format allows it (safetensors, sharded, torch zip). Pickles load with "
+        "weights_only=True; --allow names an allowlist for checkpoints that need one.",
+    )
+    parser.add_argument("path", help="checkpoint file, *.index.json, or a directory with one")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--depth", type=int, default=3, help="levels of the prefix tree to show (3)"
+    )
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        choices=ALLOWLISTS,
+        help="allow a named set of pickle globals (numpy; mmengine-runner for checkpoints "
+        "written by mmengine's Runner); repeatable",
+    )
+    parser.set_defaults(run=run_inspect)
+    return parser
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Runs ``ckptmap inspect`` with parsed `args`; returns the exit status."""
+    from ckptmap.formats import allowlist
+
+    allowed: list[Any] = []
+    for name in args.allow:
+        allowed.extend(
+            allowlist.numpy_globals() if name == "numpy" else allowlist.mmengine_runner()
+        )
+    summary = inspect_checkpoint(args.path, depth=args.depth, allowed_globals=allowed)
+    print(json.dumps(summary, indent=2) if args.json else format_inspect(summary))
+    return 0
+
+
+# -- tensors inside a checkpoint ----------------------------------------------------------------
+
+
+def _walk_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix or "<top level>", obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _walk_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            yield from _walk_tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+# -- the prefix tree ----------------------------------------------------------------------------
+
+
+def _new_node(name: str) -> dict[str, Any]:
+    return {"name": name, "count": 0, "bytes": 0, "children": {}}
+
+
+def _build_tree(entries: Iterable[tuple[str, int]]) -> dict[str, Any]:
+    root = _new_node("")
+    for name, nbytes in entries:
+        node = root
+        node["count"] += 1
+        node["bytes"] += nbytes
+        for part in name.split("."):
+            node = node["children"].setdefault(part, _new_node(part))
+            node["count"] += 1
+            node["bytes"] += nbytes
+    return root
+
+
+def _merge_into(target: dict[str, Any], source: dict[str, Any]) -> None:
+    target["count"] += source["count"]
+    target["bytes"] += source["bytes"]
+    for name, child in source["children"].items():
+        if name in target["children"]:
+            _merge_into(target["children"][name], child)
+        else:
+            target["children"][name] = _copy(child)
+
+
+def _copy(node: dict[str, Any]) -> dict[str, Any]:
+    copied = {k: v for k, v in node.items() if k != "_signature"}
+    copied["children"] = {k: _copy(v) for k, v in node["children"].items()}
+    return copied
+
+
+def _fold(node: dict[str, Any], depth: int, level: int) -> dict[str, Any]:
+    """Merges alike numbered siblings and cuts the tree at `depth`.
+
+    ``layers.0`` .. ``layers.47`` with the same names and sizes inside become one node
+    ``0-47`` (``repeat`` 48), placed where the first of them was, so a 48-layer model reads
+    like its definition. Children become lists.
+    """
+    out = {k: v for k, v in node.items() if k not in ("children", "_signature")}
+    if level >= depth or not node["children"]:
+        out["children"] = []
+        return out
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for name, child in node["children"].items():
+        if name.isdigit():
+            groups.setdefault(_signature(child), []).append(child)
+    grouped: list[dict[str, Any]] = []
+    emitted: set[int] = set()
+    for name, child in node["children"].items():
+        if not name.isdigit():
+            grouped.append(child)
+            continue
+        members = groups[_signature(child)]
+        if len(members) == 1:
+            grouped.append(child)
+        elif id(members) not in emitted:
+            emitted.add(id(members))
+            numbers = [int(m["name"]) for m in members]
+            merged = _new_node(f"{min(numbers)}-{max(numbers)}")
+            for member in sorted(members, key=lambda m: int(m["name"])):
+                _merge_into(merged, member)
+            merged["repeat"] = len(members)
+            grouped.append(merged)
+    out["children"] = [_fold(child, depth, level + 1) for child in grouped]
+    return out
+
+
+def _signature(node: dict[str, Any]) -> tuple:
+    """What makes two numbered siblings alike: the names and sizes below them."""
+    cached = node.get("_signature")
+    if cached is None:
+        cached = node["_signature"] = (
+            node["bytes"],
+            tuple((name, _signature(child)) for name, child in node["children"].items()),
+        )
+    return cached
+
+
+def _cap_children(node: dict[str, Any], limit: int) -> dict[str, Any]:
+    children = [_cap_children(child, limit) for child in node["children"]]
+    if len(children) > limit:
+        rest = children[limit - 1 :]
+        children = children[: limit - 1]
+        children.append(
+            {
+                "name": f"({len(rest)} more)",
+                "count": sum(c["count"] for c in rest),
+                "bytes": sum(c["bytes"] for c in rest),
+                "children": [],
+            }
+        )
+    return {**node, "children": children}
+
+
+def _tree_rows(children: list[dict[str, Any]], level: int) -> Iterator[tuple[str, int, int]]:
+    for child in children:
+        name = child["name"]
+        if "repeat" in child:
+            name = f"[{name}] x{child['repeat']}"
+        yield "  " * level + name, child["count"], child["bytes"]
+        yield from _tree_rows(child["children"], level + 1)
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
