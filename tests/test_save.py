@@ -240,6 +240,8 @@ def test_engine_form_arguments_follow_mmengine(tmp_path, caplog):
         save_checkpoint(nn.Linear(1, 1), tmp_path / "b.pth", nope=1)
     with pytest.raises(UnsupportedSaveTargetError, match="pavi://"):
         save_checkpoint({}, "pavi://model/epoch_1.pth")
+    with pytest.raises(UnsupportedSaveTargetError, match="pavi://"):
+        save_checkpoint(nn.Linear(1, 1), "pavi://model/epoch_1.pth")
     with pytest.raises(UnsupportedSaveTargetError, match="s3://"):
         save_checkpoint({}, "http://example.com/x.pth")
     with pytest.raises(IsADirectoryError):
@@ -457,6 +459,18 @@ def test_resaving_sharded_replaces_shards_after_the_index(tmp_path):
     assert_same_tensors(load_sharded(index)[0], state2)
 
 
+def test_resaving_sharded_deletes_only_shards_it_wrote(tmp_path):
+    keep = tmp_path / "keep.pth"
+    save_checkpoint({"w": torch.ones(2)}, keep)
+    foreign = tmp_path / "m.pth-00001-of-00001.pth"  # a shard name, but not of our stem
+    foreign.write_bytes(keep.read_bytes())
+    index = tmp_path / "m.pth.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "keep.pth", "v": foreign.name}}))
+    save_checkpoint({"w": torch.zeros(2)}, tmp_path / "m.pth", max_shard_size=100)
+    assert keep.exists() and foreign.exists()
+    assert_same_tensors(load_sharded(index)[0], {"w": torch.zeros(2)})
+
+
 def test_index_name_without_shard_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="max_shard_size"):
         save_checkpoint({"a": torch.ones(1)}, tmp_path / "a.safetensors.index.json")
@@ -639,6 +653,7 @@ def s3(s3_endpoint, monkeypatch, request):
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

@@ -231,10 +231,11 @@ _FORMS = {form: inspect.signature(form) for form in (_engine_form, _mmcv_form)}
 
 @overload
 def save_checkpoint(
-    checkpoint: Any,
+    checkpoint: nn.Module,
     filename: PathLike,
+    optimizer: Optimizer | Mapping[str, Optimizer] | None = None,
+    meta: dict | None = None,
     file_client_args: dict | None = None,
-    backend_args: dict | None = None,
     *,
     max_shard_size: int | str | None = None,
 ) -> str: ...
@@ -242,11 +243,10 @@ def save_checkpoint(
 
 @overload
 def save_checkpoint(
-    checkpoint: nn.Module,
+    checkpoint: Any,
     filename: PathLike,
-    optimizer: Optimizer | Mapping[str, Optimizer] | None = None,
-    meta: dict | None = None,
     file_client_args: dict | None = None,
+    backend_args: dict | None = None,
     *,
     max_shard_size: int | str | None = None,
 ) -> str: ...
@@ -274,7 +274,8 @@ def save_checkpoint(
       optimizer or a dict of them, saved as their ``state_dict()``.
 
     Targets: a local path (its directory is created, as mmengine does) or ``s3://bucket/key``
-    (boto3; the endpoint from ``backend_args["endpoint_url"]`` or ``AWS_ENDPOINT_URL``; other
+    (boto3; the endpoint from ``backend_args["endpoint_url"]``, else ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``; other
     `backend_args` entries besides ``backend`` are passed to ``boto3.client``). A name ending in
     ``.safetensors`` writes the state dict as safetensors with the other entries in the header
     metadata as JSON strings. See the module docstring for `max_shard_size`.
@@ -309,7 +310,6 @@ def save_checkpoint(
     options = bound.arguments
     if mmcv_form:
         backend_args = options.get("file_client_args")
-        checkpoint = _mmcv_checkpoint(checkpoint, options.get("optimizer"), options.get("meta"))
     else:
         backend_args = options.get("backend_args")
         if options.get("file_client_args") is not None:
@@ -321,8 +321,11 @@ def save_checkpoint(
                 '"file_client_args" will be deprecated in future. Please use "backend_args" instead'
             )
             backend_args = options["file_client_args"]
+    # Arguments first, so a bad target fails before a large model is copied to the CPU.
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     sink, name = _sink_for(filename, backend_args)
+    if mmcv_form:
+        checkpoint = _mmcv_checkpoint(checkpoint, options.get("optimizer"), options.get("meta"))
     if limit is not None or name.endswith(INDEX_SUFFIX):
         if limit is None:
             raise ValueError(
@@ -547,10 +550,14 @@ def _plan_shards(state_dict: Mapping[str, Any], limit: int) -> list[list[str]]:
     return shards
 
 
-def _shard_names(name: str, count: int) -> list[str]:
+def _shard_stem(name: str) -> tuple[str, str]:
     base = Path(name)
     suffix = base.suffix if base.suffix[1:].isalnum() else ""
-    stem = base.name[: len(base.name) - len(suffix)]
+    return base.name[: len(base.name) - len(suffix)], suffix
+
+
+def _shard_names(name: str, count: int) -> list[str]:
+    stem, suffix = _shard_stem(name)
     token = uuid.uuid4().hex[:8]
     return [f"{stem}-{token}-{i:05d}-of-{count:05d}{suffix}" for i in range(1, count + 1)]
 
@@ -568,15 +575,18 @@ def _compact(value: Any, seen: dict[tuple, torch.Tensor]) -> Any:
     return seen[ident]
 
 
-def _old_shards(sink: _Sink, index_name: str) -> set[str]:
+def _old_shards(sink: _Sink, index_name: str, stem: str) -> set[str]:
+    """The shards a previous save under this name wrote (and only those: an index written by
+    another tool may name files that are not ours to delete)."""
     try:
         text = sink.read_text(index_name)
         if text is None:
             return set()
         weight_map = json.loads(text).get("weight_map", {})
-        return {s for s in weight_map.values() if isinstance(s, str) and "/" not in s}
+        names = {s for s in weight_map.values() if isinstance(s, str)}
     except (OSError, ValueError, AttributeError):
         return set()
+    return {s for s in names if s == Path(s).name and s.startswith(stem) and is_shard_file(s)}
 
 
 def _save_sharded(sink: _Sink, name: str, checkpoint: Any, limit: int) -> str:
@@ -596,7 +606,7 @@ def _save_sharded(sink: _Sink, name: str, checkpoint: Any, limit: int) -> str:
         check_tensors(state_dict)
     plan = _plan_shards(state_dict, limit)
     shard_names = _shard_names(name, len(plan))
-    previous = _old_shards(sink, index_name)
+    previous = _old_shards(sink, index_name, _shard_stem(name)[0] + "-")
     weight_map: dict[str, str] = {}
     written: list[str] = []
     try:
@@ -738,7 +748,11 @@ class _S3Sink(_Sink):
                 f"unknown: {sorted(unknown)}"
             )
         kwargs = {k: v for k, v in backend_args.items() if k in _S3_CLIENT_ARGS}
-        endpoint = kwargs.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = (
+            kwargs.get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
         if endpoint:
             kwargs["endpoint_url"] = endpoint
         client = boto3.client("s3", **kwargs)
@@ -763,15 +777,11 @@ class _S3Sink(_Sink):
             raise
 
     def read_text(self, name: str) -> str | None:
-        from botocore.exceptions import ClientError
-
         try:
             with self._errors(name):
                 body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"]
                 return body.read().decode("utf-8")
         except CheckpointNotFoundError:
-            return None
-        except ClientError:  # pragma: no cover - mapped above
             return None
 
     def remove(self, name: str) -> None:
