@@ -51,6 +51,22 @@ def test_complete_torch_zip_and_every_truncation_of_it(tmp_path):
         assert not is_complete_checkpoint(cut), keep
 
 
+def test_torch_zip_with_zeroed_pickle_is_not_complete(tmp_path):
+    """What a crash can leave after a non-fsynced write: the right size, zeros inside."""
+    import zipfile
+
+    good = ckpt(tmp_path, "good.pth")
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start : start + info.compress_size] = bytes(info.compress_size)
+    (tmp_path / "zeroed.pth").write_bytes(bytes(data))
+    assert not is_complete_checkpoint(tmp_path / "zeroed.pth")
+
+
 def test_complete_safetensors_and_damaged_ones(tmp_path):
     good = tmp_path / "good.safetensors"
     save_checkpoint({"meta": {"a": 1}, "state_dict": {"w": torch.ones(10)}}, good)

@@ -9,9 +9,10 @@ complete checkpoint; otherwise the newest complete one is chosen by this rule:
    except temp files of unfinished writes (`ckptmap.atomic.is_temp_file`) and shards
    (``...-00001-of-00004.pth``), which are parts, not checkpoints.
 2. A candidate counts only if it is complete: a torch zip whose central directory is intact
-   and holds a ``data.pkl``; a safetensors file whose header parses and whose size is exactly
-   what the header describes; an index whose every shard is there and complete; a legacy
-   (pre-zip) torch pickle when it is not empty.
+   and holds one ``data.pkl`` with a valid CRC (the tensor data is not read); a safetensors
+   file whose header parses and whose size is exactly what the header describes; an index
+   whose every shard is there and complete; a legacy (pre-zip) torch pickle when it is not
+   empty.
 3. Names starting with ``epoch_<N>`` or ``iter_<N>`` rank above all others, by N; ties and the
    others go by modification time, then by name.
 
@@ -98,9 +99,12 @@ def _complete(path: Path, depth: int) -> bool:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
         with zipfile.ZipFile(path) as archive:
-            return any(
-                name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()
-            )
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pickles) != 1:
+                return False
+            # Reading the (small) pickle checks its CRC: zeros left by a crash show up here.
+            archive.read(pickles[0])
+            return True
     if len(head) == 9 and head[8:9] == b"{":
         return _safetensors_complete(path, size, int.from_bytes(head[:8], "little"))
     # A legacy torch pickle starts with a pickled magic number; nothing cheap proves its end.
