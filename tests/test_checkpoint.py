@@ -208,18 +208,51 @@ def test_dangling_symlink(tmp_path):
     assert "epoch_3.pth" in str(info.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads mode-000 files")
-def test_unreadable_file(tmp_path, trained):
-    from ckptmap.errors import CheckpointPermissionError
+_AS_NOBODY = """
+import io, os, sys
+import torch
+from ckptmap.checkpoint import _open_checkpoint
+buffer = io.BytesIO()
+torch.save({"w": torch.zeros(1)}, buffer)
+torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # imports what loading needs
+if os.geteuid() == 0:  # root reads mode-000 files: drop privileges once imports are done
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    _open_checkpoint(sys.argv[1], None)
+except Exception as err:
+    print(type(err).__name__, isinstance(err, PermissionError), str(err))
+"""
 
-    path = tmp_path / "ckpt.pth"
-    torch.save(trained.state_dict(), path)
-    path.chmod(0)
+
+@pytest.mark.parametrize("where", ["unreadable_file", "unsearchable_dir"])
+def test_permission_denied(trained, where):
+    """Not flattened to "not found", also when a directory on the way is locked."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    # Under /tmp (searchable by everyone), so that only the locked part is in the way.
+    top = Path(tempfile.mkdtemp(prefix="ckptmap-perm-"))
     try:
-        with pytest.raises(CheckpointPermissionError):
-            load_checkpoint(_net(0), str(path))
+        top.chmod(0o711)
+        home = top / "ckpts"
+        home.mkdir(mode=0o711)
+        path = home / "ckpt.pth"
+        torch.save(trained.state_dict(), path)
+        (path if where == "unreadable_file" else home).chmod(0)
+        out = subprocess.run(
+            [sys.executable, "-c", _AS_NOBODY, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
     finally:
-        path.chmod(0o600)
+        home.chmod(0o700)
+        shutil.rmtree(top)
+    assert out.startswith(f"CheckpointPermissionError True checkpoint file {str(path)!r}"), out
 
 
 @pytest.mark.parametrize(

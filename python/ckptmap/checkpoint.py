@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,15 +57,19 @@ def _open_checkpoint(filename: PathLike, map_location: MapLocation) -> Any:
         CheckpointPermissionError: the file can not be read.
     """
     path = os.path.expanduser(os.fspath(filename))
-    if not os.path.exists(path):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except PermissionError as err:  # a directory on the way can not be searched
+        raise CheckpointPermissionError(path) from err
+    except (FileNotFoundError, NotADirectoryError) as err:
         if os.path.islink(path):
             raise CheckpointNotFoundError(
                 path,
                 f"checkpoint path {path!r} is a symlink to {os.readlink(path)!r}, which does "
                 "not exist: fix or remove the link, or fetch the file it points to",
-            )
-        raise CheckpointNotFoundError(path)
-    if os.path.isdir(path):
+            ) from err
+        raise CheckpointNotFoundError(path) from err
+    if is_dir:
         raise CheckpointIsADirectoryError(path)
     try:
         # weights_only is passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only overrides
