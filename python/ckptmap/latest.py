@@ -320,7 +320,7 @@ def _remove_checkpoint(path: str, keep_shards: set[str]) -> list[str]:
 
 
 def _protected_shards(checkpoints: Iterable[str]) -> set[str]:
-    keep = set()
+    keep: set[str] = set()
     for path in checkpoints:
         if path.endswith(INDEX_SUFFIX):
             keep.update(os.path.realpath(s) for s in _shards_of(Path(path)) or [])

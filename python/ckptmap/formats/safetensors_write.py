@@ -189,10 +189,10 @@ def _chunks(tensor: torch.Tensor) -> Iterator[memoryview]:
         return
     flat = tensor.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
     if flat.device.type == "cpu":
-        yield memoryview(flat.numpy())
+        yield memoryview(flat.numpy())  # type: ignore[arg-type]  # ndarray is a buffer
         return
     for start in range(0, flat.numel(), _DEVICE_CHUNK):
-        yield memoryview(flat[start : start + _DEVICE_CHUNK].cpu().numpy())
+        yield memoryview(flat[start : start + _DEVICE_CHUNK].cpu().numpy())  # type: ignore[arg-type]
 
 
 def write_safetensors(
