@@ -284,6 +284,23 @@ def test_legacy_checkpoint_is_read_without_mmap_with_one_log_line(
     assert "can not be memory-mapped" in records[0].getMessage()
 
 
+def test_zip_checkpoint_that_can_not_be_mapped_is_read_with_one_log_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sd = tied_state_dict()
+    path = save(sd, tmp_path / "m.pth")
+
+    def no_mmap(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"unable to mmap {path}: Operation not supported (95)")
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", no_mmap)
+    with caplog.at_level(logging.INFO, logger="ckptmap"):
+        loaded = load_file(path)
+    assert layout(loaded) == layout(torch.load(path, weights_only=True))
+    records = [r for r in caplog.records if r.name == "ckptmap"]
+    assert len(records) == 1 and "can not be memory-mapped" in records[0].getMessage()
+
+
 def test_zip_checkpoint_logs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = save({"a": torch.ones(3)}, tmp_path / "new.pth")
     with caplog.at_level(logging.DEBUG, logger="ckptmap"):

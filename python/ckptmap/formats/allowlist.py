@@ -27,6 +27,7 @@ allow an object under the name that older library versions pickled it as.
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from functools import cache
 from typing import Any
@@ -41,7 +42,10 @@ _HISTORY_BUFFER = "mmengine.logging.history_buffer.HistoryBuffer"
 @cache
 def numpy_globals() -> tuple[Any, ...]:
     """The `NUMPY` allowlist."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    try:
+        multiarray: Any = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        multiarray = importlib.import_module("numpy.core.multiarray")
     entries: list[Any] = [
         np.ndarray,
         np.dtype,
@@ -99,7 +103,7 @@ class HistoryBufferState:
 
 def _history_buffer_class() -> type:
     try:
-        from mmengine.logging import HistoryBuffer
+        from mmengine.logging import HistoryBuffer  # type: ignore[import-untyped]
     except ImportError:
         return HistoryBufferState
     return HistoryBuffer

@@ -147,6 +147,7 @@ _GARBAGE_ERRORS: tuple[type[Exception], ...] = (
     OverflowError,
     struct.error,
 )
+_DAMAGED_PICKLE_ERRORS: tuple[type[Exception], ...] = (EOFError, *_GARBAGE_ERRORS)
 
 # torch keeps the user allowlist in one process-wide set; one lock keeps concurrent loads from
 # seeing each other's opt-ins.
@@ -207,6 +208,8 @@ def load_pickle(
             stacklevel=3,
         )
     if sniffed.format is Format.PICKLE:
+        if mmap:
+            logger.warning("%s is a plain pickle, which can not be memory-mapped", path)
         return _load_plain(sniffed, weights_only=weights_only, allowed=allowed)
     if sniffed.format is Format.TORCH_LEGACY:
         if mmap:
@@ -243,14 +246,14 @@ def _torch_load(
     path = sniffed.path
     try:
         with (
-            _loadable_path(path) as load_path,
+            _loadable(path, mmap) as (source, mmap),
             allowing(allowed if weights_only else ()),
             _quiet_protocol_warning(),
         ):
             try:
                 # weights_only is always passed explicitly; see the module docstring.
                 return torch.load(
-                    load_path, map_location=map_location, weights_only=weights_only, mmap=mmap
+                    source, map_location=map_location, weights_only=weights_only, mmap=mmap
                 )
             except RuntimeError as err:
                 if mmap and "mmap" in str(err).lower():
@@ -286,17 +289,23 @@ def _quiet_protocol_warning() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _loadable_path(path: str) -> Iterator[str]:
+def _loadable(path: str, mmap: bool) -> Iterator[tuple[str | IO[bytes], bool]]:
+    """What to hand torch.load for `path`, and whether it can still be mapped."""
     # torch.load hands any path ending in ".safetensors" to safetensors, whatever its content.
-    # The content decides here: load it through an fd path so mmap keeps working.
-    if not path.endswith(".safetensors") or not os.path.isdir("/proc/self/fd"):
-        yield path
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
+    # The content decides here: pass an fd path (mmap keeps working) or else an open file.
+    if not path.endswith(".safetensors"):
+        yield path, mmap
+    elif os.path.isdir("/proc/self/fd"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}", mmap
+        finally:
+            os.close(fd)
+    else:  # pragma: no cover - systems without /proc
+        if mmap:
+            logger.info("%s: a torch checkpoint named .safetensors, read without mmap", path)
+        with open(path, "rb") as f:
+            yield f, False
 
 
 def _load_plain(sniffed: Sniffed, *, weights_only: bool, allowed: tuple[AllowedGlobal, ...]) -> Any:
@@ -330,7 +339,7 @@ def _load_plain(sniffed: Sniffed, *, weights_only: bool, allowed: tuple[AllowedG
                 f"({reason})"
             )
         raise UnsafeCheckpointError(path, [], reason=reason) from None
-    except (EOFError, *_GARBAGE_ERRORS) as err:
+    except _DAMAGED_PICKLE_ERRORS as err:
         raise _corrupt(sniffed, f"a truncated or damaged pickle ({err!r})") from None
 
 
@@ -419,18 +428,18 @@ def pickle_globals(stream: IO[bytes], count: int = 1) -> set[str]:
                 found.add(name(module, qualname))
                 pushed.append(None)
             elif op == "STACK_GLOBAL":
-                module, qualname = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-                if isinstance(module, str) and isinstance(qualname, str):
-                    found.add(name(module, qualname))
+                top: list[Any] = pushed[-2:] if len(pushed) >= 2 else [None, None]
+                if isinstance(top[0], str) and isinstance(top[1], str):
+                    found.add(name(top[0], top[1]))
                 else:
                     found.add("<a global built at load time>")
                 pushed.append(None)
             elif op == "MEMOIZE":
                 memo[len(memo)] = pushed[-1] if pushed else None
             elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(arg)] = pushed[-1] if pushed else None
+                memo[int(arg)] = pushed[-1] if pushed else None  # type: ignore[arg-type]
             elif op in ("GET", "BINGET", "LONG_BINGET"):
-                pushed.append(memo.get(int(arg)))
+                pushed.append(memo.get(int(arg)))  # type: ignore[arg-type]
             elif op in _STRING_OPS:
                 pushed.append(arg if isinstance(arg, str) else None)
             elif op not in _NO_PUSH_OPS:
