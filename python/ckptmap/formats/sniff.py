@@ -36,9 +36,6 @@ MAX_SAFETENSORS_HEADER = 100 * 1000 * 1000
 #: first record of torch's legacy (pre-1.6, non-zip) format.
 LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b"."
 
-# Index file names that Hugging Face and torch-based tools write, safetensors first.
-_INDEX_SUFFIXES = (".safetensors.index.json", ".index.json")
-
 
 class Format(str, enum.Enum):
     """A checkpoint format, as told by the file's content."""
@@ -122,6 +119,7 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
     Raises:
         CheckpointNotFoundError / DanglingSymlinkError: nothing at `path`.
         CheckpointIsADirectoryError: a directory without an index file.
+        AmbiguousIndexError: a directory with several index files and no rule to choose.
         CheckpointPermissionError: the file can not be read.
     """
     path = check_path(path)
@@ -149,18 +147,12 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
 
 
 def _sniff_directory(path: str) -> Sniffed:
-    indexes = sorted(
-        name
-        for name in os.listdir(path)
-        if name.endswith(".index.json") and os.path.isfile(os.path.join(path, name))
-    )
-    if not indexes:
-        raise CheckpointIsADirectoryError(path)
-    # Prefer the safetensors index when a repository ships both (as Hugging Face ones do).
-    index = next(
-        (n for suffix in _INDEX_SUFFIXES for n in indexes if n.endswith(suffix)), indexes[0]
-    )
-    index_path = os.path.join(path, index)
+    # The sharded loader's rule decides which index a directory means (and raises when it
+    # holds none, or several equally good ones).
+    from ckptmap.formats.sharded import find_index
+
+    index_path = find_index(path)
+    index = os.path.basename(index_path)
     sniffed = sniff(index_path)
     if sniffed.format is not Format.SHARDED:
         return sniffed
