@@ -3,6 +3,7 @@ checkpoint (RELIABILITY.md: "Local files", and the corrupt / confused-format cas
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -31,6 +32,7 @@ from ckptmap.formats import (
     DanglingSymlinkError,
     Format,
     TorchScriptArchiveError,
+    UnsafeCheckpointError,
     load_file,
     sniff,
 )
@@ -255,6 +257,28 @@ def test_index_json_and_directory_are_sharded(tmp_path: Path) -> None:
     sniffed = sniff(repo)
     assert sniffed.format is Format.SHARDED
     assert sniffed.index_path == str(repo / "model.safetensors.index.json")
+
+
+def test_load_file_dispatches_sharded_checkpoints(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = state_dict()
+    save_file({"w": sd["w"]}, str(tmp_path / "part-1.safetensors"))
+    torch.save({"b": sd["b"]}, tmp_path / "part-2.bin")
+    weight_map = {"w": "part-1.safetensors", "b": "part-2.bin"}
+    (tmp_path / "model.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for path in (tmp_path, tmp_path / "model.index.json"):
+        assert_equal_dicts(dict(load_file(path)), sd, ordered=False)
+
+
+def test_sharded_torch_shards_load_safely(tmp_path: Path) -> None:
+    # weights_only and the allowlist reach the .bin shards through the dispatcher.
+    torch.save({"w": torch.ones(1), "args": argparse.Namespace(a=1)}, tmp_path / "s.bin")
+    (tmp_path / "m.index.json").write_text(json.dumps({"weight_map": {"w": "s.bin"}}))
+    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace"):
+        load_file(tmp_path)
+    loaded = load_file(tmp_path, allowed_globals=[argparse.Namespace])
+    assert torch.equal(loaded["w"], torch.ones(1))
 
 
 # -- paths: each failure its own type ---------------------------------------------------------
