@@ -206,11 +206,23 @@ def test_sigkill_mid_save_keeps_the_old_checkpoint(tmp_path, mode):
     load_file = _formats_load_file()
     if load_file is not None:
         assert load_file(tmp_path / "epoch_1.pth")["meta"] == {"epoch": 1}
+    if load_file is not None and _importable("ckptmap.formats.sharded"):
+        # The directory's one index is found; the orphan shard and the temp are not read.
+        sharded = load_file(tmp_path)
+        assert {k: v[0].item() for k, v in sharded.items()} == {"w0": 0, "w1": 1, "w2": 2}
 
     # Later clean-ups remove what the killed save left.
     assert remove_stale_temps(tmp_path, older_than_s=0) == 1
     assert len(remove_orphan_shards(tmp_path, older_than_s=0)) == (mode == "sharded")
     assert snapshot(tmp_path) == before
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _formats_load_file():
