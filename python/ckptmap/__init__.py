@@ -12,8 +12,10 @@ from ckptmap._core import (
     find_collisions,
     group_by_owner,
 )
+from ckptmap.latest import find_latest_checkpoint, rotate_checkpoints, write_last_checkpoint
 from ckptmap.prefix import filter_prefix
 from ckptmap.revise import Collision, Revised, revise_keys
+from ckptmap.save import get_state_dict, save_checkpoint, weights_to_cpu
 
 __all__ = [
     "Collision",
@@ -24,6 +26,12 @@ __all__ = [
     "filter_prefix",
     "filter_prefix_keys",
     "find_collisions",
+    "find_latest_checkpoint",
+    "get_state_dict",
     "group_by_owner",
     "revise_keys",
+    "rotate_checkpoints",
+    "save_checkpoint",
+    "weights_to_cpu",
+    "write_last_checkpoint",
 ]
