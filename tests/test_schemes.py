@@ -314,6 +314,15 @@ def test_mmcls_keeps_backbone_keys_stripped(home, server):
     checkpoint = CheckpointLoader.load_checkpoint("mmcls://tiny")
     assert list(checkpoint) == ["state_dict"]
     assert list(checkpoint["state_dict"]) == ["conv.weight", "bn.running_mean"]
+    assert checkpoint["state_dict"]._metadata == {"bn": {"version": 2}}
+
+
+def test_mmcls_without_a_state_dict(home, server):
+    buffer = io.BytesIO()
+    torch.save([1, 2], buffer)
+    write_table(home, "mmcls.json", {"list": server.add("/mmcls/list.pth", buffer.getvalue())})
+    with pytest.raises(RuntimeError, match="No state_dict found"):
+        CheckpointLoader.load_checkpoint("mmcls://list")
 
 
 def test_vis4d_url_maps():

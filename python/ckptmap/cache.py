@@ -176,7 +176,7 @@ def _progress_bar(total: int | None, desc: str, enabled: bool | None) -> Iterato
     if not enabled:
         yield None
         return
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024) as bar:
         yield bar
@@ -264,7 +264,9 @@ def write_verified(
                 raise ChecksumMismatchError(
                     f"SHA-256 mismatch for {url}: expected a digest starting with {want}, got "
                     f"{actual}; nothing was cached. The file changed on the server or was "
-                    "corrupted on the way: try again, or check the URL and expected hash",
+                    "corrupted on the way: try again, or check the URL and the expected hash "
+                    "(a file name ending in -<8+ hex digits>.ext is taken as a hash prefix; "
+                    "pass check_hash=False if it is not one)",
                     url=url,
                     expected=want,
                     actual=actual,
@@ -364,8 +366,9 @@ def _fetch_once(
         reason = getattr(err, "reason", err)
         raise _Retry(
             RemoteUnavailableError(
-                f"could not connect to {url} ({reason}) on all {attempts} attempts; nothing "
-                "was cached. Check the host name, your network or proxy settings",
+                f"the connection to {url} failed ({reason}) on all {attempts} attempts; "
+                "nothing was cached. Check the host name and your network or proxy settings, "
+                "or try again later",
                 url=url,
             )
         ) from err

@@ -59,9 +59,9 @@ class DownloadError(_Detailed, OSError):
         # Set so that `atomic_write` keeps this error as it is instead of re-wrapping it.
         self.filename = url or None
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.filename = state.get("url") or None
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        self.__dict__.update(state or {})
+        self.filename = (state or {}).get("url") or None
 
 
 class RemoteNotFoundError(DownloadError, FileNotFoundError):

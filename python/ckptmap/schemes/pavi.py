@@ -26,7 +26,7 @@ def load_from_pavi(filename: str, map_location: Any = None) -> Any:
         raise ValueError(f"Expected filename startswith `pavi://`, but get {filename}")
     model_path = filename[len("pavi://") :]
     try:
-        from pavi import modelcloud
+        from pavi import modelcloud  # type: ignore[import-not-found]
     except ImportError as err:
         raise MissingDependencyError(
             f"{filename}: pavi:// checkpoints need the pavi client, which is not installed: "

@@ -28,7 +28,7 @@ def petrel_available() -> bool:
 
 def _client() -> Any:
     try:
-        from petrel_client.client import Client
+        from petrel_client.client import Client  # type: ignore[import-not-found]
     except ImportError as err:
         raise MissingDependencyError(
             "petrel:// (and s3:// with backend='petrel') checkpoints need the petrel client "

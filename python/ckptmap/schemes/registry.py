@@ -12,6 +12,7 @@ pavi).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -165,7 +166,7 @@ class CheckpointLoader:
             f"Loads checkpoint by {backend} backend from path: {path} "
             f"on server: {socket.gethostname().split('.')[0]}",
             logger=logger,
-            level=20,
+            level=logging.INFO,
         )
         return loader(path, map_location)
 

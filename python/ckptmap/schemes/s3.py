@@ -114,8 +114,8 @@ def s3_client(
         RemoteUnavailableError: the endpoint URL is malformed (names the variable).
     """
     try:
-        import boto3
-        from botocore.config import Config
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
     except ImportError as err:
         raise MissingDependencyError(
             "s3:// checkpoints need boto3, which is not installed: pip install 'ckptmap[s3]'",
@@ -140,7 +140,9 @@ def s3_client(
         ) from err
 
 
-def s3_cache_path(bucket: str, key: str, etag: str, root: str | os.PathLike[str] | None = None):
+def s3_cache_path(
+    bucket: str, key: str, etag: str, root: str | os.PathLike[str] | None = None
+) -> Path:
     """Where the object version `etag` of ``s3://bucket/key`` is cached.
 
     Raises:
@@ -156,7 +158,7 @@ def s3_cache_path(bucket: str, key: str, etag: str, root: str | os.PathLike[str]
 def _map_error(err: BaseException, uri: str) -> BaseException:
     """The ckptmap error for a botocore exception (other exceptions are returned as they are)."""
     try:
-        from botocore import exceptions as bex
+        from botocore import exceptions as bex  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - only called after boto3 was imported
         return err
     if isinstance(err, bex.ClientError):

@@ -21,13 +21,13 @@ import importlib.util
 import json
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from ckptmap.cache import cache_home
-from ckptmap.errors import CheckpointNotFoundError
+from ckptmap.errors import CheckpointNotFoundError, NoStateDictError
 from ckptmap.paths import check_relative_name, safe_join
 from ckptmap.schemes.errors import MissingDependencyError, UnknownModelNameError, ZooTableError
 from ckptmap.schemes.http import load_from_http
@@ -114,7 +114,9 @@ def _read_table(path: Path) -> dict[str, str]:
     return table
 
 
-def _table(kind: str, extra: Callable[[], dict[str, str]] | None = None) -> tuple[dict, list]:
+def _table(
+    kind: str, extra: Callable[[], dict[str, str]] | None = None
+) -> tuple[dict[str, str], list[str]]:
     """The merged table of `kind` and the sources it came from."""
     table: dict[str, str] = {}
     sources: list[str] = []
@@ -135,7 +137,9 @@ def _table(kind: str, extra: Callable[[], dict[str, str]] | None = None) -> tupl
     return table, sources
 
 
-def _unknown(scheme: str, name: str, table: dict, sources: list, hint: str = "") -> Exception:
+def _unknown(
+    scheme: str, name: str, table: dict[str, str], sources: list[str], hint: str = ""
+) -> UnknownModelNameError:
     suggestions = difflib.get_close_matches(name, list(table), n=5, cutoff=0.6)
     did_you_mean = (
         f" Did you mean: {', '.join(scheme + s for s in suggestions)}?" if suggestions else ""
@@ -180,7 +184,7 @@ def _torchvision_installed() -> bool:
 
 
 def _torchvision_enums() -> dict[str, str]:
-    import torchvision.models
+    import torchvision.models  # type: ignore[import-not-found]
 
     return torchvision_weight_urls(torchvision.models)
 
@@ -302,9 +306,13 @@ def load_from_openmmlab(filename: str, map_location: Any = None) -> Any:
     return _load_entry(table[name], map_location, f"{scheme}{name}")
 
 
-def _process_mmcls_checkpoint(checkpoint: Any) -> dict[str, Any]:
+def _process_mmcls_checkpoint(checkpoint: Any, source: str) -> dict[str, Any]:
     """Keeps the ``backbone.`` weights of an mmcls checkpoint, without that prefix."""
+    if not isinstance(checkpoint, Mapping):
+        raise NoStateDictError(source, checkpoint)
     state_dict = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state_dict, Mapping):
+        raise NoStateDictError(source, state_dict, where="'state_dict' entry")
     backbone: OrderedDict[str, Any] = OrderedDict(
         (key[len("backbone.") :], value)
         for key, value in state_dict.items()
@@ -333,7 +341,7 @@ def load_from_mmcls(filename: str, map_location: Any = None) -> Any:
         user_table = cache_home() / _USER_TABLES["mmcls"]
         raise _unknown("mmcls://", name, table, sources, f" To add a name, put it in {user_table}.")
     checkpoint = _load_entry(table[name], map_location, f"mmcls://{name}")
-    return _process_mmcls_checkpoint(checkpoint)
+    return _process_mmcls_checkpoint(checkpoint, filename)
 
 
 @CheckpointLoader.register_scheme(prefixes="mmdet://")
