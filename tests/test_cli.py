@@ -35,3 +35,17 @@ def test_bad_arguments_exit_nonzero(capsys):
         assert exc.code == 2
     else:
         raise AssertionError("argparse should reject --keys many")
+
+
+def test_inspect_subcommand(tmp_path, capsys):
+    import torch
+
+    path = tmp_path / "m.pth"
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
+    torch.save({"state_dict": model.state_dict()}, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tensors: 6" in out
+    assert main(["inspect", str(tmp_path / "missing.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "missing.pth" in err and "can not be found" in err

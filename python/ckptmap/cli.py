@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keys", type=int, default=500_000, help="number of keys (500,000)")
     demo.add_argument("--repeat", type=int, default=3, help="best of N runs for ckptmap (3)")
     demo.set_defaults(run=run_demo)
+
+    from ckptmap.inspect import add_inspect_parser
+
+    add_inspect_parser(commands)
     return parser
 
 
