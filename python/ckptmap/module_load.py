@@ -163,15 +163,14 @@ def load_into(
             f"{type(state_dict).__name__}; pass checkpoint['state_dict'] or use load_checkpoint"
         )
     metadata = getattr(state_dict, "_metadata", None)
-    source: OrderedDict[str, Any] = OrderedDict(state_dict)
-    if metadata is not None:
-        source._metadata = metadata  # type: ignore[attr-defined]
-    for key in source:
-        if type(key) is not str:
-            raise InvalidStateDictError(
-                f"state_dict key {key!r} is a {type(key).__name__}, not a str: state dict "
-                "keys are dotted parameter names such as 'layer1.0.weight'"
-            )
+    # Read, never written: a module that may change its keys gets a copy of them.
+    source = state_dict if type(state_dict) in (dict, OrderedDict) else dict(state_dict)
+    if set(map(type, source)) - {str}:
+        key = next(k for k in source if type(k) is not str)
+        raise InvalidStateDictError(
+            f"state_dict key {key!r} is a {type(key).__name__}, not a str: state dict keys "
+            "are dotted parameter names such as 'layer1.0.weight'"
+        )
     use_fast = fast and not assign and not torch.__future__.get_swap_module_params_on_conversion()
     # The walk allocates a few small objects per module; on a model with a million live
     # objects the collector would rescan them all several times over for nothing.
@@ -291,7 +290,7 @@ class _Loader:
     def __init__(
         self,
         root: nn.Module,
-        source: OrderedDict[str, Any],
+        source: Mapping[str, Any],
         metadata: Mapping[str, Any] | None,
         assign: bool,
         fast: bool,
@@ -328,7 +327,7 @@ class _Loader:
         self.views: dict[int, _Region] = {}
         self.owned: dict[int, list[int]] = {}
         self.class_traits: dict[type, tuple[bool, int]] = {}
-        self._add(root, "", _TOP)
+        self._walk(root)
         self._assign_leftovers()
 
     # -- the walk --
@@ -347,98 +346,128 @@ class _Loader:
             traits = self.class_traits[cls] = (issubclass(cls, _wrapper_types), kind)
         return traits
 
-    def _add(self, module: nn.Module, prefix: str, region: int) -> None:
-        traits = self.class_traits
-        wrapper, kind = traits.get(type(module)) or self._class_traits(type(module))
-        while wrapper:
-            module = module.module
-            wrapper, kind = traits.get(type(module)) or self._class_traits(type(module))
-        i = len(self.modules)
-        if kind != _CUSTOM and (
-            module._load_state_dict_pre_hooks or "_load_from_state_dict" in module.__dict__
-        ):
-            kind = _CUSTOM
-        self.modules.append(module)
-        self.prefixes.append(prefix)
-        self.regions.append(region)
-        if region != _TOP:
-            self.members[region].append(i)
-            self.events.append((i, i, _LOAD, len(self.top_dst)))
-        elif kind != _FAST:
-            self.events.append((i, i, _LOAD, len(self.top_dst)))
-        elif (module._parameters or module._buffers) and not self._match_top(i, module, prefix):
-            kind = _PLAIN
-            self.events.append((i, i, _LOAD, len(self.top_dst)))
-        self.kinds.append(kind)
-        if kind == _CUSTOM:
-            region = i
-            self.members[i] = []
-        for name, child in module._modules.items():
-            if child is not None:
-                self._add(child, prefix + name + ".", region)
-        if module._load_state_dict_post_hooks:
-            self.events.append((len(self.modules) - 0.5, i, _POST, len(self.top_dst)))
+    def _walk(self, root: nn.Module) -> None:
+        """Flattens the tree in torch's order, loading the top region's fast modules on the way.
 
-    def _match_top(self, i: int, module: nn.Module, prefix: str) -> bool:
-        """Loads a fast module of the top region as torch would, copies deferred.
-
-        The hot loop of a load (once per tensor), hence `_match` written out inline. Returns
-        False, having recorded nothing, when a tensor needs torch's own code.
+        The hot loop of a load (once per module and tensor), hence written out with locals.
+        For a fast module of the top region it does what torch's `_load_from_state_dict` does
+        for the parameters and buffers, copies deferred; anything unusual about a tensor sends
+        the module to torch's code instead (see `_match`). A module's post-hooks run after its
+        subtree: a marker is pushed before its children.
         """
-        buffers = module._buffers
-        entries: Iterable[tuple[str, Any]] = module._parameters.items()
-        if buffers:
-            entries = _with_persistent_buffers(module, entries)
-        state = self.source
+        traits = self.class_traits
+        class_traits = self._class_traits
+        modules = self.modules
+        prefixes = self.prefixes
+        kinds = self.kinds
+        regions = self.regions
+        members = self.members
+        events = self.events
         top_dst = self.top_dst
         top_src = self.top_src
         matched = self.matched
-        start = len(top_dst)
-        start_matched = len(matched)
-        missing: list[str] | None = None
-        errors: list[str] | None = None
-        for name, param in entries:
-            if param is None:
+        fast_missing = self.fast_missing
+        fast_errors = self.fast_errors
+        state = self.source
+        plain_tensors = _PLAIN_TENSORS
+        copy_dtypes = _COPY_DTYPES
+        strided = _STRIDED
+        missing_value = _MISS
+        stack: list[tuple[Any, Any, int]] = [(root, "", _TOP)]
+        while stack:
+            module, prefix, region = stack.pop()
+            if module is None:  # the end of a subtree whose root has post-hooks
+                events.append((len(modules) - 0.5, prefix, _POST, len(top_dst)))
                 continue
-            key = prefix + name
-            value = state.get(key, _MISS)
-            if value is _MISS:
-                if missing is None:
-                    missing = []
-                missing.append(key)
-                continue
-            if not (
-                type(value) in _PLAIN_TENSORS
-                and type(param) in _PLAIN_TENSORS
-                and value.is_cpu
-                and param.is_cpu
-                and value.layout is _STRIDED
-                and param.layout is _STRIDED
-                and param.dtype in _COPY_DTYPES
-                and (value.dtype is param.dtype or value.dtype in _COPY_DTYPES)
-                and param.is_contiguous()
-                and not param.is_inference()
+            wrapper, kind = traits.get(type(module)) or class_traits(type(module))
+            while wrapper:
+                module = module.module
+                wrapper, kind = traits.get(type(module)) or class_traits(type(module))
+            i = len(modules)
+            if kind != _CUSTOM and (
+                module._load_state_dict_pre_hooks or "_load_from_state_dict" in module.__dict__
             ):
-                del top_dst[start:], top_src[start:], matched[start_matched:]
-                return False
-            matched.append(key)
-            shape = param.shape
-            if not shape and value.dim() == 1 and value.shape[0] == 1:
-                value = value[0]
-            if value.shape != shape:
-                if errors is None:
-                    errors = []
-                errors.append(_size_mismatch(key, value, param))
-                continue
-            top_dst.append(param)
-            top_src.append(value)
-        if missing is not None or errors is not None:
-            if missing is not None:
-                self.fast_missing[i] = missing
-            if errors is not None:
-                self.fast_errors[i] = errors
-            self.events.append((i, i, _COMMIT, 0))
-        return True
+                kind = _CUSTOM
+            modules.append(module)
+            prefixes.append(prefix)
+            regions.append(region)
+            if region != _TOP:
+                members[region].append(i)
+                events.append((i, i, _LOAD, len(top_dst)))
+            elif kind != _FAST:
+                events.append((i, i, _LOAD, len(top_dst)))
+            elif module._parameters or module._buffers:
+                entries: Iterable[tuple[str, Any]] = module._parameters.items()
+                if module._buffers:
+                    entries = _with_persistent_buffers(module, entries)
+                start = len(top_dst)
+                start_matched = len(matched)
+                missing: list[str] | None = None
+                errors: list[str] | None = None
+                for name, param in entries:
+                    if param is None:
+                        continue
+                    key = prefix + name
+                    value = state.get(key, missing_value)
+                    if value is missing_value:
+                        if missing is None:
+                            missing = []
+                        missing.append(key)
+                        continue
+                    if not (
+                        type(value) in plain_tensors
+                        and type(param) in plain_tensors
+                        and value.is_cpu
+                        and param.is_cpu
+                        and value.layout is strided
+                        and param.layout is strided
+                        and param.dtype in copy_dtypes
+                        and (value.dtype is param.dtype or value.dtype in copy_dtypes)
+                        and param.is_contiguous()
+                        and not param.is_inference()
+                    ):
+                        # `copy_` might fail or warn: torch's own code reports it its way.
+                        del top_dst[start:], top_src[start:], matched[start_matched:]
+                        kind = _PLAIN
+                        events.append((i, i, _LOAD, len(top_dst)))
+                        break
+                    matched.append(key)
+                    shape = param.shape
+                    # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into
+                    # a 0-dim parameter.
+                    if not shape and value.dim() == 1 and value.shape[0] == 1:
+                        value = value[0]
+                    if value.shape != shape:
+                        if errors is None:
+                            errors = []
+                        errors.append(_size_mismatch(key, value, param))
+                        continue
+                    top_dst.append(param)
+                    top_src.append(value)
+                else:
+                    if missing is not None or errors is not None:
+                        if missing is not None:
+                            fast_missing[i] = missing
+                        if errors is not None:
+                            fast_errors[i] = errors
+                        events.append((i, i, _COMMIT, 0))
+            kinds.append(kind)
+            if kind == _CUSTOM:
+                region = i
+                members[i] = []
+            if module._load_state_dict_post_hooks:
+                stack.append((None, i, 0))
+            children = module._modules
+            if children:
+                stack.extend(
+                    reversed(
+                        [
+                            (child, f"{prefix}{name}.", region)
+                            for name, child in children.items()
+                            if child is not None
+                        ]
+                    )
+                )
 
     def _assign_leftovers(self) -> None:
         """Hands the top region's keys that no fast module took to their owners.
@@ -502,8 +531,13 @@ class _Loader:
         if kind == _PLAIN:
             self._call(i, self._own_dict(i))
             return
-        # The root gets the whole copy, `_metadata` and all, as in torch.
-        local = self.source if i == 0 else self._own_dict(i)
+        if i == 0:
+            # The root gets a copy of everything, `_metadata` included, as in torch.
+            local: Mapping[str, Any] = OrderedDict(self.source)
+            if self.metadata is not None:
+                local._metadata = self.metadata  # type: ignore[attr-defined]
+        else:
+            local = self._own_dict(i)
         self._call(i, local)
         if self.members[i]:
             self._group(i, local)
