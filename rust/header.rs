@@ -19,7 +19,9 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 
 /// The largest header accepted, in bytes (the limit of the safetensors crate).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -568,9 +570,12 @@ type Metadata = Option<Vec<(String, String)>>;
 fn parse_json(text: &str) -> Result<(Vec<TensorEntry>, Metadata), HeaderError> {
     let mut fault = None;
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = TopSeed { fault: &mut fault }
-        .deserialize(&mut de)
-        .and_then(|value| de.end().map(|()| value));
+    let parsed = TopSeed {
+        fault: &mut fault,
+        text_len: text.len(),
+    }
+    .deserialize(&mut de)
+    .and_then(|value| de.end().map(|()| value));
     match parsed {
         Ok(value) => Ok(value),
         Err(e) if e.is_syntax() || e.is_eof() || e.is_io() => Err(HeaderError::new(
@@ -609,18 +614,23 @@ fn nested<E: de::Error>(
 
 struct TopSeed<'f> {
     fault: &'f mut Option<HeaderError>,
+    text_len: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
     type Value = (Vec<TensorEntry>, Metadata);
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(TopVisitor { fault: self.fault })
+        d.deserialize_map(TopVisitor {
+            fault: self.fault,
+            text_len: self.text_len,
+        })
     }
 }
 
 struct TopVisitor<'f> {
     fault: &'f mut Option<HeaderError>,
+    text_len: usize,
 }
 
 impl<'de> Visitor<'de> for TopVisitor<'_> {
@@ -632,7 +642,8 @@ impl<'de> Visitor<'de> for TopVisitor<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let fault = self.fault;
-        let mut tensors: Vec<TensorEntry> = Vec::new();
+        // An entry takes at least ~50 bytes of JSON: reserve for that many, at most.
+        let mut tensors: Vec<TensorEntry> = Vec::with_capacity(self.text_len / 64);
         let mut metadata: Metadata = None;
         let mut seen_metadata = false;
         while let Some(key) = map.next_key::<String>()? {
@@ -784,30 +795,30 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
         let mut dtype: Option<Dtype> = None;
         let mut shape: Option<Vec<u64>> = None;
         let mut offsets: Option<(u64, u64)> = None;
-        while let Some(field) = map.next_key::<String>()? {
-            let repeated = match field.as_str() {
-                "dtype" => dtype.is_some(),
-                "shape" => shape.is_some(),
-                "data_offsets" => offsets.is_some(),
-                _ => false,
+        while let Some(field) = map.next_key::<Field>()? {
+            let repeated = match field {
+                Field::Dtype => dtype.is_some(),
+                Field::Shape => shape.is_some(),
+                Field::DataOffsets => offsets.is_some(),
+                Field::Other => false,
             };
             if repeated {
                 let err = HeaderError::new(
                     K::InvalidEntry,
-                    format!("tensor {name:?}: field {field:?} appears twice"),
+                    format!("tensor {name:?}: field {:?} appears twice", field.name()),
                 );
                 return Err(fail(fault, err));
             }
-            match field.as_str() {
-                "dtype" => {
-                    let text: String = map.next_value().map_err(|e| {
+            match field {
+                Field::Dtype => {
+                    let value: DtypeValue = map.next_value().map_err(|e| {
                         nested(&mut *fault, e, K::InvalidEntry, || {
                             format!("tensor {name:?}: dtype must be a string")
                         })
                     })?;
-                    match Dtype::from_name(&text) {
-                        Some(d) => dtype = Some(d),
-                        None => {
+                    match value {
+                        DtypeValue::Known(d) => dtype = Some(d),
+                        DtypeValue::Unknown(text) => {
                             let known: Vec<&str> = DTYPES.iter().map(|row| row.1).collect();
                             let err = HeaderError::new(
                                 K::UnknownDtype,
@@ -821,7 +832,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
                         }
                     }
                 }
-                "shape" => {
+                Field::Shape => {
                     let value: Vec<u64> = map.next_value().map_err(|e| {
                         nested(&mut *fault, e, K::InvalidShape, || {
                             format!(
@@ -831,7 +842,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
                     })?;
                     shape = Some(value);
                 }
-                "data_offsets" => {
+                Field::DataOffsets => {
                     let value = map
                         .next_value_seed(OffsetsSeed {
                             name,
@@ -847,7 +858,7 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
                         })?;
                     offsets = Some(value);
                 }
-                _ => {
+                Field::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
@@ -871,6 +882,70 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
                 Err(fail(fault, err))
             }
         }
+    }
+}
+
+/// A field of a tensor entry, read without allocating.
+#[derive(Clone, Copy)]
+enum Field {
+    Dtype,
+    Shape,
+    DataOffsets,
+    Other,
+}
+
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::Dtype => "dtype",
+            Field::Shape => "shape",
+            Field::DataOffsets => "data_offsets",
+            Field::Other => "?",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl Visitor<'_> for FieldVisitor {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
+                Ok(match v {
+                    "dtype" => Field::Dtype,
+                    "shape" => Field::Shape,
+                    "data_offsets" => Field::DataOffsets,
+                    _ => Field::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(FieldVisitor)
+    }
+}
+
+/// A dtype string: a known dtype (read without allocating), or the unknown text.
+enum DtypeValue {
+    Known(Dtype),
+    Unknown(String),
+}
+
+impl<'de> Deserialize<'de> for DtypeValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DtypeVisitor;
+        impl Visitor<'_> for DtypeVisitor {
+            type Value = DtypeValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a dtype name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DtypeValue, E> {
+                Ok(Dtype::from_name(v)
+                    .map_or_else(|| DtypeValue::Unknown(v.to_owned()), DtypeValue::Known))
+            }
+        }
+        d.deserialize_str(DtypeVisitor)
     }
 }
 

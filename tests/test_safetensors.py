@@ -616,6 +616,14 @@ def test_info_and_header_columns(tmp_path: Path) -> None:
     assert h.data_offset == 8 + h.header_len
     assert f.info("a") == TensorInfo("a", "int64", (5,), h.data_offset, h.data_offset + 40)
     assert f.info("z").nbytes == 12 and f.info("z").torch_dtype == torch.float16
+    assert (f.names, f.dtypes, f.shapes, f.sizes) == (
+        ["z", "a"],
+        ["float16", "int64"],
+        [(2, 3), (5,)],
+        [12, 40],
+    )
+    f.names.append("x")  # a copy: the file's own list is untouched
+    assert len(f) == 2 and f.names == ["z", "a"]
     assert "tensors=2" in repr(f) and "tensors=2" in repr(h)
 
 

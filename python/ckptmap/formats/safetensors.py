@@ -313,6 +313,26 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         h = self.header
         return h.dtypes, h.shapes, h.byte_ranges
 
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in header order."""
+        return list(self._names)
+
+    @property
+    def dtypes(self) -> list[str]:
+        """Torch-style dtype names, in header order (see `TensorInfo.dtype`)."""
+        return list(self._columns[0])
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Shapes, in header order."""
+        return list(self._columns[1])
+
+    @property
+    def sizes(self) -> list[int]:
+        """Each tensor's size in bytes, in header order."""
+        return [end - start for start, end in self._columns[2]]
+
     def info(self, name: str) -> TensorInfo:
         """What the header says about tensor `name`."""
         i = self._position(name)
@@ -321,7 +341,11 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         return TensorInfo(name, dtypes[i], shapes[i], start, end)
 
     def infos(self) -> list[TensorInfo]:
-        """Every tensor's `TensorInfo`, in header order: the plan, read from the header alone."""
+        """Every tensor's `TensorInfo`, in header order: the plan, read from the header alone.
+
+        For very many tensors the columns (`names`, `dtypes`, `shapes`, `sizes`) are cheaper:
+        they build no object per tensor.
+        """
         dtypes, shapes, ranges = self._columns
         return [
             TensorInfo(n, d, s, r[0], r[1])
