@@ -481,7 +481,18 @@ class _Loader:
         taken = set(self.matched)
         keys = [k for k in source if k not in taken]
         values = [source[k] for k in keys]
-        nodes = [n for n, r in enumerate(self.regions) if r == _TOP]
+        # Only modules whose prefix starts some leftover key can own one: usually a handful,
+        # so the grouping does not pay for every module of the tree.
+        wanted = {""}
+        for key in keys:
+            pos = key.find(".")
+            while pos >= 0:
+                wanted.add(key[: pos + 1])
+                pos = key.find(".", pos + 1)
+        regions = self.regions
+        nodes = [
+            n for n, prefix in enumerate(self.prefixes) if prefix in wanted and regions[n] == _TOP
+        ]
         groups = _group_by_owner(keys, [self.prefixes[n][:-1] for n in nodes])
         view = _Region(keys, values, source)
         added = False
