@@ -235,7 +235,15 @@ def _with_children(children: st.SearchStrategy) -> st.SearchStrategy:
     )
 
 
-specs = st.recursive(_leaves, _with_children, max_leaves=12)
+_trees = st.recursive(_leaves, _with_children, max_leaves=12)
+
+
+def _under_custom(tree: dict[str, Any]) -> dict[str, Any]:
+    # Below a custom module, modules take their keys from the dict it leaves behind.
+    return {"kind": "renamer", "w": (2,), "children": [("inner", tree), ("c1", {"kind": "linear"})]}
+
+
+specs = st.one_of(_trees, _trees.map(_under_custom))
 
 
 def _module_paths(model: nn.Module) -> list[str]:
@@ -503,6 +511,26 @@ def test_unusual_tensors_take_torchs_path():
     assert list(result.error_msgs) == errors
     assert any("expected torch.Tensor" in e for e in errors)
     assert_same_state(model, theirs)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_unusual_values_below_a_custom_module(fast):
+    spec = {
+        "kind": "renamer",
+        "w": (2,),
+        "children": [
+            ("c0", {"kind": "linear"}),
+            ("c1", {"kind": "seq", "children": [("0", {"kind": "linear"})]}),
+            ("c2", {"kind": "node", "w": (3,), "scalar": True}),
+        ],
+    }
+    sd = build(spec, seed=1).state_dict()
+    sd["c0.weight"] = 3  # not a tensor: torch's message
+    sd["c1.0.old_w"] = sd.pop("c1.0.weight")  # renamed by the root, not a parameter name
+    sd["c2.s"] = sd["c2.s"].reshape(1)
+    sd["c2.w"] = torch.zeros(4)
+    sd["c2.stray"] = torch.zeros(1)
+    check_against_torch(spec, sd, fast=fast, assign=False)
 
 
 def test_meta_and_inference_parameters_take_torchs_path():
