@@ -4,19 +4,24 @@ torch's `Module.load_state_dict` (and the OpenMMLab copies of it) hand every mod
 holding its whole subtree, built by scanning the parent's dict once per child: quadratic on a
 wide `ModuleList`. A module's `_load_from_state_dict` only looks up `prefix + name` for its own
 tensors, and reports as unexpected the keys under `prefix` whose first component is neither a
-child module nor its own state. So a dict holding exactly the keys a module *owns* (the
-deepest module whose path is a dotted prefix of the key) gives the same outcome, and the key
-index computes every module's keys in one pass.
+child module nor its own state. So a dict holding exactly the keys a module *owns* (those of
+which it is the deepest module whose path is a dotted prefix) gives the same outcome.
 
-Modules that override `_load_from_state_dict` or carry load pre-hooks may read, rename or
-delete their descendants' keys (OpenMMLab modules rename old keys, BatchNorm adds
-`num_batches_tracked`). They receive their whole subtree, as in torch, and their descendants'
-keys are grouped again from the dict they leave behind, so the descendants see every change.
+One walk over the tree, in torch's order, does the work:
 
-Modules with the stock `_load_from_state_dict`, no pre-hooks and the stock `set_extra_state`
-take a fast path: the same checks and messages as torch's code, with the copies batched into
-`torch._foreach_copy_` calls. Anything unusual about a module's tensors sends it back to its own
-`_load_from_state_dict`.
+- Modules with the stock `_load_from_state_dict`, no load pre-hooks and the stock
+  `set_extra_state` ("fast" modules) look their tensors up directly, with torch's checks and
+  messages; their copies are batched into `torch._foreach_copy_` (CPU tensors: anything else,
+  or anything unusual about a tensor, sends the module to its own `_load_from_state_dict`).
+- The keys no fast module took are grouped by owner once, in the Rust key index: the fast
+  modules' unexpected keys, and the keys of every other module.
+- Modules that override `_load_from_state_dict` or carry pre-hooks may read, rename or delete
+  their descendants' keys (OpenMMLab modules rename old keys, BatchNorm adds
+  `num_batches_tracked`). They receive their whole subtree, as in torch, and their
+  descendants' keys are grouped again from the dict they leave behind, so the descendants see
+  every change.
+- Post-hooks run after their module's subtree, with the shared missing / unexpected lists, as
+  in torch; every queued copy is done before any module code or hook runs.
 """
 
 from __future__ import annotations
@@ -134,7 +139,8 @@ def load_state_dict(
             existing ones, as torch's `assign=True`.
         report: ``"folded"`` (indices folded into patterns) or ``"flat"`` (the OpenMMLab
             message, key by key).
-        fast: batch the copies of modules with the stock loading code (same outcome).
+        fast: load modules with the stock loading code in one batch (same outcome, faster);
+            False calls every module's `_load_from_state_dict`.
 
     Returns:
         A `LoadResult` with the missing, unexpected and shape-mismatched keys and every error
