@@ -30,7 +30,12 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
 from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError
-from ckptmap.errors import CheckpointIsADirectoryError, CheckpointNotFoundError, CkptmapError
+from ckptmap.errors import (
+    CheckpointIsADirectoryError,
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    CkptmapError,
+)
 from ckptmap.formats.errors import CorruptCheckpointError
 from ckptmap.formats.safetensors import (
     InvalidSafetensorsError,
@@ -687,6 +692,23 @@ def test_path_errors_keep_their_types(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         SafetensorsHeader.open(tmp_path / "missing")
     assert type(info.value) is FileNotFoundError and info.value.filename
+
+
+def test_permission_denied_is_its_own_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As root a mode-000 file is still readable, so the refusal is simulated at os.open.
+    import ckptmap.formats.safetensors as reader
+
+    path = tmp_path / "locked.safetensors"
+    st_save_file({"w": torch.ones(1)}, str(path))
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(reader.os, "open", refuse)
+    with pytest.raises(CheckpointPermissionError, match="permission denied"):
+        SafetensorsFile(path)
 
 
 def test_pathlike_and_user_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
