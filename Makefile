@@ -50,6 +50,9 @@ demo:  ## the main job on its built-in default
 	$(MAKE) -s build
 	$(VENV)/bin/ckptmap demo
 
+fuzz:  ## a bounded (60 s) libFuzzer run of the safetensors header parser (nightly + cargo-fuzz)
+	cd fuzz && mkdir -p target/corpus && cargo +nightly fuzz run header target/corpus corpus/header -- -max_total_time=60 -max_len=4096
+
 bench:  ## benchmarks side by side (release build); writes benches/results/latest.md + ratios.png
 	$(MAKE) -s build PROFILE=release
 	cargo bench
