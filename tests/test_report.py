@@ -43,7 +43,7 @@ def expand(pattern: str) -> list[str]:
 
 _component = st.one_of(
     st.integers(0, 40).map(str),
-    st.sampled_from(["layers", "experts", "w1", "weight", "bias", "01", "007", "x-y"]),
+    st.sampled_from(["layers", "experts", "w1", "weight", "bias", "01", "007", "x-y", "²", "٣"]),
 )
 _keys = st.lists(st.lists(_component, min_size=1, max_size=5).map(".".join), max_size=80)
 

@@ -44,7 +44,6 @@ _SIZE_MISMATCH = re.compile(
     r"the shape in current model is torch\.Size\(\[(?P<dst>[0-9, ]*)\]\)\.",
     re.DOTALL,
 )
-_INDEX = re.compile(r"0|[1-9][0-9]*")
 
 
 class Mismatch(NamedTuple):
@@ -175,7 +174,9 @@ def fold_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
         template: list[str | None] = []
         indices: list[int] = []
         for part in parts:
-            if _INDEX.fullmatch(part):
+            # An index: ASCII digits without a leading zero ("01" is a name: folding it would
+            # change the key).
+            if part.isdigit() and part.isascii() and (part[0] != "0" or part == "0"):
                 template.append(None)
                 indices.append(int(part))
             else:
