@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-MapLocation = str | torch.device | Mapping[str, str] | None
+MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 
 #: Strips the `module.` prefix that DataParallel / DistributedDataParallel add.
 DEFAULT_REVISE_KEYS: tuple[tuple[str, str], ...] = ((r"^module\.", ""),)

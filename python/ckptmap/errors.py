@@ -35,7 +35,7 @@ class CkptmapError(Exception):
     # launchers) with their message and attributes intact.
     _init_args: tuple[Any, ...] = ()
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> str | tuple[Any, ...]:
         if not self._init_args:
             return super().__reduce__()
         return (type(self), self._init_args, self.__dict__ or None)

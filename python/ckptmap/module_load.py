@@ -32,11 +32,15 @@ import itertools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import nn
 
+# torch's own record type, so that post-hooks get exactly what torch gives them.
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ckptmap._core import group_by_owner
 from ckptmap.dist import get_dist_info
 from ckptmap.errors import (
     InvalidStateDictError,
@@ -51,18 +55,6 @@ from ckptmap.report import (
     log_message,
     nothing_loaded_line,
 )
-
-try:  # torch's own record type, so post-hooks get exactly what torch gives them
-    from torch.nn.modules.module import _IncompatibleKeys
-except ImportError:  # pragma: no cover - every supported torch has it
-    from collections import namedtuple
-
-    _IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
-
-try:
-    from ckptmap._core import group_by_owner as _core_group_by_owner
-except ImportError:  # pragma: no cover - the compiled core predates the key index
-    _core_group_by_owner = None
 
 __all__ = [
     "is_model_wrapper",
@@ -102,7 +94,7 @@ def is_model_wrapper(module: Any) -> bool:
 def unwrap_model(module: nn.Module) -> nn.Module:
     """`module.module`, repeatedly, while `module` is a registered model wrapper."""
     while isinstance(module, _wrapper_types):
-        module = module.module
+        module = cast(nn.Module, module.module)
     return module
 
 
@@ -249,7 +241,7 @@ _MISS = object()
 
 
 def _group_by_owner_py(keys: Sequence[str], paths: Sequence[str]) -> list[list[int]]:
-    """Reference `group_by_owner` (used when the compiled core lacks it)."""
+    """What `ckptmap._core.group_by_owner` computes, in Python (the tests compare them)."""
     index: dict[str, int] = {}
     for i, path in enumerate(paths):
         index.setdefault(path, i)
@@ -268,9 +260,7 @@ def _group_by_owner_py(keys: Sequence[str], paths: Sequence[str]) -> list[list[i
     return groups
 
 
-_group_by_owner: Callable[[Sequence[str], Sequence[str]], list[list[int]]] = (
-    _core_group_by_owner or _group_by_owner_py
-)
+_group_by_owner: Callable[[Sequence[str], Sequence[str]], list[list[int]]] = group_by_owner
 
 
 class _Region(NamedTuple):

@@ -183,12 +183,12 @@ def fold_keys(keys: Iterable[str]) -> list[tuple[str, int]]:
                 template.append(part)
         templates.setdefault(tuple(template), {})[tuple(indices)] = None
     out: list[tuple[str, int]] = []
-    for template, rows in templates.items():
+    for shape, rows in templates.items():
         for box in _boxes(list(rows)):
             count = 1
             for values in box:
                 count *= len(values)
-            out.append((_render(template, box), count))
+            out.append((_render(shape, box), count))
     return out
 
 
@@ -203,9 +203,9 @@ def _boxes(rows: list[tuple[int, ...]]) -> list[list[list[int]]]:
     for first, tails in tails_of.items():
         firsts_of.setdefault(frozenset(tails), []).append(first)
     out: list[list[list[int]]] = []
-    for tails, firsts in firsts_of.items():
+    for tail_set, firsts in firsts_of.items():
         head = sorted(firsts)
-        for box in _boxes(sorted(tails)):
+        for box in _boxes(sorted(tail_set)):
             out.append([head, *box])
     return out
 
