@@ -6,7 +6,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from ckptmap._core import KeyRules
+from ckptmap._core import KeyRules, find_collisions
 
 RuleSpec = KeyRules | Iterable[tuple[Any, Any]]
 
@@ -64,7 +64,7 @@ def revise_keys(state_dict: Mapping[str, Any], rules: RuleSpec) -> Revised:
     revised: OrderedDict[str, Any] = OrderedDict(zip(new_keys, values, strict=True))
     collisions: list[Collision] = []
     if len(revised) != len(keys):
-        for members in _collision_groups(new_keys):
+        for members in find_collisions(new_keys):
             winner = _sequential_winner(key_rules, [keys[i] for i in members])
             kept = members[winner]
             revised[new_keys[kept]] = values[kept]
@@ -91,14 +91,6 @@ def revise_metadata(metadata: Mapping[str, Any], rules: KeyRules) -> OrderedDict
     for path, prefix in zip(paths, prefixes, strict=True):
         out[prefix[:-1] if prefix.endswith(".") else prefix] = metadata[path]
     return out
-
-
-def _collision_groups(new_keys: list[str]) -> list[list[int]]:
-    """Indices sharing a revised key (groups of two or more, by first occurrence)."""
-    seen: dict[str, list[int]] = {}
-    for i, key in enumerate(new_keys):
-        seen.setdefault(key, []).append(i)
-    return [group for group in seen.values() if len(group) > 1]
 
 
 def _sequential_winner(rules: KeyRules, sources: list[str]) -> int:
