@@ -9,6 +9,11 @@ Run with ``pytest benches/test_bench_load.py --benchmark-enable`` (skipped other
 - 64 layers x 256 experts: as many keys, less wide (256 scans of 768 keys per layer).
 - A ResNet-50-shaped model (320 keys, 25.6M parameters, 53 BatchNorms).
 
+Copies run on one thread (`torch.set_num_threads(1)`) for every loader: on a shared 2-core
+machine a large copy split over two OpenMP threads stalls whenever the second core is busy
+(about 270 ms instead of 10 ms for ResNet-50's 100 MB), which swamps what is measured here. All
+loaders use the same copy kernel, so the comparison stays fair.
+
 Every state dict has the same small damage (two keys dropped, two unexpected ones, one shape
 mismatch), so every loader also produces its report. After timing, each test checks that the
 model ends exactly as expected, and ckptmap's flat message is compared with mmengine's.
@@ -31,6 +36,14 @@ from torch import nn
 from ckptmap.module_load import load_state_dict
 
 mm_checkpoint = pytest.importorskip("mmengine.runner.checkpoint")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _require_enabled(request: pytest.FixtureRequest) -> None:
