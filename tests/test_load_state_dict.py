@@ -861,6 +861,20 @@ def test_non_str_key_is_named():
         load_state_dict(nn.Linear(2, 2), {3: torch.zeros(2)})  # type: ignore[dict-item]
 
 
+def test_module_without_init_is_named():
+    class NoInit(nn.Module):
+        def __init__(self) -> None:  # forgets super().__init__()
+            pass
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    sd = model.state_dict()
+    model._modules["broken"] = NoInit()
+    with pytest.raises(AttributeError):
+        model.load_state_dict(sd)
+    with pytest.raises(AttributeError, match=r"NoInit at 'broken' has no .*__init__ called"):
+        load_state_dict(model, sd)
+
+
 def test_post_hook_returning_a_value():
     model = nn.Sequential(nn.Linear(2, 2))
     model[0].register_load_state_dict_post_hook(lambda m, ik: "oops")

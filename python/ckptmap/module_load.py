@@ -370,100 +370,113 @@ class _Loader:
         strided = _STRIDED
         missing_value = _MISS
         stack: list[tuple[Any, Any, int]] = [(root, "", _TOP)]
-        while stack:
-            module, prefix, region = stack.pop()
-            if module is None:  # the end of a subtree whose root has post-hooks
-                events.append((len(modules) - 0.5, prefix, _POST, len(top_dst)))
-                continue
-            wrapper, kind = traits.get(type(module)) or class_traits(type(module))
-            while wrapper:
-                module = module.module
+        module: Any = root
+        prefix: Any = ""
+        try:
+            while stack:
+                module, prefix, region = stack.pop()
+                if module is None:  # the end of a subtree whose root has post-hooks
+                    events.append((len(modules) - 0.5, prefix, _POST, len(top_dst)))
+                    continue
                 wrapper, kind = traits.get(type(module)) or class_traits(type(module))
-            i = len(modules)
-            if kind != _CUSTOM and (
-                module._load_state_dict_pre_hooks or "_load_from_state_dict" in module.__dict__
-            ):
-                kind = _CUSTOM
-            modules.append(module)
-            prefixes.append(prefix)
-            regions.append(region)
-            if region != _TOP:
-                members[region].append(i)
-                events.append((i, i, _LOAD, len(top_dst)))
-            elif kind != _FAST:
-                events.append((i, i, _LOAD, len(top_dst)))
-            elif module._parameters or module._buffers:
-                entries: Iterable[tuple[str, Any]] = module._parameters.items()
-                if module._buffers:
-                    entries = _with_persistent_buffers(module, entries)
-                start = len(top_dst)
-                start_matched = len(matched)
-                missing: list[str] | None = None
-                errors: list[str] | None = None
-                for name, param in entries:
-                    if param is None:
-                        continue
-                    key = prefix + name
-                    value = state.get(key, missing_value)
-                    if value is missing_value:
-                        if missing is None:
-                            missing = []
-                        missing.append(key)
-                        continue
-                    if not (
-                        type(value) in plain_tensors
-                        and type(param) in plain_tensors
-                        and value.is_cpu
-                        and param.is_cpu
-                        and value.layout is strided
-                        and param.layout is strided
-                        and param.dtype in copy_dtypes
-                        and (value.dtype is param.dtype or value.dtype in copy_dtypes)
-                        and param.is_contiguous()
-                        and not param.is_inference()
-                    ):
-                        # `copy_` might fail or warn: torch's own code reports it its way.
-                        del top_dst[start:], top_src[start:], matched[start_matched:]
-                        kind = _PLAIN
-                        events.append((i, i, _LOAD, len(top_dst)))
-                        break
-                    matched.append(key)
-                    shape = param.shape
-                    # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into
-                    # a 0-dim parameter.
-                    if not shape and value.dim() == 1 and value.shape[0] == 1:
-                        value = value[0]
-                    if value.shape != shape:
-                        if errors is None:
-                            errors = []
-                        errors.append(_size_mismatch(key, value, param))
-                        continue
-                    top_dst.append(param)
-                    top_src.append(value)
-                else:
-                    if missing is not None or errors is not None:
-                        if missing is not None:
-                            fast_missing[i] = missing
-                        if errors is not None:
-                            fast_errors[i] = errors
-                        events.append((i, i, _COMMIT, 0))
-            kinds.append(kind)
-            if kind == _CUSTOM:
-                region = i
-                members[i] = []
-            if module._load_state_dict_post_hooks:
-                stack.append((None, i, 0))
-            children = module._modules
-            if children:
-                stack.extend(
-                    reversed(
-                        [
-                            (child, f"{prefix}{name}.", region)
-                            for name, child in children.items()
-                            if child is not None
-                        ]
+                while wrapper:
+                    module = module.module
+                    wrapper, kind = traits.get(type(module)) or class_traits(type(module))
+                i = len(modules)
+                # The module's own attributes, read from its __dict__ (where nn.Module keeps them)
+                # rather than through attribute lookup: this runs once per module.
+                attrs = module.__dict__
+                if kind != _CUSTOM and (
+                    attrs["_load_state_dict_pre_hooks"] or "_load_from_state_dict" in attrs
+                ):
+                    kind = _CUSTOM
+                modules.append(module)
+                prefixes.append(prefix)
+                regions.append(region)
+                params = attrs["_parameters"]
+                buffers = attrs["_buffers"]
+                if region != _TOP:
+                    members[region].append(i)
+                    events.append((i, i, _LOAD, len(top_dst)))
+                elif kind != _FAST:
+                    events.append((i, i, _LOAD, len(top_dst)))
+                elif params or buffers:
+                    entries: Iterable[tuple[str, Any]] = params.items()
+                    if buffers:
+                        entries = _with_persistent_buffers(module, entries)
+                    start = len(top_dst)
+                    start_matched = len(matched)
+                    missing: list[str] | None = None
+                    errors: list[str] | None = None
+                    for name, param in entries:
+                        if param is None:
+                            continue
+                        key = prefix + name
+                        value = state.get(key, missing_value)
+                        if value is missing_value:
+                            if missing is None:
+                                missing = []
+                            missing.append(key)
+                            continue
+                        if not (
+                            type(value) in plain_tensors
+                            and type(param) in plain_tensors
+                            and value.is_cpu
+                            and param.is_cpu
+                            and value.layout is strided
+                            and param.layout is strided
+                            and param.dtype in copy_dtypes
+                            and (value.dtype is param.dtype or value.dtype in copy_dtypes)
+                            and param.is_contiguous()
+                            and not param.is_inference()
+                        ):
+                            # `copy_` might fail or warn: torch's own code reports it its way.
+                            del top_dst[start:], top_src[start:], matched[start_matched:]
+                            kind = _PLAIN
+                            events.append((i, i, _LOAD, len(top_dst)))
+                            break
+                        matched.append(key)
+                        shape = param.shape
+                        # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into
+                        # a 0-dim parameter.
+                        if not shape and value.dim() == 1 and value.shape[0] == 1:
+                            value = value[0]
+                        if value.shape != shape:
+                            if errors is None:
+                                errors = []
+                            errors.append(_size_mismatch(key, value, param))
+                            continue
+                        top_dst.append(param)
+                        top_src.append(value)
+                    else:
+                        if missing is not None or errors is not None:
+                            if missing is not None:
+                                fast_missing[i] = missing
+                            if errors is not None:
+                                fast_errors[i] = errors
+                            events.append((i, i, _COMMIT, 0))
+                kinds.append(kind)
+                if kind == _CUSTOM:
+                    region = i
+                    members[i] = []
+                if attrs["_load_state_dict_post_hooks"]:
+                    stack.append((None, i, 0))
+                children = attrs["_modules"]
+                if children:
+                    stack.extend(
+                        reversed(
+                            [
+                                (child, f"{prefix}{name}.", region)
+                                for name, child in children.items()
+                                if child is not None
+                            ]
+                        )
                     )
-                )
+        except KeyError as err:  # a module whose nn.Module.__init__ never ran
+            raise AttributeError(
+                f"{type(module).__name__} at {prefix[:-1] or '<root>'!r} has no {err.args[0]} "
+                "attribute: was nn.Module.__init__ called on it?"
+            ) from err
 
     def _assign_leftovers(self) -> None:
         """Hands the top region's keys that no fast module took to their owners.
