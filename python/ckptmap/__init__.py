@@ -1,9 +1,11 @@
 """ckptmap: load PyTorch checkpoints into modules fast and safely.
 
 Regex key rules, prefix filters and key diffs run in a Rust core; the public API follows
-OpenMMLab's checkpoint functions.
+OpenMMLab's checkpoint functions. Every error and warning class is also available here (and
+in `ckptmap.errors`).
 """
 
+from ckptmap import errors as _errors
 from ckptmap._core import (
     KeyRules,
     __version__,
@@ -13,8 +15,25 @@ from ckptmap._core import (
     group_by_owner,
 )
 from ckptmap.cache import cache_home, cached_download
+from ckptmap.checkpoint import (
+    _load_checkpoint,
+    _load_checkpoint_to_model,
+    _load_checkpoint_with_prefix,
+    find_state_dict,
+    load_checkpoint,
+    load_model_checkpoint,
+)
+from ckptmap.dist import get_dist_info
+from ckptmap.formats import load_file
 from ckptmap.latest import find_latest_checkpoint, rotate_checkpoints, write_last_checkpoint
+from ckptmap.module_load import (
+    is_model_wrapper,
+    load_state_dict,
+    register_model_wrapper,
+    unwrap_model,
+)
 from ckptmap.prefix import filter_prefix
+from ckptmap.report import LoadResult, Mismatch, fold_keys, format_report
 from ckptmap.revise import Collision, Revised, revise_keys
 from ckptmap.save import get_state_dict, save_checkpoint, weights_to_cpu
 from ckptmap.schemes import (
@@ -40,8 +59,13 @@ __all__ = [
     "CheckpointLoader",
     "Collision",
     "KeyRules",
+    "LoadResult",
+    "Mismatch",
     "Revised",
     "__version__",
+    "_load_checkpoint",
+    "_load_checkpoint_to_model",
+    "_load_checkpoint_with_prefix",
     "cache_home",
     "cached_download",
     "diff_keys",
@@ -49,12 +73,19 @@ __all__ = [
     "filter_prefix_keys",
     "find_collisions",
     "find_latest_checkpoint",
+    "find_state_dict",
+    "fold_keys",
+    "format_report",
     "get_deprecated_model_names",
+    "get_dist_info",
     "get_external_models",
     "get_mmcls_models",
     "get_state_dict",
     "get_torchvision_models",
     "group_by_owner",
+    "is_model_wrapper",
+    "load_checkpoint",
+    "load_file",
     "load_from_bdd100k",
     "load_from_ceph",
     "load_from_http",
@@ -66,9 +97,21 @@ __all__ = [
     "load_from_pavi",
     "load_from_petrel",
     "load_from_torchvision",
+    "load_model_checkpoint",
+    "load_state_dict",
+    "register_model_wrapper",
     "revise_keys",
     "rotate_checkpoints",
     "save_checkpoint",
+    "unwrap_model",
     "weights_to_cpu",
     "write_last_checkpoint",
+    *_errors.__all__,
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The error and warning classes, resolved through `ckptmap.errors`.
+    if name in _errors.__all__:
+        return getattr(_errors, name)
+    raise AttributeError(f"module 'ckptmap' has no attribute {name!r}")

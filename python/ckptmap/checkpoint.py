@@ -2,16 +2,13 @@
 
 The OpenMMLab functions (`load_checkpoint`, `_load_checkpoint`, `_load_checkpoint_to_model`,
 `_load_checkpoint_with_prefix`) and vis4d's `load_model_checkpoint`, with the same arguments
-and return values. Files are read with ``torch.load(weights_only=True)``; only local paths are
-understood for now, and the one function that opens them, `_open_checkpoint`, is where other
-sources plug in.
+and return values. Checkpoints come through `CheckpointLoader` (local paths and every
+registered URI scheme); pickles load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,15 +16,12 @@ import torch
 from torch import nn
 
 from ckptmap.errors import (
-    CheckpointIsADirectoryError,
-    CheckpointNotFoundError,
-    CheckpointPermissionError,
     NoStateDictError,
     PrefixNotFoundError,
 )
 from ckptmap.module_load import finish_load, load_into, with_collisions
 from ckptmap.prefix import filter_prefix
-from ckptmap.report import LoggerLike, ReportStyle, log_message
+from ckptmap.report import LoggerLike, ReportStyle
 from ckptmap.revise import RuleSpec, as_key_rules
 from ckptmap.revise import revise_keys as _revise_keys
 
@@ -48,60 +42,27 @@ MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 DEFAULT_REVISE_KEYS: tuple[tuple[str, str], ...] = ((r"^module\.", ""),)
 
 
-def _open_checkpoint(filename: PathLike, map_location: MapLocation) -> Any:
-    """Reads a local checkpoint file with ``torch.load(weights_only=True)``.
-
-    Raises:
-        CheckpointNotFoundError: no such file, or a symlink whose target is gone.
-        CheckpointIsADirectoryError: the path is a directory.
-        CheckpointPermissionError: the file can not be read.
-    """
-    path = os.path.expanduser(os.fspath(filename))
-    try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
-    except PermissionError as err:  # a directory on the way can not be searched
-        raise CheckpointPermissionError(path) from err
-    except (FileNotFoundError, NotADirectoryError) as err:
-        if os.path.islink(path):
-            raise CheckpointNotFoundError(
-                path,
-                f"checkpoint path {path!r} is a symlink to {os.readlink(path)!r}, which does "
-                "not exist: fix or remove the link, or fetch the file it points to",
-            ) from err
-        raise CheckpointNotFoundError(path) from err
-    if is_dir:
-        raise CheckpointIsADirectoryError(path)
-    try:
-        # weights_only is passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only overrides
-        # callers that leave it out.
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except PermissionError as err:
-        raise CheckpointPermissionError(path) from err
-    except FileNotFoundError as err:  # removed between the check and the read
-        raise CheckpointNotFoundError(path) from err
-    except IsADirectoryError as err:
-        raise CheckpointIsADirectoryError(path) from err
-
-
 def _load_checkpoint(
     filename: PathLike, map_location: MapLocation = None, logger: LoggerLike = None
 ) -> Any:
-    """Reads a checkpoint (a local path for now).
+    """Reads a checkpoint from a local path or any registered URI scheme.
+
+    The path goes through `CheckpointLoader`'s registry (``http(s)://`` through the download
+    cache, ``s3://``, the model zoos, local files); local files are recognised by content
+    (torch zip, legacy pickle, safetensors, sharded index) and pickles load with
+    ``weights_only=True``.
 
     Args:
-        filename: the checkpoint's path; `~` is expanded.
+        filename: a local path (`~` is expanded) or a URI.
         map_location: as for `torch.load`.
         logger: where the "Loads checkpoint" line goes (rank 0, INFO).
 
     Returns:
         The loaded object: usually a dict holding the weights or a ``"state_dict"`` entry.
     """
-    log_message(
-        f"Loads checkpoint by local backend from path: {os.fspath(filename)}",
-        logger,
-        logging.INFO,
-    )
-    return _open_checkpoint(filename, map_location)
+    from ckptmap.schemes import CheckpointLoader
+
+    return CheckpointLoader.load_checkpoint(filename, map_location, logger)
 
 
 def find_state_dict(checkpoint: Any, source: str = "<checkpoint>") -> Mapping[str, Any]:

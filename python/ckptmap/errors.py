@@ -192,3 +192,51 @@ def _type_name(obj: Any) -> str:
     return (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
+
+
+# The errors of each subsystem live beside the code that raises them; this module names them
+# all, so `from ckptmap.errors import DownloadError` works (resolved on first use, which also
+# keeps these modules free of import cycles).
+_ELSEWHERE = {
+    "DanglingSymlinkError": "ckptmap.formats.errors",
+    "CorruptCheckpointError": "ckptmap.formats.errors",
+    "TorchScriptArchiveError": "ckptmap.formats.errors",
+    "UnsafeCheckpointError": "ckptmap.formats.errors",
+    "UnsafeLoadWarning": "ckptmap.formats.errors",
+    "InvalidSafetensorsError": "ckptmap.formats.safetensors",
+    "UnsupportedDtypeError": "ckptmap.formats.safetensors",
+    "TensorNotFoundError": "ckptmap.formats.safetensors",
+    "InvalidShardIndexError": "ckptmap.formats.sharded",
+    "UnsafeShardPathError": "ckptmap.formats.sharded",
+    "AmbiguousIndexError": "ckptmap.formats.sharded",
+    "ShardNotFoundError": "ckptmap.formats.sharded",
+    "ShardTensorMissingError": "ckptmap.formats.sharded",
+    "NotSerializableError": "ckptmap.formats.safetensors_write",
+    "DownloadError": "ckptmap.schemes.errors",
+    "RemoteNotFoundError": "ckptmap.schemes.errors",
+    "RemoteAccessDenied": "ckptmap.schemes.errors",
+    "RemoteUnavailableError": "ckptmap.schemes.errors",
+    "IncompleteDownloadError": "ckptmap.schemes.errors",
+    "ChecksumMismatchError": "ckptmap.schemes.errors",
+    "UnexpectedContentError": "ckptmap.schemes.errors",
+    "UnsafePathError": "ckptmap.schemes.errors",
+    "UnknownSchemeError": "ckptmap.schemes.errors",
+    "UnknownModelNameError": "ckptmap.schemes.errors",
+    "ZooTableError": "ckptmap.schemes.errors",
+    "MissingDependencyError": "ckptmap.schemes.errors",
+    "UnsupportedSaveTargetError": "ckptmap.save",
+    "CheckpointSaveError": "ckptmap.save",
+    "SavePermissionError": "ckptmap.save",
+    "IncompleteCheckpointError": "ckptmap.latest",
+    "CheckpointPointerWarning": "ckptmap.latest",
+}
+__all__ += sorted(_ELSEWHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _ELSEWHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptmap.errors' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

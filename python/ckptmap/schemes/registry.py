@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -163,8 +162,7 @@ class CheckpointLoader:
         from ckptmap.report import log_message
 
         log_message(
-            f"Loads checkpoint by {backend} backend from path: {path} "
-            f"on server: {socket.gethostname().split('.')[0]}",
+            f"Loads checkpoint by {backend} backend from path: {path}",
             logger=logger,
             level=logging.INFO,
         )

@@ -1,0 +1,1 @@
+"""Adapters that let existing projects use ckptmap without code changes (see `mmengine`)."""
