@@ -1,0 +1,506 @@
+"""`ckptmap diff`: what loading a checkpoint into a model (or against another checkpoint) would
+report, computed from names and shapes alone.
+
+Nothing reads tensor data where the format allows it:
+
+- safetensors and sharded safetensors: the validated header (and index) only;
+- torch zip: ``torch.load(mmap=True, weights_only=True)``, whose tensors are views of the
+  mapped file that are never touched;
+- a model: its factory runs under ``torch.device("meta")`` so no parameter memory is allocated
+  (falling back to the CPU when the factory can not run on the meta device).
+
+The checkpoint's keys are revised by `KeyRules` (as ``load_checkpoint(revise_keys=...)``), then
+restricted to a prefix and stripped of it (as `ckptmap.prefix.filter_prefix`), then compared:
+missing, unexpected, shape-mismatched (both shapes) and collisions (several checkpoint keys
+revised to one). ``num_batches_tracked`` missing is not reported, as in the OpenMMLab loaders.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptmap._core import KeyRules, diff_keys
+from ckptmap.errors import CkptmapError, PrefixNotFoundError
+from ckptmap.report import fold_keys
+
+__all__ = [
+    "DiffResult",
+    "ModelSpecError",
+    "Shapes",
+    "checkpoint_shapes",
+    "diff_checkpoint",
+    "format_diff",
+    "load_factory",
+    "model_shapes",
+    "parse_rule",
+]
+
+#: name -> (shape, dtype); shape and dtype are None for entries that are not tensors
+#: (``_extra_state``).
+Shapes = OrderedDict[str, tuple[tuple[int, ...] | None, str | None]]
+
+
+class ModelSpecError(CkptmapError, ValueError):
+    """A ``--model pkg.module:factory`` that can not be imported or does not build a module."""
+
+
+def parse_rule(text: str) -> tuple[str, str]:
+    """``PATTERN=>REPL`` as a `(pattern, repl)` pair (split at the first ``=>``).
+
+    A literal ``=>`` in a pattern is written ``=\\>``. ``PATTERN=>`` replaces by nothing.
+
+    Raises:
+        ValueError: no ``=>`` in `text`.
+    """
+    pattern, sep, repl = text.partition("=>")
+    if not sep:
+        raise ValueError(
+            f"{text!r} is not a rule: write PATTERN=>REPLACEMENT, e.g. '^module\\.=>' "
+            "(re.sub syntax; the replacement may be empty)"
+        )
+    return pattern, repl
+
+
+# --- the two sides ----------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shapes_of(state_dict: Mapping[str, Any]) -> Shapes:
+    out: Shapes = OrderedDict()
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = (tuple(value.shape), _dtype_name(value.dtype))
+        else:
+            out[key] = (None, None)
+    return out
+
+
+def checkpoint_shapes(
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()
+) -> tuple[Shapes, str, bool]:
+    """The state dict's names, shapes and dtypes of the checkpoint at `path`.
+
+    Returns:
+        `(shapes, format, header_only)`: `format` is the sniffed format's name; `header_only`
+        is False only for legacy torch files and plain pickles, which must be read whole.
+
+    Raises:
+        The errors of `ckptmap.formats.load_file` and `ckptmap.checkpoint.find_state_dict`.
+    """
+    from ckptmap.checkpoint import find_state_dict
+    from ckptmap.formats import load_file
+    from ckptmap.formats.errors import TorchScriptArchiveError
+    from ckptmap.formats.sniff import Format, sniff
+
+    sniffed = sniff(path)
+    sniffed.raise_if_corrupt()
+    if sniffed.format is Format.TORCHSCRIPT:
+        raise TorchScriptArchiveError(sniffed.path)
+    if sniffed.format is Format.SAFETENSORS:
+        from ckptmap.formats.safetensors import SafetensorsFile
+
+        with SafetensorsFile(sniffed.path) as st:
+            shapes: Shapes = OrderedDict(
+                (name, (tuple(shape), dtype))
+                for name, shape, dtype in zip(st.names, st.shapes, st.dtypes, strict=True)
+            )
+        return shapes, sniffed.format.value, True
+    if sniffed.format is Format.SHARDED:
+        from ckptmap.formats.sharded import ShardedCheckpoint
+
+        with ShardedCheckpoint(sniffed.path, allowed_globals=tuple(allowed_globals)) as sharded:
+            # Torch zip shards are mapped, never read; older pickles must be read whole.
+            header_only = all(
+                sniff(p).format in (Format.SAFETENSORS, Format.TORCH_ZIP)
+                for p in sharded.shards.values()
+            )
+            plan = sharded.plan()
+        shapes = OrderedDict((e.name, (tuple(e.shape), e.dtype)) for e in plan)
+        return shapes, sniffed.format.value, header_only
+    checkpoint = load_file(sniffed.path, "cpu", allowed_globals=allowed_globals)
+    state_dict = find_state_dict(checkpoint, sniffed.path)
+    return (
+        _shapes_of(state_dict),
+        sniffed.format.value,
+        sniffed.format is Format.TORCH_ZIP,
+    )
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """Imports ``pkg.module:factory`` (or ``path/to/file.py:factory``); dots after the colon
+    walk attributes (``pkg.models:Zoo.build``).
+
+    The current directory is importable, as with ``python -m``.
+
+    Raises:
+        ModelSpecError: a malformed spec, a module that does not import, no such attribute,
+            or an attribute that is not callable.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelSpecError(
+            f"--model {spec!r}: write MODULE:FACTORY, e.g. 'mypkg.models:build_model' or "
+            "'models.py:build_model' (a callable returning an nn.Module)"
+        )
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ModelSpecError(f"--model {spec!r}: no file {module_name!r}")
+            name = "_ckptmap_model_" + os.path.basename(module_name)[:-3]
+            loaded = importlib.util.spec_from_file_location(name, module_name)
+            if loaded is None or loaded.loader is None:  # pragma: no cover - a .py always loads
+                raise ModelSpecError(f"--model {spec!r}: can not import {module_name!r}")
+            module = importlib.util.module_from_spec(loaded)
+            sys.modules[name] = module
+            loaded.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ModelSpecError:
+        raise
+    except Exception as err:
+        raise ModelSpecError(
+            f"--model {spec!r}: importing {module_name!r} failed: {type(err).__name__}: {err}"
+        ) from err
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ModelSpecError(
+                f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if not callable(target):
+        raise ModelSpecError(
+            f"--model {spec!r}: {attr!r} is a {type(target).__name__}, not a callable "
+            "returning an nn.Module"
+        )
+    return target  # type: ignore[no-any-return]
+
+
+def build_model(spec: str) -> tuple[nn.Module, str]:
+    """Builds the model of `spec` on the meta device (no memory) if it can, else on the CPU.
+
+    Returns:
+        `(model, device)` where `device` is ``"meta"`` or ``"cpu"``.
+    """
+    factory = load_factory(spec)
+    try:
+        with torch.device("meta"):
+            model = factory()
+        device = "meta"
+    except Exception:
+        # Some factories compute with real tensors (or load weights): build them normally.
+        try:
+            model = factory()
+        except Exception as err:
+            raise ModelSpecError(
+                f"--model {spec!r}: calling the factory failed: {type(err).__name__}: {err}"
+            ) from err
+        device = "cpu"
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"--model {spec!r}: the factory returned a {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    return model, device
+
+
+def model_shapes(model: nn.Module) -> Shapes:
+    """The names, shapes and dtypes of `model`'s state dict (persistent buffers and
+    ``_extra_state`` included; model wrappers unwrapped, as the loaders do)."""
+    from ckptmap.save import get_state_dict
+
+    return _shapes_of(get_state_dict(model, keep_vars=True))
+
+
+# --- the comparison ---------------------------------------------------------------------------
+
+
+@dataclass
+class DiffResult:
+    """What loading the checkpoint into the expected keys would report.
+
+    Attributes:
+        source_keys: keys of the checkpoint after rules and prefix.
+        expected_keys: keys of the model (or the other checkpoint).
+        missing: expected keys the checkpoint lacks (``num_batches_tracked`` left out).
+        unexpected: checkpoint keys nothing expects.
+        mismatched: `(key, checkpoint shape, expected shape)` of keys on both sides.
+        collisions: `(key, sources, kept)` of checkpoint keys that the rules merged.
+    """
+
+    source_keys: int
+    expected_keys: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    collisions: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        """Checkpoint keys that a load would take (expected, same shape)."""
+        return self.source_keys - len(self.unexpected) - len(self.mismatched)
+
+    @property
+    def match(self) -> bool:
+        """The keys and shapes match exactly, and no two checkpoint keys collide."""
+        return not (self.missing or self.unexpected or self.mismatched or self.collisions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "match": self.match,
+            "source_keys": self.source_keys,
+            "expected_keys": self.expected_keys,
+            "matched": self.matched,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "shape_mismatched": [
+                {"key": k, "checkpoint": list(a), "expected": list(b)}
+                for k, a, b in self.mismatched
+            ],
+            "collisions": [
+                {"key": k, "sources": list(s), "kept": kept} for k, s, kept in self.collisions
+            ],
+        }
+
+
+def diff_checkpoint(
+    source: Shapes,
+    expected: Shapes,
+    *,
+    rules: KeyRules | None = None,
+    prefix: str | None = None,
+    source_name: str = "<checkpoint>",
+) -> DiffResult:
+    """Compares the checkpoint's `source` shapes with `expected` after `rules` and `prefix`.
+
+    Raises:
+        PrefixNotFoundError: `prefix` given and no key (after the rules) lies under it.
+    """
+    collisions: list[tuple[str, tuple[str, ...], str]] = []
+    if rules is not None and len(rules):
+        from ckptmap.revise import revise_keys
+
+        revised, found = revise_keys(source, rules)
+        source = revised
+        collisions = [(c.key, tuple(c.sources), c.kept) for c in found]
+    if prefix:
+        from ckptmap.prefix import filter_prefix
+
+        kept = filter_prefix(source, prefix, strip=True)
+        if not kept:
+            full = prefix if prefix.endswith(".") else prefix + "."
+            tops = list(dict.fromkeys(k.split(".", 1)[0] for k in list(source)[:10_000]))[:10]
+            raise PrefixNotFoundError(full, source_name, tops)
+        source = kept
+    missing, unexpected = diff_keys(list(source), list(expected))
+    mismatched = []
+    for key, (shape, _dtype) in source.items():
+        other = expected.get(key)
+        if other is None or shape is None or other[0] is None:
+            continue
+        if tuple(shape) != tuple(other[0]):
+            mismatched.append((key, tuple(shape), tuple(other[0])))
+    return DiffResult(
+        source_keys=len(source),
+        expected_keys=len(expected),
+        missing=[k for k in missing if "num_batches_tracked" not in k],
+        unexpected=list(unexpected),
+        mismatched=mismatched,
+        collisions=collisions,
+    )
+
+
+def format_diff(result: DiffResult, *, source: str, expected: str, notes: Sequence[str]) -> str:
+    """The diff for people: index runs folded (``layers.{0..31}.w  [32 keys]``)."""
+    lines = [f"checkpoint: {source}", f"expected:   {expected}", *notes]
+    lines.append(
+        f"keys: checkpoint {result.source_keys:,}, expected {result.expected_keys:,}, "
+        f"matched {result.matched:,}"
+    )
+
+    def section(title: str, keys: Sequence[str]) -> None:
+        if keys:
+            lines.append(f"{title} ({len(keys):,}):")
+            lines.extend(f"    {p}{_count(n)}" for p, n in fold_keys(keys))
+
+    section("missing from the checkpoint", result.missing)
+    section("unexpected in the checkpoint", result.unexpected)
+    if result.mismatched:
+        lines.append(f"shape mismatched ({len(result.mismatched):,}):")
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
+        for key, a, b in result.mismatched:
+            groups.setdefault((a, b), []).append(key)
+        for (a, b), names in groups.items():
+            for pattern, n in fold_keys(names):
+                lines.append(f"    {pattern}: checkpoint {a}, expected {b}{_count(n)}")
+    if result.collisions:
+        lines.append(f"collisions after the rules ({len(result.collisions):,}), last one kept:")
+        for key, sources, kept in result.collisions:
+            lines.append(f"    {key} <- {', '.join(sources)} (kept {kept})")
+    if result.match:
+        lines.append("result: keys and shapes match exactly")
+    else:
+        lines.append("result: the checkpoint and the expected keys differ")
+        if result.matched == 0 and result.source_keys:
+            lines.append(
+                "hint: no key matches; compare the names above and add --revise "
+                "(e.g. '^module\\.=>') or --prefix"
+            )
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"  [{n:,} keys]" if n > 1 else ""
+
+
+# --- the command line -------------------------------------------------------------------------
+
+DIFF_EPILOG = """\
+The checkpoint's keys are revised by the --revise rules (in order, each as re.sub), then kept
+under --prefix with the prefix stripped; the other side (--model or --against) is taken as is.
+Shapes come from headers: safetensors and sharded checkpoints are never read past their
+headers, torch zip files are memory-mapped and not read, and --model builds the model on the
+meta device (no memory) when its factory allows it.
+
+exit status:
+  0  the keys and shapes match exactly
+  1  they differ (missing, unexpected, shape-mismatched keys or collisions)
+  2  usage error or bad input (unreadable checkpoint, bad pattern, model that won't build)
+
+examples:
+  ckptmap diff work_dirs/epoch_12.pth --model mypkg.models:build_detector --revise '^module\\.=>'
+  ckptmap diff model.safetensors --against model.pth --json
+  ckptmap diff ddp.pth --against backbone.pth --prefix module.backbone
+"""
+
+
+def rule_arg(text: str) -> tuple[str, str]:
+    """argparse type for ``--revise PATTERN=>REPL``."""
+    import argparse
+
+    try:
+        return parse_rule(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def allowed_globals_for(names: Iterable[str]) -> list[Any]:
+    """The pickle globals of the named allowlists (``ckptmap inspect --allow``'s names)."""
+    from ckptmap.formats import allowlist
+
+    allowed: list[Any] = []
+    for name in names:
+        allowed.extend(
+            allowlist.numpy_globals() if name == "numpy" else allowlist.mmengine_runner()
+        )
+    return allowed
+
+
+def add_diff_parser(subparsers: Any) -> Any:
+    """Adds the ``diff`` subcommand to `ckptmap`'s argument parser."""
+    import argparse
+
+    from ckptmap.inspect import ALLOWLISTS
+
+    parser = subparsers.add_parser(
+        "diff",
+        help="what loading CKPT into a model (or against another checkpoint) would report",
+        description="Compares a checkpoint's keys and shapes with a model's state_dict() or "
+        "another checkpoint: missing, unexpected and shape-mismatched keys, and keys that the "
+        "rules merge (collisions), from headers alone where the format allows.",
+        epilog=DIFF_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file, index or directory")
+    side = parser.add_mutually_exclusive_group(required=True)
+    side.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="a callable returning the nn.Module to load into, e.g. mypkg.models:build "
+        "(or path/to/file.py:build)",
+    )
+    side.add_argument("--against", metavar="OTHER", help="a checkpoint to compare with")
+    parser.add_argument(
+        "--revise",
+        metavar="PATTERN=>REPL",
+        type=rule_arg,
+        action="append",
+        default=[],
+        help="rename the checkpoint's keys as re.sub(PATTERN, REPL, key); repeatable, applied "
+        "in order (a literal '=>' in a pattern is written '=\\>')",
+    )
+    parser.add_argument(
+        "--prefix", metavar="P", help="keep only keys under P (after the rules), stripping P"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        choices=ALLOWLISTS,
+        help="allow a named set of pickle globals (as for inspect); repeatable",
+    )
+    parser.set_defaults(run=run_diff, error_status=2)
+    return parser
+
+
+def run_diff(args: Any) -> int:
+    """Runs ``ckptmap diff`` with parsed `args`; returns the exit status (0, 1)."""
+    import json
+
+    # Compiled first: a bad pattern fails before any file is read or model built.
+    rules = KeyRules(args.revise) if args.revise else None
+    allowed = allowed_globals_for(args.allow)
+    source, fmt, header_only = checkpoint_shapes(args.checkpoint, allowed_globals=allowed)
+    notes: list[str] = []
+    if args.model:
+        model, device = build_model(args.model)
+        expected = model_shapes(model)
+        expected_name = f"model {args.model} (built on {device})"
+        other: dict[str, Any] = {"model": args.model, "model_device": device}
+    else:
+        expected, other_fmt, other_header_only = checkpoint_shapes(
+            args.against, allowed_globals=allowed
+        )
+        expected_name = (
+            f"{args.against} ({other_fmt}{', header only' if other_header_only else ''})"
+        )
+        other = {"against": args.against, "against_header_only": other_header_only}
+    result = diff_checkpoint(
+        source, expected, rules=rules, prefix=args.prefix, source_name=args.checkpoint
+    )
+    if args.json:
+        doc = {
+            "checkpoint": args.checkpoint,
+            "format": fmt,
+            "header_only": header_only,
+            **other,
+            "rules": [list(r) for r in args.revise],
+            "prefix": args.prefix,
+            **result.to_json(),
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        if args.revise:
+            notes.append("rules:      " + "; ".join(f"{p!r} => {r!r}" for p, r in args.revise))
+        if args.prefix:
+            notes.append(f"prefix:     {args.prefix!r} (stripped)")
+        name = f"{args.checkpoint} ({fmt}{', header only' if header_only else ''})"
+        print(format_diff(result, source=name, expected=expected_name, notes=notes))
+    return 0 if result.match else 1
