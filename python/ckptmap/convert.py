@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -342,7 +343,13 @@ def convert(
         # The original order of the entries, the weights where they were.
         order = [k for k in checkpoint if k == key or k in rest]
         new = {k: new[k] for k in order}
-    result.target = save_checkpoint(new, dst, max_shard_size=limit)
+    try:
+        result.target = save_checkpoint(new, dst, max_shard_size=limit)
+    except TypeError as err:  # NotSerializableError: an entry JSON metadata can't hold
+        entry = re.match(r"checkpoint\[('[^']*')\]", str(err))
+        if entry is None or key is None:
+            raise
+        raise ConvertError(f"{err}; or leave it out: --drop {entry.group(1)}") from err
     if limit is not None:
         with open(result.target, encoding="utf-8") as f:
             result.shards = len(set(json.load(f)["weight_map"].values()))
