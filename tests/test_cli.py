@@ -1,7 +1,12 @@
 """The command line: `ckptmap demo` and error handling."""
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from ckptmap.cli import main, synthetic_keys
 
@@ -49,3 +54,88 @@ def test_inspect_subcommand(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.pth")]) == 1
     err = capsys.readouterr().err
     assert "missing.pth" in err and "can not be found" in err
+
+
+# --- demo, help, errors and the console script ------------------------------------------------
+
+CONSOLE = str(Path(sys.executable).with_name("ckptmap"))
+
+
+def test_demo_tiny_loads_and_checks_equal(capsys, tmp_path):
+    assert main(["demo", "--size", "tiny", "--keep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "results identical (parameters equal): yes" in out
+    assert "encoder.layers.{0,1}.aux.weight  [2 keys]" in out
+    assert "torch's load_state_dict agrees: 4 unexpected, 0 missing" in out
+    for loader in ("ckptmap", "torch"):
+        assert f"  {loader} " in out
+    assert (tmp_path / "epoch_12.pth").is_file()
+    # The kept checkpoint diffs clean against the inference model under the demo's rules.
+    args = [
+        "diff",
+        str(tmp_path / "epoch_12.safetensors"),
+        "--against",
+        str(tmp_path / "epoch_12.pth"),
+    ]
+    assert main(args) == 0
+
+
+def test_demo_size_argument():
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--size", "huge"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["demo", "inspect", "diff", "convert"])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--debug" in out
+    if command == "diff":
+        assert "exit status" in out and "2  usage error" in out
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError):
+        main(["convert", missing, str(tmp_path / "o.pth"), "--debug"])
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "diff", missing, "--against", missing])
+
+
+def test_console_script_end_to_end(tmp_path):
+    import torch
+
+    assert os.access(CONSOLE, os.X_OK)
+    sd = {"module.w": torch.ones(2, 3), "module.b": torch.zeros(2)}
+    src = tmp_path / "a.pth"
+    torch.save({"meta": {"epoch": 1}, "state_dict": sd}, src)
+    out = tmp_path / "a.safetensors"
+    proc = subprocess.run(
+        [CONSOLE, "convert", str(src), str(out), "--revise", r"^module\.=>", "--dtype", "bf16"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 floating-point cast to bfloat16" in proc.stdout
+    proc = subprocess.run(
+        [CONSOLE, "diff", str(src), "--against", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1 and proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert doc["missing"] == ["w", "b"] or sorted(doc["missing"]) == ["b", "w"]
+    proc = subprocess.run(
+        [CONSOLE, "diff", str(tmp_path / "nope.pth"), "--against", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("ckptmap: error:") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
