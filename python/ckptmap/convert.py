@@ -71,7 +71,7 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "")
     if not sys.stderr.isatty():
         yield from iterable
         return
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     yield from tqdm(iterable, total=total, desc=desc, leave=False, unit="tensor", mininterval=0.2)
 

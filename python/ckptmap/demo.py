@@ -217,7 +217,7 @@ def _mmengine() -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from mmengine.runner import checkpoint
+            from mmengine.runner import checkpoint  # type: ignore[import-untyped]
     except Exception:
         return None
     return checkpoint
