@@ -112,6 +112,8 @@ pub struct Translation {
     pub unicode_sensitive: bool,
     /// Uses `$` without MULTILINE: Python also matches it before a final `\n`.
     pub dollar_sensitive: bool,
+    /// Uses `\B`, which Python never matches in the empty string (the `regex` crate does).
+    pub empty_sensitive: bool,
     /// Can match the empty string.
     pub nullable: bool,
 }
@@ -131,6 +133,7 @@ pub fn translate(pattern: &str, initial_flags: u32) -> CoreResult<Translation> {
         names: parser.names,
         unicode_sensitive: false,
         dollar_sensitive: false,
+        empty_sensitive: false,
         nullable: nullable(&node),
     };
     emit(&node, &mut out)?;
@@ -416,10 +419,18 @@ impl Parser {
                         self.check_flags()?;
                         return Ok(None);
                     }
-                    self.flags = (self.flags | add) & !del;
-                    if add & flags::ASCII != 0 {
-                        self.flags &= !flags::UNICODE;
+                    // CPython compiles its search prefilter with the pattern's top-level type
+                    // flags, so a scoped (?a:...) or (?u:...) that changes them does not behave
+                    // as its group says; leave such patterns to Python.
+                    let ascii_pattern = self.flags & flags::ASCII != 0;
+                    if (add & flags::ASCII != 0 && !ascii_pattern)
+                        || (add & flags::UNICODE != 0 && ascii_pattern)
+                    {
+                        return unsupported(
+                            "scoped (?a:...) or (?u:...) changing the pattern's type",
+                        );
                     }
+                    self.flags = (self.flags | add) & !del;
                     self.check_flags()?;
                     capture = false;
                 }
@@ -825,6 +836,7 @@ fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
             Assertion::TextEnd => "\\z",
             Assertion::WordBoundary { negated } => {
                 t.unicode_sensitive = true;
+                t.empty_sensitive |= *negated;
                 if *negated {
                     "\\B"
                 } else {
@@ -925,6 +937,9 @@ mod tests {
         assert!(!translate(r"\w+", flags::ASCII).unwrap().unicode_sensitive);
         assert!(tr(r"(?i)abc").unicode_sensitive);
         assert!(!tr(r"abc\d?").dollar_sensitive);
+        assert!(tr(r"x?\B").empty_sensitive);
+        assert!(!tr(r"\b").empty_sensitive);
+        assert!(translate(r"a(?a:\w)", flags::ASCII).is_ok());
     }
 
     #[test]
@@ -957,6 +972,8 @@ mod tests {
             r"(a|)+",
             r"a??",
             r"(|a)",
+            r"(?a:\W)",
+            r"(?a)a(?u:\w)",
         ] {
             assert!(is_unsupported(p), "{p:?} should fall back");
         }

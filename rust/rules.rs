@@ -60,10 +60,12 @@ impl NativeRule {
     }
 
     /// Whether this key must go through Python's `re` for this rule: a non-ASCII key for a
-    /// rule using Unicode-dependent constructs, or a key ending in `\n` for a rule using `$`.
+    /// rule using Unicode-dependent constructs, a key ending in `\n` for a rule using `$`, or
+    /// the empty key for a rule using `\B`.
     pub fn needs_python(&self, key: &str) -> bool {
         (self.translation.unicode_sensitive && !key.is_ascii())
             || (self.translation.dollar_sensitive && key.ends_with('\n'))
+            || (self.translation.empty_sensitive && key.is_empty())
     }
 
     /// `re.sub(pattern, repl, key)`. Borrows the key when nothing matched.

@@ -2,9 +2,8 @@
 construction errors, and the object's API. The generated differential tests live in
 tests/test_rules_differential.py.
 
-Known engine mismatches are pinned by the `xfail(strict=True)` tests at the end of this file;
-when one starts passing, drop its marker (and the matching exclusion in tests/strategies.py
-or tests/test_rules_differential.py).
+The regression tests at the end of this file are the mismatches the differential tests
+found (each was first pinned as a strict xfail, then fixed in the engine).
 """
 
 from __future__ import annotations
@@ -443,35 +442,26 @@ def test_invalid_rule_shapes():
 
 
 # --------------------------------------------------------------------------------------------
-# Known mismatches, pinned. Each is excluded from the generated tests (see the name in
-# tests/strategies.py / tests/test_rules_differential.py); remove both when fixed.
+# Regressions: mismatches the differential tests found.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Python's \\B never matches in the empty string (3.11: AT_NON_BOUNDARY "
-    "fails when the string is empty); the regex crate's \\B does",
-)
 @pytest.mark.parametrize(
     ("rules", "key"),
     [
         ([("\\B", "-")], ""),
         ([("x?\\B", "-")], ""),
-        ([("^.*$", ""), ("\\B", "-")], "abc"),
+        ([("^.*$", ""), ("\\B", "-")], "abc"),  # an earlier rule empties the key
     ],
 )
-def test_non_word_boundary_on_empty_key(rules, key):
+def test_non_word_boundary_never_matches_the_empty_key(rules, key):
+    # CPython 3.11's AT_NON_BOUNDARY fails when the whole string is empty; the regex
+    # crate's \B matches there.
     want = key
     for p, r in rules:
         want = re.sub(p, r, want)
     assert KeyRules(rules).sub(key) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a scoped (?u:...) inside an ASCII pattern must make \\w\\s\\d Unicode "
-    "again (re._compiler._combine_flags clears the type flags); the engine keeps ASCII",
-)
 @pytest.mark.parametrize(
     ("pattern", "key"),
     [
@@ -481,15 +471,10 @@ def test_non_word_boundary_on_empty_key(rules, key):
     ],
 )
 def test_scoped_unicode_flag_inside_ascii_pattern(pattern, key):
+    # re._compiler._combine_flags: a scoped (?u:...) makes \w\s\d Unicode again.
     assert KeyRules([(pattern, "-")]).sub(key) == re.sub(pattern, "-", key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Python's search prefilter (re._compiler._compile_info charset) compiles "
-    "a leading class/category with the pattern's top-level flags, so a leading (?a:\\W) etc. "
-    "in a Unicode pattern never matches what Unicode \\W excludes",
-)
 @pytest.mark.parametrize(
     ("pattern", "key"),
     [
@@ -502,14 +487,12 @@ def test_scoped_unicode_flag_inside_ascii_pattern(pattern, key):
     ],
 )
 def test_scoped_ascii_flag_on_leading_category_follows_python_prefilter(pattern, key):
+    # CPython's search prefilter (re._compiler._compile_info's charset) compiles a leading
+    # class or category with the pattern's top-level type flags, so a leading (?a:\W) in a
+    # Unicode pattern never matches what Unicode \W excludes.
     assert KeyRules([(pattern, "-")]).sub(key) == re.sub(pattern, "-", key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="API bug: a key that passes through a rule running on Python's re comes back as a "
-    "new (equal) str even when no rule changed it; apply() documents 'same objects'",
-)
 @pytest.mark.parametrize(
     ("rules", "key"),
     [
@@ -522,7 +505,21 @@ def test_scoped_ascii_flag_on_leading_category_follows_python_prefilter(pattern,
     ],
 )
 def test_unchanged_keys_through_fallback_keep_identity(rules, key):
+    # A key that passes through a rule running on Python's re, unchanged, is still the
+    # caller's object.
     key = "".join([key, ""])
     out = KeyRules(rules).apply([key])
     assert out[0] == key
     assert out[0] is key
+
+
+def _boom(m):
+    raise ZeroDivisionError("boom")
+
+
+@pytest.mark.parametrize("repl", [_boom, lambda m: 1])
+def test_errors_raised_by_the_replacement_propagate_like_re_sub(repl):
+    want = _raised(lambda: re.sub("a", repl, "xa"))
+    got = _raised(lambda: KeyRules([("^", ""), ("a", repl)]).apply(["b", "xa"]))
+    assert type(got) is type(want)
+    assert str(got) == str(want)

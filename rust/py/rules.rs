@@ -197,7 +197,7 @@ impl KeyRules {
     }
 
     /// Applies every rule in order to each key; returns the new keys as a list.
-    /// Keys no rule changed are returned as the same objects.
+    /// A key that comes out equal to what went in is returned as the same object.
     fn apply<'py>(
         &self,
         py: Python<'py>,
@@ -237,7 +237,10 @@ impl KeyRules {
                 Value::Text(Cow::Borrowed(s)) if text.is_some_and(|t| std::ptr::eq(t, s)) => {
                     key.clone().into_any()
                 }
+                // Rewritten (or sent through Python's `re`) yet equal: keep the caller's object.
+                Value::Text(s) if text.is_some_and(|t| t == s.as_ref()) => key.clone().into_any(),
                 Value::Text(s) => new_string(py, &s)?,
+                Value::Object(obj) if obj.eq(key)? => key.clone().into_any(),
                 Value::Object(obj) => obj,
             });
         }
