@@ -69,7 +69,9 @@ def fmt_time(seconds: float) -> str:
 
 
 def fmt_extra(extra: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:,.0f}" for k, v in sorted(extra.items()))
+    # Memory figures only; other extra_info (key counts, helper timings) stays in raw.json.
+    shown = {k: v for k, v in extra.items() if "mib" in k or "pct" in k}
+    return ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in sorted(shown.items()))
 
 
 def ratio_rows(groups: dict[str, list[Entry]]) -> list[tuple[str, Entry, Entry, float]]:
@@ -114,9 +116,9 @@ def render_markdown(raw: dict) -> str:
     for group, ours, other, ratio in ratio_rows(groups):
         ours_cell = fmt_time(ours.min_s)
         other_cell = fmt_time(other.min_s)
-        if ours.extra:
+        if fmt_extra(ours.extra):
             ours_cell += f" ({fmt_extra(ours.extra)})"
-        if other.extra:
+        if fmt_extra(other.extra):
             other_cell += f" ({fmt_extra(other.extra)})"
         speed = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
         lines.append(f"| {group} | {ours_cell} | {other.impl} | {other_cell} | {speed} |")

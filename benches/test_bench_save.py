@@ -35,7 +35,7 @@ GIB = 2**30
 N_TENSORS = 128
 
 CHILD = """
-    import json, os, resource, sys, time
+    import json, os, sys, time
     import torch
 
     variant, target = sys.argv[1], sys.argv[2]
@@ -50,9 +50,12 @@ CHILD = """
     elif variant == "safetensors.save_file":
         from safetensors.torch import save_file
 
-    def rss_kib():
+    def status_kib(field):
         with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+
+    def rss_kib():
+        return status_kib("VmRSS")
 
     before = rss_kib()
     start = time.perf_counter()
@@ -69,7 +72,9 @@ CHILD = """
     elif variant == "ckptmap sharded 512MiB":
         target = ckptmap_save.save_checkpoint(checkpoint, target, max_shard_size="512MiB")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child of a big
+    # pytest process would report its parent's peak. VmHWM belongs to this address space.
+    peak = status_kib("VmHWM")
     start = time.perf_counter()
     for name in os.listdir(os.path.dirname(target)):
         fd = os.open(os.path.join(os.path.dirname(target), name), os.O_RDONLY)

@@ -147,3 +147,9 @@ def test_apply_releases_the_gil():
     thread.join()
     during = [t for t in ticks if start < t < end]
     assert len(during) >= 5, f"only {len(during)} ticks in {end - start:.3f} s"
+
+
+def test_apply_rejects_a_bare_string():
+    with pytest.raises(TypeError, match="not one str"):
+        KeyRules([("a", "b")]).apply("abc")
+    assert KeyRules([("a", "b")]).sub("abc") == "bbc"

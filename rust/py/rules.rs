@@ -127,6 +127,11 @@ fn new_string<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
 }
 
 fn extract_keys<'py>(keys: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyString>>> {
+    if keys.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(
+            "apply() takes a list of keys, not one str (use sub(key) for a single key)",
+        ));
+    }
     let mut out = Vec::with_capacity(keys.len().unwrap_or(0));
     for (i, key) in keys.try_iter()?.enumerate() {
         let key = key?;
