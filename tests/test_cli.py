@@ -139,3 +139,11 @@ def test_console_script_end_to_end(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("ckptmap: error:") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_allow_choices_are_the_named_allowlists():
+    from ckptmap.formats import allowlist
+    from ckptmap.inspect import ALLOWLISTS
+
+    assert set(ALLOWLISTS) == set(allowlist.BY_NAME)
+    assert allowlist.globals_for(["numpy"]) == list(allowlist.numpy_globals())

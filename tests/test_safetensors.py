@@ -541,7 +541,7 @@ def resident_fraction(path: str, start: int = 0, end: int | None = None) -> floa
         pages = (size + PAGE - 1) // PAGE
         vec = (ctypes.c_ubyte * pages)()
         if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
-            pytest.skip(f"mincore failed: errno {ctypes.get_errno()}")
+            pytest.skip(reason=f"mincore failed: errno {ctypes.get_errno()}")
         first, last = start // PAGE, (end + PAGE - 1) // PAGE
         return sum(v & 1 for v in vec[first:last]) / max(1, last - first)
     finally:
@@ -557,7 +557,7 @@ def evict(path: str) -> None:
     finally:
         os.close(fd)
     if resident_fraction(path) > 0.01:
-        pytest.skip("this filesystem keeps the file cached despite POSIX_FADV_DONTNEED")
+        pytest.skip(reason="this filesystem keeps the file cached despite POSIX_FADV_DONTNEED")
 
 
 @pytest.fixture

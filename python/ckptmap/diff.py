@@ -401,15 +401,10 @@ def rule_arg(text: str) -> tuple[str, str]:
 
 
 def allowed_globals_for(names: Iterable[str]) -> list[Any]:
-    """The pickle globals of the named allowlists (``ckptmap inspect --allow``'s names)."""
+    """The pickle globals of the named allowlists (``--allow``'s names)."""
     from ckptmap.formats import allowlist
 
-    allowed: list[Any] = []
-    for name in names:
-        allowed.extend(
-            allowlist.numpy_globals() if name == "numpy" else allowlist.mmengine_runner()
-        )
-    return allowed
+    return allowlist.globals_for(names)
 
 
 def add_diff_parser(subparsers: Any) -> Any:

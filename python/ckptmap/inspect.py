@@ -30,7 +30,7 @@ from ckptmap.formats.sniff import Format, sniff
 __all__ = ["add_inspect_parser", "format_inspect", "inspect_checkpoint", "run_inspect"]
 
 #: Named allowlists that ``ckptmap inspect --allow`` accepts.
-ALLOWLISTS = ("numpy", "mmengine-runner")
+ALLOWLISTS = ("numpy", "mmengine-runner")  # the keys of formats.allowlist.BY_NAME
 
 
 def inspect_checkpoint(
@@ -165,11 +165,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Runs ``ckptmap inspect`` with parsed `args`; returns the exit status."""
     from ckptmap.formats import allowlist
 
-    allowed: list[Any] = []
-    for name in args.allow:
-        allowed.extend(
-            allowlist.numpy_globals() if name == "numpy" else allowlist.mmengine_runner()
-        )
+    allowed = allowlist.globals_for(args.allow)
     summary = inspect_checkpoint(args.path, depth=args.depth, allowed_globals=allowed)
     print(json.dumps(summary, indent=2) if args.json else format_inspect(summary))
     return 0

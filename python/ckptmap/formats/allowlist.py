@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -136,6 +137,22 @@ def mmengine_runner() -> tuple[Any, ...]:
         else (buffer_cls, _HISTORY_BUFFER),
         (history_buffer_method, "builtins.getattr"),
     )
+
+
+#: The allowlists the command line's ``--allow`` names.
+BY_NAME = {"numpy": numpy_globals, "mmengine-runner": mmengine_runner}
+
+
+def globals_for(names: Iterable[str]) -> list[Any]:
+    """The globals of the named allowlists (``--allow numpy``, ``--allow mmengine-runner``).
+
+    Raises:
+        KeyError: an unknown name.
+    """
+    allowed: list[Any] = []
+    for name in names:
+        allowed.extend(BY_NAME[name]())
+    return allowed
 
 
 def __getattr__(name: str) -> Any:
