@@ -147,3 +147,14 @@ def test_allow_choices_are_the_named_allowlists():
 
     assert set(ALLOWLISTS) == set(allowlist.BY_NAME)
     assert allowlist.globals_for(["numpy"]) == list(allowlist.numpy_globals())
+
+
+def test_bench_renders_the_last_results_of_the_checkout(capsys, monkeypatch, tmp_path):
+    from ckptmap import bench
+
+    script = bench.find_report_script()
+    assert script is not None and script.name == "report.py"
+    # Without a checkout the command says what to do instead of failing obscurely.
+    monkeypatch.setattr(bench, "find_report_script", lambda: None)
+    assert main(["bench", "--no-run"]) == 1
+    assert "needs a source checkout" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `ckptmap` command line: ``demo``, ``inspect``, ``diff`` and ``convert``.
+"""The `ckptmap` command line: ``demo``, ``inspect``, ``diff``, ``convert`` and ``bench``.
 
 Every error is one line on stderr (``ckptmap: error: ...``); ``--debug`` shows the traceback
 instead. Progress bars appear on a terminal only.
@@ -22,6 +22,7 @@ commands:
   inspect   summarise a checkpoint from its header
   diff      what loading a checkpoint into a model would report (exit 0 match, 1 differ)
   convert   .pth <-> (sharded) safetensors, with key rules, a prefix and a dtype
+  bench     the side-by-side benchmarks of a source checkout (as `make bench`)
 
 Run `ckptmap COMMAND --help` for a command's options. Errors are one line; --debug (before or
 after the command) shows the traceback.
@@ -46,12 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from ckptmap.bench import add_bench_parser
     from ckptmap.convert import add_convert_parser
     from ckptmap.demo import add_demo_parser
     from ckptmap.diff import add_diff_parser
     from ckptmap.inspect import add_inspect_parser
 
-    for add in (add_demo_parser, add_inspect_parser, add_diff_parser, add_convert_parser):
+    adders = (
+        add_demo_parser,
+        add_inspect_parser,
+        add_diff_parser,
+        add_convert_parser,
+        add_bench_parser,
+    )
+    for add in adders:
         _add_debug(add(commands))
     return parser
 
