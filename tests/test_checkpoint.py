@@ -348,3 +348,22 @@ def test_load_model_checkpoint(tmp_path, trained):
     assert not torch.equal(other.head.weight, trained.head.weight)
     with pytest.raises(StateDictMismatchError):
         load_model_checkpoint(_net(0), path, strict=True, rev_keys=[])
+
+
+def test_assign_makes_parameters_the_mapped_tensors(tmp_path, trained):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    model = _net(0)
+    load_checkpoint(model, path, assign=True, logger="silent")
+    _assert_same(model, trained)
+    # The parameters are now views of the memory-mapped file, not copies.
+    mapped = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith(str(path.resolve())):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                mapped.append((start, end))
+    assert mapped, "the checkpoint is not memory-mapped"
+    for name, param in model.named_parameters():
+        assert isinstance(param, nn.Parameter)
+        assert any(lo <= param.data_ptr() < hi for lo, hi in mapped), name

@@ -102,18 +102,22 @@ def _load_checkpoint_to_model(
     *,
     report: ReportStyle = "folded",
     source: str = "<checkpoint>",
+    assign: bool = False,
 ) -> Any:
     """Loads the weights of an already loaded checkpoint into `model`.
 
     The state dict is found by `find_state_dict`; `revise_keys` rename its keys (and the
-    module paths of its `_metadata`) as `re.sub` would, each collision reported.
+    module paths of its `_metadata`) as `re.sub` would, each collision reported. With
+    `assign=True` the parameters become the checkpoint's tensors (as torch's `assign=True`):
+    with a memory-mapped checkpoint nothing is copied, and the file must not change while the
+    model uses it.
 
     Returns:
         `checkpoint`, unchanged.
     """
     state_dict = find_state_dict(checkpoint, source)
     revised, collisions = _revise_keys(state_dict, revise_keys)
-    result = with_collisions(load_into(model, revised), collisions)
+    result = with_collisions(load_into(model, revised, assign=assign), collisions)
     finish_load(result, strict=strict, logger=logger, report=report)
     return checkpoint
 
@@ -127,6 +131,7 @@ def load_checkpoint(
     revise_keys: RuleSpec = DEFAULT_REVISE_KEYS,
     *,
     report: ReportStyle = "folded",
+    assign: bool = False,
 ) -> Any:
     """Loads a checkpoint file into `model`.
 
@@ -141,6 +146,8 @@ def load_checkpoint(
         revise_keys: `(pattern, replacement)` rules applied to every key in order, as
             `re.sub`; the default strips the `module.` prefix of wrapped models.
         report: ``"folded"`` or ``"flat"`` (the OpenMMLab message).
+        assign: make the parameters the loaded tensors instead of copying into them (zero
+            copy for memory-mapped files, which must then not change while in use).
 
     Returns:
         The loaded checkpoint (a dict), as the OpenMMLab function does.
@@ -162,6 +169,7 @@ def load_checkpoint(
         rules,
         report=report,
         source=os.fspath(filename),
+        assign=assign,
     )
 
 
