@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from probes import mapped_from
 
 from ckptmap.errors import CkptmapError, InvalidStateDictError
 from ckptmap.formats import (
@@ -132,18 +133,6 @@ def layout(sd: dict[str, Any]) -> list[tuple]:
 def save(obj: Any, path: Path, legacy: bool = False) -> Path:
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return path
-
-
-def mapped_from(tensor: torch.Tensor, path: Path) -> bool:
-    address = tensor.untyped_storage().data_ptr()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() == str(path):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= address < end:
-                    return True
-    return False
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

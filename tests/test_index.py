@@ -7,8 +7,6 @@ real `torch.nn.Module` trees.
 from __future__ import annotations
 
 import gc
-import sys
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -16,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from probes import ran_meanwhile
 from torch import nn
 
 from ckptmap._core import diff_keys, filter_prefix_keys, find_collisions, group_by_owner
@@ -314,36 +313,6 @@ def test_any_iterable_of_str_is_accepted() -> None:
 
 
 # --- the GIL ---------------------------------------------------------------------------------
-
-
-def ran_meanwhile(call: Callable[[], object]) -> bool:
-    """Whether another Python thread got to run while `call` ran.
-
-    The probe thread is woken just before the call and needs the GIL to record that it ran.
-    With a switch interval far longer than the call, the interpreter never takes the GIL from
-    the main thread, so the probe runs during the call only if the call releases the GIL.
-    """
-    go, done = threading.Event(), threading.Event()
-    ran: list[bool] = []
-
-    def probe() -> None:
-        go.wait()
-        ran.append(True)
-        done.set()
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(30.0)
-    try:
-        go.set()
-        call()
-        meanwhile = bool(ran)
-    finally:
-        sys.setswitchinterval(interval)
-    done.wait()
-    thread.join()
-    return meanwhile
 
 
 @pytest.fixture(scope="module")

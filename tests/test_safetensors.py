@@ -17,15 +17,14 @@ import pickle
 import resource
 import struct
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from probes import ran_meanwhile
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
@@ -727,31 +726,6 @@ def test_the_dispatcher_routes_safetensors_here(tmp_path: Path) -> None:
 
 
 # --- the GIL -----------------------------------------------------------------------------------
-
-
-def ran_meanwhile(call: Callable[[], object]) -> bool:
-    """Whether another Python thread got to run while `call` ran (see test_index.py)."""
-    go, done = threading.Event(), threading.Event()
-    ran: list[bool] = []
-
-    def probe() -> None:
-        go.wait()
-        ran.append(True)
-        done.set()
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(30.0)
-    try:
-        go.set()
-        call()
-        meanwhile = bool(ran)
-    finally:
-        sys.setswitchinterval(interval)
-    done.wait()
-    thread.join()
-    return meanwhile
 
 
 def test_header_parsing_releases_the_gil() -> None:

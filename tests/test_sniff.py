@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from probes import mapped_from
 
 from ckptmap.errors import (
     CheckpointIsADirectoryError,
@@ -64,19 +65,6 @@ def assert_equal_dicts(a: dict, b: dict, ordered: bool = True) -> None:
     assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def mapped_from(tensor: torch.Tensor, path: Path) -> bool:
-    """Whether `tensor`'s memory is a map of `path` (per /proc/self/maps)."""
-    address = tensor.untyped_storage().data_ptr()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() == str(path):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if start <= address < end:
-                    return True
-    return False
 
 
 # -- sniffing by content ----------------------------------------------------------------------
