@@ -25,8 +25,7 @@ from ckptmap.cache import (
     sniff_checkpoint,
     url_cache_dir,
 )
-from ckptmap.schemes import CheckpointLoader, load_from_http
-from ckptmap.schemes.errors import (
+from ckptmap.errors import (
     ChecksumMismatchError,
     DownloadError,
     IncompleteDownloadError,
@@ -36,6 +35,7 @@ from ckptmap.schemes.errors import (
     UnexpectedContentError,
     UnsafePathError,
 )
+from ckptmap.schemes import CheckpointLoader, load_from_http
 
 FAST = {"backoff_s": 0.0, "max_backoff_s": 0.0, "timeout_s": 10.0}
 BODY = checkpoint_bytes(0)

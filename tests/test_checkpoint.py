@@ -31,8 +31,8 @@ from ckptmap.errors import (
     NothingLoadedWarning,
     PrefixNotFoundError,
     StateDictMismatchError,
+    UnsafeCheckpointError,
 )
-from ckptmap.formats.errors import UnsafeCheckpointError
 
 
 class Net(nn.Module):

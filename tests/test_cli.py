@@ -1,5 +1,6 @@
 """The command line: `ckptmap demo` and error handling."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -142,15 +143,18 @@ def test_console_script_end_to_end(tmp_path):
 
 
 def test_allow_choices_are_the_named_allowlists():
+    from ckptmap.cli import build_parser
     from ckptmap.formats import allowlist
-    from ckptmap.inspect import ALLOWLISTS
 
-    assert set(ALLOWLISTS) == set(allowlist.BY_NAME)
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("inspect", "diff", "convert"):
+        allow = next(a for a in commands.choices[name]._actions if a.dest == "allow")
+        assert set(allow.choices) == set(allowlist.BY_NAME), name
     assert allowlist.globals_for(["numpy"]) == list(allowlist.numpy_globals())
 
 
 def test_bench_renders_the_last_results_of_the_checkout(capsys, monkeypatch, tmp_path):
-    from ckptmap import bench
+    from ckptmap.cli import bench
 
     script = bench.find_report_script()
     assert script is not None and script.name == "report.py"

@@ -9,7 +9,7 @@ from torch import nn
 
 import ckptmap
 from ckptmap.cli import main
-from ckptmap.convert import convert, parse_dtype
+from ckptmap.cli.convert import convert, parse_dtype
 
 
 def _model() -> nn.Module:

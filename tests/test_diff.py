@@ -10,7 +10,7 @@ from torch import nn
 
 import ckptmap
 from ckptmap.cli import main
-from ckptmap.diff import checkpoint_shapes, diff_checkpoint, parse_rule
+from ckptmap.cli.diff import checkpoint_shapes, diff_checkpoint, parse_rule
 from ckptmap.formats.safetensors import SafetensorsFile
 
 MODELS = textwrap.dedent(
@@ -203,7 +203,7 @@ def test_safetensors_header_only(tmp_path, monkeypatch, capsys):
 
 
 def test_diff_checkpoint_api_skips_num_batches_tracked():
-    source = ckptmap.diff.model_shapes(_model())
+    source = ckptmap.cli.diff.model_shapes(_model())
     del source["1.num_batches_tracked"]
-    result = diff_checkpoint(source, ckptmap.diff.model_shapes(_model()))
+    result = diff_checkpoint(source, ckptmap.cli.diff.model_shapes(_model()))
     assert result.match and result.matched == len(source)

@@ -25,18 +25,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from probes import mapped_from
 
-from ckptmap.errors import CkptmapError, InvalidStateDictError
-from ckptmap.formats import (
+from ckptmap.errors import (
+    CkptmapError,
     CorruptCheckpointError,
-    Format,
+    InvalidStateDictError,
     UnsafeCheckpointError,
     UnsafeLoadWarning,
-    load_file,
-    sniff,
-    validate_state_dict,
 )
+from ckptmap.formats import Format, load_file, sniff, validate_state_dict
 from ckptmap.formats.allowlist import MMENGINE_RUNNER, NUMPY
-from ckptmap.formats.pickle import pickle_globals
+from ckptmap.formats.pickled import pickle_globals
 
 # complex32 tensors make torch warn on creation, also inside torch.load; that is torch's word
 # to the user about the dtype, not a fault of the loading.

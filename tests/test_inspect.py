@@ -14,8 +14,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckptmap.formats import CorruptCheckpointError, UnsafeCheckpointError
-from ckptmap.inspect import add_inspect_parser, format_inspect, inspect_checkpoint
+from ckptmap.cli.summary import add_inspect_parser, format_inspect, inspect_checkpoint
+from ckptmap.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 
 class Block(torch.nn.Module):
@@ -124,7 +124,7 @@ def test_wide_nodes_are_capped(tmp_path: Path) -> None:
     st.integers(1, 5),
 )
 def test_tree_totals_are_consistent(names: list[list[str]], depth: int) -> None:
-    from ckptmap.inspect import _build_tree, _cap_children, _fold
+    from ckptmap.cli.summary import _build_tree, _cap_children, _fold
 
     keys = [".".join(parts) for parts in names]
     # A key can not also be a prefix of another in a real state dict; drop those.

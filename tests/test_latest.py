@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from ckptmap.atomic import temp_path_for
+from ckptmap.errors import CheckpointPointerWarning, IncompleteCheckpointError
 from ckptmap.latest import (
     LAST_CHECKPOINT,
-    CheckpointPointerWarning,
-    IncompleteCheckpointError,
     find_latest_checkpoint,
     is_complete_checkpoint,
     list_checkpoints,

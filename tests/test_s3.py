@@ -14,9 +14,7 @@ import torch
 from servers import checkpoint_bytes, free_port, moto_s3_server
 
 from ckptmap.atomic import is_temp_file
-from ckptmap.schemes import CheckpointLoader, load_from_ceph
-from ckptmap.schemes import s3 as s3_module
-from ckptmap.schemes.errors import (
+from ckptmap.errors import (
     MissingDependencyError,
     RemoteAccessDenied,
     RemoteNotFoundError,
@@ -24,6 +22,8 @@ from ckptmap.schemes.errors import (
     UnexpectedContentError,
     UnsafePathError,
 )
+from ckptmap.schemes import CheckpointLoader, load_from_ceph
+from ckptmap.schemes import s3 as s3_module
 from ckptmap.schemes.s3 import parse_s3_uri, s3_download
 
 boto3 = pytest.importorskip("boto3")

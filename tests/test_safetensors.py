@@ -34,14 +34,14 @@ from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
     CkptmapError,
-)
-from ckptmap.formats.errors import CorruptCheckpointError
-from ckptmap.formats.safetensors import (
+    CorruptCheckpointError,
     InvalidSafetensorsError,
-    SafetensorsFile,
-    TensorInfo,
     TensorNotFoundError,
     UnsupportedDtypeError,
+)
+from ckptmap.formats.safetensors import (
+    SafetensorsFile,
+    TensorInfo,
     load_file,
     load_safetensors,
     map_location_fn,

@@ -22,16 +22,9 @@ from torch import nn
 
 import ckptmap
 from ckptmap.atomic import is_temp_file
-from ckptmap.formats.safetensors_write import NotSerializableError, write_safetensors
-from ckptmap.save import (
-    CheckpointSaveError,
-    UnsupportedSaveTargetError,
-    get_state_dict,
-    is_shard_file,
-    parse_size,
-    save_checkpoint,
-    weights_to_cpu,
-)
+from ckptmap.errors import CheckpointSaveError, NotSerializableError, UnsupportedSaveTargetError
+from ckptmap.formats.safetensors_write import write_safetensors
+from ckptmap.save import get_state_dict, is_shard_file, parse_size, save_checkpoint, weights_to_cpu
 
 # --- helpers -------------------------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from safetensors import safe_open
 
 import ckptmap
 from ckptmap.atomic import is_temp_file, remove_stale_temps
+from ckptmap.errors import CheckpointPointerWarning
 from ckptmap.latest import (
     LAST_CHECKPOINT,
-    CheckpointPointerWarning,
     find_latest_checkpoint,
     is_complete_checkpoint,
     list_checkpoints,

@@ -16,7 +16,14 @@ import pytest
 import torch
 from servers import checkpoint_bytes, checkpoint_server
 
-from ckptmap.errors import CheckpointNotFoundError
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    MissingDependencyError,
+    UnknownModelNameError,
+    UnknownSchemeError,
+    UnsafePathError,
+    ZooTableError,
+)
 from ckptmap.paths import check_relative_name, safe_join
 from ckptmap.schemes import (
     CheckpointLoader,
@@ -28,13 +35,6 @@ from ckptmap.schemes import (
     load_from_local,
 )
 from ckptmap.schemes import zoo as zoo_module
-from ckptmap.schemes.errors import (
-    MissingDependencyError,
-    UnknownModelNameError,
-    UnknownSchemeError,
-    UnsafePathError,
-    ZooTableError,
-)
 from ckptmap.schemes.zoo import resolve_zoo_url, torchvision_weight_urls
 
 BODY = checkpoint_bytes(0)

@@ -11,17 +11,22 @@ import pytest
 import torch
 from safetensors.torch import save_file as st_save_file
 
-from ckptmap.errors import CheckpointIsADirectoryError, CheckpointNotFoundError, CkptmapError
-from ckptmap.formats.safetensors import InvalidSafetensorsError, TensorNotFoundError
-from ckptmap.formats.sharded import (
+from ckptmap.errors import (
     AmbiguousIndexError,
+    CheckpointIsADirectoryError,
+    CheckpointNotFoundError,
+    CkptmapError,
+    InvalidSafetensorsError,
     InvalidShardIndexError,
-    ShardedCheckpoint,
-    ShardEntry,
     ShardNotFoundError,
     ShardTensorMissingError,
+    TensorNotFoundError,
     UnsafeShardPathError,
-    find_index,
+)
+from ckptmap.formats.index import find_index
+from ckptmap.formats.sharded import (
+    ShardedCheckpoint,
+    ShardEntry,
     load_sharded,
     open_sharded,
 )

@@ -27,16 +27,12 @@ from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
     CkptmapError,
-)
-from ckptmap.formats import (
     CorruptCheckpointError,
     DanglingSymlinkError,
-    Format,
     TorchScriptArchiveError,
     UnsafeCheckpointError,
-    load_file,
-    sniff,
 )
+from ckptmap.formats import Format, load_file, sniff
 from ckptmap.formats.sniff import LEGACY_MAGIC
 
 

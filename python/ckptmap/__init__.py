@@ -24,6 +24,7 @@ from ckptmap.checkpoint import (
     load_model_checkpoint,
 )
 from ckptmap.dist import get_dist_info
+from ckptmap.errors import *  # noqa: F403  (every error and warning class)
 from ckptmap.formats import load_file
 from ckptmap.latest import find_latest_checkpoint, rotate_checkpoints, write_last_checkpoint
 from ckptmap.module_load import (
@@ -108,10 +109,3 @@ __all__ = [
     "write_last_checkpoint",
     *_errors.__all__,
 ]
-
-
-def __getattr__(name: str) -> object:
-    # The error and warning classes, resolved through `ckptmap.errors`.
-    if name in _errors.__all__:
-        return getattr(_errors, name)
-    raise AttributeError(f"module 'ckptmap' has no attribute {name!r}")

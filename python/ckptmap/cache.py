@@ -41,8 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ckptmap.atomic import atomic_write, remove_stale_temps
-from ckptmap.paths import safe_join
-from ckptmap.schemes.errors import (
+from ckptmap.errors import (
     ChecksumMismatchError,
     DownloadError,
     IncompleteDownloadError,
@@ -51,6 +50,7 @@ from ckptmap.schemes.errors import (
     RemoteUnavailableError,
     UnexpectedContentError,
 )
+from ckptmap.paths import safe_join
 
 __all__ = [
     "ENV_CKPTMAP_HOME",

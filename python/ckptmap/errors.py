@@ -1,44 +1,107 @@
-"""The exceptions ckptmap raises.
+"""Every exception and warning ckptmap raises, in one place.
 
-Every error is a `CkptmapError` and also an instance of the builtin exception that the
-OpenMMLab functions raise in the same situation, so existing ``except FileNotFoundError:`` or
-``except RuntimeError:`` clauses keep working. Each message says what is wrong and what to do.
+Each error is a `CkptmapError` and also an instance of the builtin exception that the
+OpenMMLab functions (or `torch.load`) raise in the same situation, so existing
+``except FileNotFoundError:`` or ``except RuntimeError:`` clauses keep working. Each message
+says what is wrong and what to do.
+
+Errors pickle with their message and attributes (one mechanism, `CkptmapError.__reduce__`), so
+an error raised on rank 0 or in a worker process can be re-raised elsewhere intact.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import pickle
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ckptmap.report import LoadResult, Mismatch
 
+
 __all__ = [
+    "AmbiguousIndexError",
     "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
+    "CheckpointPointerWarning",
+    "CheckpointSaveError",
+    "ChecksumMismatchError",
     "CkptmapError",
+    "ConvertError",
+    "CorruptCheckpointError",
+    "DanglingSymlinkError",
+    "DownloadError",
+    "IncompleteCheckpointError",
+    "IncompleteDownloadError",
+    "InvalidSafetensorsError",
+    "InvalidShardIndexError",
     "InvalidStateDictError",
     "LoadHookError",
+    "MissingDependencyError",
+    "ModelSpecError",
     "NoStateDictError",
+    "NotSerializableError",
     "NothingLoadedWarning",
     "PrefixNotFoundError",
+    "RemoteAccessDenied",
+    "RemoteNotFoundError",
+    "RemoteUnavailableError",
+    "SavePermissionError",
+    "ShardNotFoundError",
+    "ShardTensorMissingError",
     "StateDictMismatchError",
+    "TensorNotFoundError",
+    "TorchScriptArchiveError",
+    "UnexpectedContentError",
+    "UnknownModelNameError",
+    "UnknownSchemeError",
+    "UnsafeCheckpointError",
+    "UnsafeLoadWarning",
+    "UnsafePathError",
+    "UnsafeShardPathError",
+    "UnsupportedDtypeError",
+    "UnsupportedSaveTargetError",
+    "ZooTableError",
 ]
+
+
+def _restore(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    err = cls.__new__(cls)
+    err.args = args
+    for key, value in state.items():
+        setattr(err, key, value)
+    return err
 
 
 class CkptmapError(Exception):
     """Base class of every error raised by ckptmap."""
 
-    # The constructor arguments, so that errors survive pickling (multiprocessing, spawn-based
-    # launchers) with their message and attributes intact.
-    _init_args: tuple[Any, ...] = ()
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt without calling __init__ (whose signature differs per class): the message,
+        # the instance attributes and, for OSErrors, errno / strerror / filename.
+        state = dict(self.__dict__)
+        if isinstance(self, OSError):
+            state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
+        return (_restore, (type(self), self.args, state))
 
-    def __reduce__(self) -> str | tuple[Any, ...]:
-        if not self._init_args:
-            return super().__reduce__()
-        return (type(self), self._init_args, self.__dict__ or None)
+    def __str__(self) -> str:
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class _Detailed(CkptmapError):
+    """A message plus keyword attributes (the remote-store errors are built this way)."""
+
+    def __init__(self, message: str, **attrs: Any) -> None:
+        super().__init__(message)
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+
+# --- local files and loading ------------------------------------------------------------------
 
 
 class _FileError(CkptmapError, OSError):
@@ -54,9 +117,6 @@ class _FileError(CkptmapError, OSError):
         self.errno = self._errno
         self.strerror = message
 
-    def __str__(self) -> str:
-        return str(self.args[0])
-
 
 class CheckpointNotFoundError(_FileError, FileNotFoundError):
     """The checkpoint path does not exist (or is a symlink whose target does not).
@@ -68,7 +128,6 @@ class CheckpointNotFoundError(_FileError, FileNotFoundError):
     _errno = errno.ENOENT
 
     def __init__(self, path: str, detail: str | None = None) -> None:
-        self._init_args = (path, detail)
         super().__init__(
             path,
             detail
@@ -85,7 +144,6 @@ class CheckpointIsADirectoryError(_FileError, IsADirectoryError):
     _errno = errno.EISDIR
 
     def __init__(self, path: str) -> None:
-        self._init_args = (path,)
         super().__init__(
             path,
             f"checkpoint path {path!r} is a directory, not a checkpoint file: pass the path of "
@@ -99,7 +157,6 @@ class CheckpointPermissionError(_FileError, PermissionError):
     _errno = errno.EACCES
 
     def __init__(self, path: str) -> None:
-        self._init_args = (path,)
         super().__init__(
             path,
             f"checkpoint file {path!r} exists but can not be read (permission denied): check "
@@ -117,7 +174,6 @@ class NoStateDictError(CkptmapError, RuntimeError):
 
     def __init__(self, source: str, found: Any, where: str = "top-level object") -> None:
         type_name = found if isinstance(found, _TypeName) else _TypeName(_type_name(found))
-        self._init_args = (source, type_name, where)
         self.source = source
         self.found_type = str(type_name)
         super().__init__(
@@ -143,7 +199,6 @@ class PrefixNotFoundError(CkptmapError, ValueError, AssertionError):
     """
 
     def __init__(self, prefix: str, source: str, examples: Sequence[str]) -> None:
-        self._init_args = (prefix, source, list(examples))
         self.prefix = prefix
         self.examples = list(examples)
         shown = ", ".join(repr(e) for e in self.examples) or "none: the state dict is empty"
@@ -167,7 +222,6 @@ class StateDictMismatchError(CkptmapError, RuntimeError):
     """
 
     def __init__(self, message: str, result: LoadResult) -> None:
-        self._init_args = (message, result)
         super().__init__(message)
         self.result = result
         self.missing: list[str] = list(result.reported_missing_keys)
@@ -183,6 +237,11 @@ class NothingLoadedWarning(UserWarning):
     """No key of a non-empty state dict reached the model (check `revise_keys` or the prefix)."""
 
 
+def _torch_version() -> str:
+    # The error is raised by code that has imported torch; this module itself does not need it.
+    return str(getattr(sys.modules.get("torch"), "__version__", "(unknown version)"))
+
+
 class _TypeName(str):
     """A type's name standing in for the object (pickled instead of a possibly huge value)."""
 
@@ -194,49 +253,464 @@ def _type_name(obj: Any) -> str:
     )
 
 
-# The errors of each subsystem live beside the code that raises them; this module names them
-# all, so `from ckptmap.errors import DownloadError` works (resolved on first use, which also
-# keeps these modules free of import cycles).
-_ELSEWHERE = {
-    "DanglingSymlinkError": "ckptmap.formats.errors",
-    "CorruptCheckpointError": "ckptmap.formats.errors",
-    "TorchScriptArchiveError": "ckptmap.formats.errors",
-    "UnsafeCheckpointError": "ckptmap.formats.errors",
-    "UnsafeLoadWarning": "ckptmap.formats.errors",
-    "InvalidSafetensorsError": "ckptmap.formats.safetensors",
-    "UnsupportedDtypeError": "ckptmap.formats.safetensors",
-    "TensorNotFoundError": "ckptmap.formats.safetensors",
-    "InvalidShardIndexError": "ckptmap.formats.sharded",
-    "UnsafeShardPathError": "ckptmap.formats.sharded",
-    "AmbiguousIndexError": "ckptmap.formats.sharded",
-    "ShardNotFoundError": "ckptmap.formats.sharded",
-    "ShardTensorMissingError": "ckptmap.formats.sharded",
-    "NotSerializableError": "ckptmap.formats.safetensors_write",
-    "DownloadError": "ckptmap.schemes.errors",
-    "RemoteNotFoundError": "ckptmap.schemes.errors",
-    "RemoteAccessDenied": "ckptmap.schemes.errors",
-    "RemoteUnavailableError": "ckptmap.schemes.errors",
-    "IncompleteDownloadError": "ckptmap.schemes.errors",
-    "ChecksumMismatchError": "ckptmap.schemes.errors",
-    "UnexpectedContentError": "ckptmap.schemes.errors",
-    "UnsafePathError": "ckptmap.schemes.errors",
-    "UnknownSchemeError": "ckptmap.schemes.errors",
-    "UnknownModelNameError": "ckptmap.schemes.errors",
-    "ZooTableError": "ckptmap.schemes.errors",
-    "MissingDependencyError": "ckptmap.schemes.errors",
-    "UnsupportedSaveTargetError": "ckptmap.save",
-    "CheckpointSaveError": "ckptmap.save",
-    "SavePermissionError": "ckptmap.save",
-    "IncompleteCheckpointError": "ckptmap.latest",
-    "CheckpointPointerWarning": "ckptmap.latest",
+# --- checkpoint formats -----------------------------------------------------------------------
+
+
+# What the MMENGINE_RUNNER allowlist's getattr says when a pickle asks it for anything else.
+_RESTRICTED_GETATTR = "allowlist only resolves HistoryBuffer's statistics methods"
+
+
+class DanglingSymlinkError(CheckpointNotFoundError):
+    """The checkpoint path is a symlink whose target does not exist.
+
+    Attributes:
+        path: the path as given.
+        target: what the link points to.
+    """
+
+    def __init__(self, path: str, target: str) -> None:
+        super().__init__(
+            path,
+            f"checkpoint path {path!r} is a symlink to {target!r}, which does not exist: fix "
+            "or remove the link, or fetch the file it points to",
+        )
+        self.target = target
+
+
+class CorruptCheckpointError(CkptmapError, RuntimeError):
+    """The file is empty, truncated, damaged or not a checkpoint at all.
+
+    A `RuntimeError`, as `torch.load` raises for a damaged zip archive.
+
+    Attributes:
+        path: the file.
+        size: its size in bytes.
+        looks_like: what the content looks like (e.g. "an HTML page", "empty").
+    """
+
+    def __init__(self, path: str, size: int, looks_like: str, hint: str | None = None) -> None:
+        self.path = path
+        self.size = size
+        self.looks_like = looks_like
+        hint = hint or (
+            "re-download or re-copy it (if it came from a download cache, delete that cache "
+            "entry so the next run fetches it again)"
+        )
+        super().__init__(
+            f"checkpoint file {path!r} ({size:,} bytes) is corrupt or truncated: it looks like "
+            f"{looks_like}. {hint[0].upper()}{hint[1:]}"
+        )
+
+
+class TorchScriptArchiveError(CkptmapError, RuntimeError):
+    """The file is a TorchScript archive (`torch.jit.save`), not a `torch.save` checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"{path!r} is a TorchScript archive, not a checkpoint: load it with "
+            "torch.jit.load (it holds a compiled module, not a state dict); to use its weights "
+            "here, save `torch.jit.load(path).state_dict()` with torch.save"
+        )
+
+
+class UnsafeCheckpointError(CkptmapError, pickle.UnpicklingError):
+    """A pickle checkpoint needs globals that the safe (``weights_only=True``) loader refuses.
+
+    An `pickle.UnpicklingError`, as `torch.load(weights_only=True)` raises. Nothing in the file
+    was executed beyond torch's own allowlisted constructors; the file is never retried with
+    ``weights_only=False``.
+
+    Attributes:
+        path: the file.
+        globals: every ``module.name`` the pickle references that is not allowed, sorted.
+        dangerous: the subset that can run arbitrary code (``os.system``, ``builtins.eval``, ...).
+        reason: torch's own message, when it gave one.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        globals: Sequence[str],
+        dangerous: Sequence[str] = (),
+        reason: str | None = None,
+    ) -> None:
+        self.path = path
+        self.globals = sorted(globals)
+        self.dangerous = sorted(dangerous)
+        self.reason = reason
+        mmengine = any(g.startswith("mmengine.logging.") for g in self.globals)
+        # mmengine's HistoryBuffer pickles its methods through getattr; MMENGINE_RUNNER
+        # allows exactly that use, so it is no sign of malice there.
+        alarming = [g for g in self.dangerous if not (mmengine and g == "builtins.getattr")]
+        if alarming:
+            message = (
+                f"refusing to load {path!r}: its pickle calls {', '.join(alarming)}, which can "
+                "run arbitrary code. This is what a malicious checkpoint looks like; nothing "
+                "from it was executed. Do not load it unless you wrote it yourself"
+            )
+            if benign := [g for g in self.globals if g not in alarming]:
+                message += f" (it also needs {', '.join(benign)})"
+        elif self.globals:
+            if mmengine:
+                opt_in = (
+                    "This looks like a checkpoint written by mmengine's Runner: if you trust "
+                    "it, pass `allowed_globals=ckptmap.formats.allowlist.MMENGINE_RUNNER`"
+                )
+            elif all(g.startswith("numpy.") for g in self.globals):
+                opt_in = (
+                    "If you trust the file, pass `allowed_globals=ckptmap.formats.allowlist.NUMPY`"
+                )
+            else:
+                opt_in = (
+                    "If you trust the file, pass exactly these objects (the classes or "
+                    "functions themselves) as `allowed_globals=[...]`, or `weights_only=False` "
+                    "to unpickle it without restrictions"
+                )
+            message = (
+                f"{path!r} is a pickle that needs globals the safe loader does not allow: "
+                f"{', '.join(self.globals)}. {opt_in}"
+            )
+        elif reason and _RESTRICTED_GETATTR in reason:
+            message = (
+                f"refusing to load {path!r}: {reason}. mmengine never writes such a reference; "
+                "do not load this file unless you wrote it yourself"
+            )
+        else:
+            message = (
+                f"{path!r} can not be loaded safely: {reason}. If you trust the file, pass "
+                "`weights_only=False` to unpickle it without restrictions"
+            )
+        super().__init__(message)
+
+
+class UnsafeLoadWarning(UserWarning):
+    """A checkpoint is being unpickled without restrictions (``weights_only=False``)."""
+
+
+_GENERIC_HINT = (
+    "re-download or re-copy it (if it came from a download cache, delete that cache entry so "
+    "the next run fetches it again); if your own code wrote it, save it again with "
+    "safetensors.torch.save_file"
+)
+# What to do, for the header faults where the generic advice is not the best one.
+_SAFETENSORS_HINTS = {
+    "duplicate_name": (
+        "the program that wrote it is broken: save the weights again with "
+        "safetensors.torch.save_file (ckptmap does not guess which of the repeated tensors "
+        "is meant)"
+    ),
+    "unknown_dtype": (
+        "it was written by a newer or non-standard safetensors writer: convert it to a "
+        "dtype listed above, or save it again with safetensors.torch.save_file"
+    ),
 }
-__all__ += sorted(_ELSEWHERE)
 
 
-def __getattr__(name: str) -> Any:
-    module = _ELSEWHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ckptmap.errors' has no attribute {name!r}")
-    import importlib
+class InvalidSafetensorsError(CorruptCheckpointError, ValueError):
+    """A safetensors file whose header fails validation.
 
-    return getattr(importlib.import_module(module), name)
+    Also a `ValueError` (what a bad header is to a parser) besides the `RuntimeError` of
+    `CorruptCheckpointError`.
+
+    Attributes:
+        path: the file.
+        size: its size in bytes.
+        kind: which check failed (``"header_too_large"``, ``"duplicate_name"``, ``"overlap"``,
+            ... as `ckptmap._core.SafetensorsHeaderError.kind`).
+        detail: the specifics (names, offsets, sizes).
+    """
+
+    def __init__(self, path: str, size: int, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(
+            path,
+            size,
+            f"a damaged safetensors file ({kind.replace('_', ' ')}: {detail})",
+            _SAFETENSORS_HINTS.get(kind, _GENERIC_HINT),
+        )
+
+
+class UnsupportedDtypeError(CkptmapError, TypeError):
+    """A tensor whose safetensors dtype has no torch equivalent in this torch version.
+
+    Attributes:
+        path: the file.
+        name: the tensor.
+        dtype: its dtype as the header spells it (``"F4"``).
+    """
+
+    def __init__(self, path: str, name: str, dtype: str) -> None:
+        self.path = path
+        self.name = name
+        self.dtype = dtype
+        super().__init__(
+            f"tensor {name!r} in {path!r} has dtype {dtype}, which torch {_torch_version()} "
+            "can not hold: leave it out of the load (e.g. with a prefix or a key filter), "
+            "convert the file with a tool that unpacks it, or upgrade torch"
+        )
+
+
+class TensorNotFoundError(CkptmapError, KeyError):
+    """A tensor name that the checkpoint does not have.
+
+    A `KeyError`, so `Mapping.get` and ``except KeyError`` work as for a dict.
+
+    Attributes:
+        path: the file.
+        name: the name that was asked for.
+    """
+
+    def __init__(self, path: str, name: str, detail: str | None = None) -> None:
+        self.path = path
+        self.name = name
+        super().__init__(
+            detail
+            or f"{path!r} has no tensor named {name!r}: check the name (its `keys()` lists them)"
+        )
+
+
+class InvalidShardIndexError(CkptmapError, ValueError):
+    """An ``*.index.json`` that is not a valid shard index.
+
+    Attributes:
+        path: the index file.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"shard index {path!r} is not usable: {reason}. A shard index is a JSON object "
+            'whose "weight_map" maps each tensor name to the file holding it; re-download the '
+            "index together with its shards"
+        )
+
+
+class UnsafeShardPathError(InvalidShardIndexError):
+    """A shard name in the index that could point outside the index's directory.
+
+    Raised before any shard is opened.
+
+    Attributes:
+        shard: the rejected name, as the index gives it.
+    """
+
+    def __init__(self, path: str, shard: object, reason: str) -> None:
+        self.shard = shard
+        super().__init__(
+            path,
+            f"it names the shard {shard!r}, which {reason}; shard names must be plain file "
+            "names (or relative paths) inside the index's directory. Do not load a "
+            "checkpoint whose index was tampered with",
+        )
+
+
+class AmbiguousIndexError(CkptmapError, ValueError):
+    """A directory with several ``*.index.json`` files and no way to choose.
+
+    Attributes:
+        path: the directory.
+        indexes: the index file names found.
+    """
+
+    def __init__(self, path: str, indexes: list[str]) -> None:
+        self.path = path
+        self.indexes = indexes
+        super().__init__(
+            f"directory {path!r} holds several shard indexes ({', '.join(indexes)}): pass the "
+            "path of the one to load"
+        )
+
+
+class ShardNotFoundError(CheckpointNotFoundError):
+    """Shards that the index names but that do not exist.
+
+    Attributes:
+        path: the first missing shard's path.
+        index: the index file.
+        missing: every missing shard, as the index names them.
+    """
+
+    def __init__(self, index: str, directory: str, missing: list[str]) -> None:
+        self.index = index
+        self.missing = missing
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        super().__init__(
+            os.path.join(directory, missing[0]),
+            f"shard index {index!r} names {len(missing)} shard file(s) missing from "
+            f"{directory!r}: {shown}. Download or copy every shard next to the index",
+        )
+
+
+class ShardTensorMissingError(TensorNotFoundError):
+    """A tensor the index places in a shard that does not have it.
+
+    Attributes:
+        path: the shard.
+        name: the tensor.
+        index: the index file.
+    """
+
+    def __init__(self, index: str, shard: str, name: str) -> None:
+        self.index = index
+        super().__init__(
+            shard,
+            name,
+            f"shard index {index!r} places tensor {name!r} in {shard!r}, but that shard has no "
+            "such tensor: the index and its shards do not belong together. Re-download the "
+            "index and all its shards from the same revision",
+        )
+
+
+# --- remote stores, the download cache and model zoos -----------------------------------------
+
+
+class DownloadError(_Detailed, OSError):
+    """A remote checkpoint could not be fetched; nothing was added to the cache.
+
+    Attributes:
+        url: the URL or URI that was asked for (also in `filename`, as for other OSErrors).
+        status: the HTTP status when the server sent one, else None.
+    """
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None, **attrs: Any):
+        super().__init__(message, url=url, status=status, **attrs)
+        # Set so that `atomic_write` keeps this error as it is instead of re-wrapping it.
+        self.filename = url or None
+
+
+class RemoteNotFoundError(DownloadError, FileNotFoundError):
+    """The server has no such file (HTTP 404/410, S3 NoSuchKey or NoSuchBucket)."""
+
+
+class RemoteAccessDenied(DownloadError, PermissionError):
+    """The server refused access (HTTP 401/403, S3 AccessDenied, missing credentials)."""
+
+
+class RemoteUnavailableError(DownloadError, ConnectionError):
+    """The server kept failing (5xx, 429, refused or timed-out connections) or can't be reached."""
+
+
+class IncompleteDownloadError(DownloadError):
+    """The body ended before the length the server announced (or the connection dropped).
+
+    Attributes:
+        received: bytes received.
+        expected: bytes announced (Content-Length), or None when unknown.
+    """
+
+
+class ChecksumMismatchError(DownloadError, RuntimeError):
+    """The SHA-256 of the downloaded bytes does not match the expected one.
+
+    Attributes:
+        expected: the expected hex digest (or prefix of one).
+        actual: the full hex digest of what arrived.
+    """
+
+
+class UnexpectedContentError(DownloadError, ValueError):
+    """The body is not a checkpoint (an HTML page, a JSON error, ...).
+
+    Attributes:
+        head: the first bytes that arrived.
+    """
+
+
+class UnsafePathError(_Detailed, ValueError):
+    """An untrusted name would leave the directory it is joined onto.
+
+    Attributes:
+        name: the rejected name.
+        root: the directory it was to be joined onto.
+        reason: why it was rejected (e.g. "it has a '..' path component").
+    """
+
+
+class UnknownSchemeError(_Detailed, ValueError):
+    """No registered loader handles the URI's scheme.
+
+    Attributes:
+        filename: the URI.
+        schemes: the registered prefixes.
+    """
+
+
+class UnknownModelNameError(_Detailed, KeyError):
+    """A model-zoo name is not in any of the name tables.
+
+    Attributes:
+        name: the name that was asked for.
+        suggestions: close matches, best first.
+        sources: the tables that were consulted.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str = "",
+        suggestions: Sequence[str] = (),
+        sources: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message, name=name, suggestions=list(suggestions), sources=list(sources))
+
+
+class ZooTableError(_Detailed, ValueError):
+    """A model-zoo JSON table is not an object mapping names to strings.
+
+    Attributes:
+        path: the file.
+    """
+
+
+class MissingDependencyError(_Detailed, ImportError):
+    """An optional package needed for this URI (torchvision, boto3, petrel, pavi) is missing."""
+
+
+class NotSerializableError(CkptmapError, TypeError):
+    """A value of the checkpoint can not be stored in the requested format.
+
+    Attributes:
+        key: where the value sits in the checkpoint (e.g. ``state_dict['fc.weight']``).
+        format: the target format (``"safetensors"``, ``"JSON metadata"``, ...).
+    """
+
+    def __init__(self, key: str, fmt: str, reason: str, hint: str) -> None:
+        self.key = key
+        self.format = fmt
+        super().__init__(f"{key} can not be stored as {fmt}: {reason}; {hint}")
+
+
+class UnsupportedSaveTargetError(CkptmapError, ValueError):
+    """The target names a scheme that ckptmap can not write to (``pavi://``, ``http://``...)."""
+
+
+class CheckpointSaveError(CkptmapError, OSError):
+    """Writing the checkpoint failed for a reason other than a local I/O error (e.g. S3)."""
+
+
+class SavePermissionError(CkptmapError, PermissionError):
+    """The target exists but this process may not write to it (e.g. S3 AccessDenied)."""
+
+
+class CheckpointPointerWarning(UserWarning):
+    """`last_checkpoint` names a missing, unreadable or incomplete file; another was chosen."""
+
+
+class IncompleteCheckpointError(CkptmapError, ValueError):
+    """A checkpoint file exists but is cut short or is not a checkpoint (e.g. a killed write)."""
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+class ModelSpecError(CkptmapError, ValueError):
+    """A ``--model pkg.module:factory`` that can not be imported or does not build a module."""
+
+
+class ConvertError(CkptmapError, ValueError):
+    """Arguments of a convert that can not work (unknown dtype, entry to drop not there...)."""

@@ -36,14 +36,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
-from ckptmap.errors import CheckpointNotFoundError, CkptmapError
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    CheckpointPointerWarning,
+    IncompleteCheckpointError,
+)
 from ckptmap.save import INDEX_SUFFIX, is_shard_file
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "LAST_CHECKPOINT",
-    "CheckpointPointerWarning",
-    "IncompleteCheckpointError",
     "find_latest_checkpoint",
     "is_complete_checkpoint",
     "list_checkpoints",
@@ -64,14 +66,6 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", INDEX_SUF
 
 _STEP_RE = re.compile(r"^(?:epoch|iter)_(\d+)(?!\d)")
 _MAX_SAFETENSORS_HEADER = 100_000_000
-
-
-class CheckpointPointerWarning(UserWarning):
-    """`last_checkpoint` names a missing, unreadable or incomplete file; another was chosen."""
-
-
-class IncompleteCheckpointError(CkptmapError, ValueError):
-    """A checkpoint file exists but is cut short or is not a checkpoint (e.g. a killed write)."""
 
 
 # --- is this file a whole checkpoint? ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Joining untrusted names onto a directory without ever leaving it.
+"""Local paths: checking a checkpoint path, and joining untrusted names onto a directory
+without ever leaving it.
 
 URL basenames, model-zoo names and the values of zoo JSON tables, S3 keys and pavi model names
 all end up as paths under a cache or model root. `safe_join` rejects anything that could point
@@ -14,9 +15,14 @@ import re
 from pathlib import Path
 
 from ckptmap.atomic import is_temp_file
-from ckptmap.schemes.errors import UnsafePathError
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    DanglingSymlinkError,
+    UnsafePathError,
+)
 
-__all__ = ["check_relative_name", "safe_join"]
+__all__ = ["check_path", "check_relative_name", "safe_join"]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -29,6 +35,7 @@ def _reject(what: str, name: object, root: str, reason: str) -> UnsafePathError:
         "directory must be relative paths made of plain components; rename the file or entry",
         name=name,
         root=root,
+        reason=reason,
     )
 
 
@@ -103,3 +110,26 @@ def safe_join(
     if resolved != base and not resolved.is_relative_to(base):
         raise _reject(what, name, str(base), f"it resolves to {resolved}, outside the directory")
     return joined
+
+
+def check_path(path: str | os.PathLike[str]) -> str:
+    """Expands ``~`` and checks that `path` names something that exists.
+
+    Returns:
+        The expanded path. It may be a regular file or a directory; the caller decides.
+
+    Raises:
+        DanglingSymlinkError: a symlink whose target does not exist (or a symlink loop).
+        CheckpointNotFoundError: nothing at that path.
+        CheckpointPermissionError: a directory on the path can not be searched.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    try:
+        os.stat(path)
+    except PermissionError as err:  # a directory on the way can not be searched
+        raise CheckpointPermissionError(path) from err
+    except OSError:  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG
+        if os.path.islink(path):
+            raise DanglingSymlinkError(path, os.readlink(path)) from None
+        raise CheckpointNotFoundError(path) from None
+    return path

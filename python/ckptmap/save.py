@@ -39,20 +39,18 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ckptmap.atomic import atomic_write
-from ckptmap.errors import CheckpointNotFoundError, CkptmapError
-from ckptmap.formats.safetensors_write import (
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    CheckpointSaveError,
     NotSerializableError,
-    check_tensors,
-    tensor_nbytes,
-    write_safetensors,
+    SavePermissionError,
+    UnsupportedSaveTargetError,
 )
+from ckptmap.formats.safetensors_write import check_tensors, tensor_nbytes, write_safetensors
 from ckptmap.module_load import unwrap_model
 
 __all__ = [
     "INDEX_SUFFIX",
-    "CheckpointSaveError",
-    "SavePermissionError",
-    "UnsupportedSaveTargetError",
     "checkpoint_metadata",
     "get_state_dict",
     "is_shard_file",
@@ -85,24 +83,6 @@ for _i, _p in enumerate("kmgt", start=1):
 
 
 # --- errors ------------------------------------------------------------------------------------
-
-
-class UnsupportedSaveTargetError(CkptmapError, ValueError):
-    """The target names a scheme that ckptmap can not write to (``pavi://``, ``http://``...)."""
-
-
-class CheckpointSaveError(CkptmapError, OSError):
-    """Writing the checkpoint failed for a reason other than a local I/O error (e.g. S3)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class SavePermissionError(CkptmapError, PermissionError):
-    """The target exists but this process may not write to it (e.g. S3 AccessDenied)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 # --- state dicts -------------------------------------------------------------------------------

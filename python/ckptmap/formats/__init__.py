@@ -24,26 +24,17 @@ from typing import Any
 
 import torch
 
-from ckptmap.errors import InvalidStateDictError
-from ckptmap.formats.errors import (
-    CorruptCheckpointError,
-    DanglingSymlinkError,
+from ckptmap.errors import (
+    InvalidStateDictError,
     TorchScriptArchiveError,
-    UnsafeCheckpointError,
-    UnsafeLoadWarning,
 )
-from ckptmap.formats.pickle import AllowedGlobal, load_pickle
+from ckptmap.formats.pickled import AllowedGlobal, load_pickle
 from ckptmap.formats.sniff import Format, Sniffed, sniff
 
 __all__ = [
     "AllowedGlobal",
-    "CorruptCheckpointError",
-    "DanglingSymlinkError",
     "Format",
     "Sniffed",
-    "TorchScriptArchiveError",
-    "UnsafeCheckpointError",
-    "UnsafeLoadWarning",
     "load_file",
     "sniff",
     "validate_state_dict",

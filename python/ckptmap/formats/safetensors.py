@@ -46,110 +46,21 @@ from ckptmap.errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
-    CkptmapError,
+    CorruptCheckpointError,
+    InvalidSafetensorsError,
+    TensorNotFoundError,
+    UnsupportedDtypeError,
 )
-from ckptmap.formats.errors import CorruptCheckpointError
-from ckptmap.formats.sniff import check_path
+from ckptmap.paths import check_path
 
 __all__ = [
-    "InvalidSafetensorsError",
     "SafetensorsFile",
     "TensorInfo",
-    "TensorNotFoundError",
-    "UnsupportedDtypeError",
     "load_file",
     "load_safetensors",
     "map_location_fn",
     "open_safetensors",
 ]
-
-_GENERIC_HINT = (
-    "re-download or re-copy it (if it came from a download cache, delete that cache entry so "
-    "the next run fetches it again); if your own code wrote it, save it again with "
-    "safetensors.torch.save_file"
-)
-# What to do, for the header faults where the generic advice is not the best one.
-_HINTS = {
-    "duplicate_name": (
-        "the program that wrote it is broken: save the weights again with "
-        "safetensors.torch.save_file (ckptmap does not guess which of the repeated tensors "
-        "is meant)"
-    ),
-    "unknown_dtype": (
-        "it was written by a newer or non-standard safetensors writer: convert it to a "
-        "dtype listed above, or save it again with safetensors.torch.save_file"
-    ),
-}
-
-
-class InvalidSafetensorsError(CorruptCheckpointError, ValueError):
-    """A safetensors file whose header fails validation.
-
-    Also a `ValueError` (what a bad header is to a parser) besides the `RuntimeError` of
-    `CorruptCheckpointError`.
-
-    Attributes:
-        path: the file.
-        size: its size in bytes.
-        kind: which check failed (``"header_too_large"``, ``"duplicate_name"``, ``"overlap"``,
-            ... as `ckptmap._core.SafetensorsHeaderError.kind`).
-        detail: the specifics (names, offsets, sizes).
-    """
-
-    def __init__(self, path: str, size: int, kind: str, detail: str) -> None:
-        self.kind = kind
-        self.detail = detail
-        super().__init__(
-            path,
-            size,
-            f"a damaged safetensors file ({kind.replace('_', ' ')}: {detail})",
-            _HINTS.get(kind, _GENERIC_HINT),
-        )
-        self._init_args = (path, size, kind, detail)
-
-
-class UnsupportedDtypeError(CkptmapError, TypeError):
-    """A tensor whose safetensors dtype has no torch equivalent in this torch version.
-
-    Attributes:
-        path: the file.
-        name: the tensor.
-        dtype: its dtype as the header spells it (``"F4"``).
-    """
-
-    def __init__(self, path: str, name: str, dtype: str) -> None:
-        self.path = path
-        self.name = name
-        self.dtype = dtype
-        self._init_args = (path, name, dtype)
-        super().__init__(
-            f"tensor {name!r} in {path!r} has dtype {dtype}, which torch {torch.__version__} "
-            "can not hold: leave it out of the load (e.g. with a prefix or a key filter), "
-            "convert the file with a tool that unpacks it, or upgrade torch"
-        )
-
-
-class TensorNotFoundError(CkptmapError, KeyError):
-    """A tensor name that the checkpoint does not have.
-
-    A `KeyError`, so `Mapping.get` and ``except KeyError`` work as for a dict.
-
-    Attributes:
-        path: the file.
-        name: the name that was asked for.
-    """
-
-    def __init__(self, path: str, name: str, detail: str | None = None) -> None:
-        self.path = path
-        self.name = name
-        self._init_args = (path, name, detail)
-        super().__init__(
-            detail
-            or f"{path!r} has no tensor named {name!r}: check the name (its `keys()` lists them)"
-        )
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class TensorInfo(NamedTuple):

@@ -21,11 +21,10 @@ from typing import IO, Any
 
 import torch
 
-from ckptmap.errors import CkptmapError
+from ckptmap.errors import NotSerializableError
 
 __all__ = [
     "MAX_HEADER_SIZE",
-    "NotSerializableError",
     "check_tensors",
     "safetensors_dtype",
     "tensor_nbytes",
@@ -37,20 +36,6 @@ MAX_HEADER_SIZE = 100_000_000
 
 # Tensors not in CPU memory are copied over in pieces of this many bytes.
 _DEVICE_CHUNK = 64 * 2**20
-
-
-class NotSerializableError(CkptmapError, TypeError):
-    """A value of the checkpoint can not be stored in the requested format.
-
-    Attributes:
-        key: where the value sits in the checkpoint (e.g. ``state_dict['fc.weight']``).
-        format: the target format (``"safetensors"``, ``"JSON metadata"``, ...).
-    """
-
-    def __init__(self, key: str, fmt: str, reason: str, hint: str) -> None:
-        self.key = key
-        self.format = fmt
-        super().__init__(f"{key} can not be stored as {fmt}: {reason}; {hint}")
 
 
 def _dtype_table() -> dict[torch.dtype, str]:

@@ -21,14 +21,15 @@ from ckptmap.errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    CorruptCheckpointError,
 )
-from ckptmap.formats.errors import CorruptCheckpointError, DanglingSymlinkError
+from ckptmap.formats.index import MAX_INDEX_BYTES, find_index
+from ckptmap.paths import check_path
 
-__all__ = ["LEGACY_MAGIC", "Format", "Sniffed", "check_path", "sniff"]
+__all__ = ["LEGACY_MAGIC", "Format", "Sniffed", "sniff"]
 
 #: How much of the file sniffing reads (and how much of a JSON index it parses at most).
 HEAD_BYTES = 64 * 1024
-MAX_INDEX_BYTES = 256 * 1024 * 1024
 #: The safetensors reference implementation's header cap.
 MAX_SAFETENSORS_HEADER = 100 * 1000 * 1000
 
@@ -84,29 +85,6 @@ class Sniffed:
             raise CorruptCheckpointError(self.path, self.size, self.looks_like, self.hint)
 
 
-def check_path(path: str | os.PathLike[str]) -> str:
-    """Expands ``~`` and checks that `path` names something that exists.
-
-    Returns:
-        The expanded path. It may be a regular file or a directory; the caller decides.
-
-    Raises:
-        DanglingSymlinkError: a symlink whose target does not exist (or a symlink loop).
-        CheckpointNotFoundError: nothing at that path.
-        CheckpointPermissionError: a directory on the path can not be searched.
-    """
-    path = os.path.expanduser(os.fspath(path))
-    try:
-        os.stat(path)
-    except PermissionError as err:  # a directory on the way can not be searched
-        raise CheckpointPermissionError(path) from err
-    except OSError:  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG
-        if os.path.islink(path):
-            raise DanglingSymlinkError(path, os.readlink(path)) from None
-        raise CheckpointNotFoundError(path) from None
-    return path
-
-
 def sniff(path: str | os.PathLike[str]) -> Sniffed:
     """Tells the format of a checkpoint from its content.
 
@@ -149,8 +127,6 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
 def _sniff_directory(path: str) -> Sniffed:
     # The sharded loader's rule decides which index a directory means (and raises when it
     # holds none, or several equally good ones).
-    from ckptmap.formats.sharded import find_index
-
     index_path = find_index(path)
     index = os.path.basename(index_path)
     sniffed = sniff(index_path)

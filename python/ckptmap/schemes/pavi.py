@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from ckptmap.errors import MissingDependencyError
 from ckptmap.paths import safe_join
-from ckptmap.schemes.errors import MissingDependencyError
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.registry import CheckpointLoader
 

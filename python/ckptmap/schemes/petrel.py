@@ -11,7 +11,7 @@ import os
 import tempfile
 from typing import Any
 
-from ckptmap.schemes.errors import MissingDependencyError
+from ckptmap.errors import MissingDependencyError
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.registry import CheckpointLoader
 

@@ -14,7 +14,7 @@ import pickle
 from collections.abc import Callable
 from typing import TypeVar
 
-from ckptmap.schemes.errors import DownloadError
+from ckptmap.errors import DownloadError
 
 __all__ = ["fetch_on_local_leader"]
 

@@ -6,8 +6,8 @@ prefixes are tried first. The empty prefix is the local-file fallback, but only 
 that look like paths: ``foo://x`` with no loader for ``foo://`` is an error that lists the
 registered schemes, while Windows paths such as ``C:\\x.pth`` or ``D:/x.pth`` stay local.
 
-Importing this module registers the built-in loaders (local, http(s), model zoos, s3, petrel,
-pavi).
+The built-in loaders (local, http(s), model zoos, s3, petrel, pavi) register themselves when
+`ckptmap.schemes` is imported.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ckptmap.schemes.errors import UnknownSchemeError
+from ckptmap.errors import UnknownSchemeError
 
 __all__ = ["CheckpointLoader", "LoaderFunc"]
 
@@ -167,15 +167,3 @@ class CheckpointLoader:
             level=logging.INFO,
         )
         return loader(path, map_location)
-
-
-# Register the built-in loaders. These modules import `CheckpointLoader` from here, so they
-# come after its definition.
-from ckptmap.schemes import http as _http  # noqa: E402
-from ckptmap.schemes import local as _local  # noqa: E402
-from ckptmap.schemes import pavi as _pavi  # noqa: E402
-from ckptmap.schemes import petrel as _petrel  # noqa: E402
-from ckptmap.schemes import s3 as _s3  # noqa: E402
-from ckptmap.schemes import zoo as _zoo  # noqa: E402
-
-del _http, _local, _pavi, _petrel, _s3, _zoo

@@ -22,8 +22,7 @@ from typing import Any
 
 from ckptmap.atomic import remove_stale_temps
 from ckptmap.cache import CHUNK_SIZE, cache_home, write_verified
-from ckptmap.paths import check_relative_name, safe_join
-from ckptmap.schemes.errors import (
+from ckptmap.errors import (
     DownloadError,
     IncompleteDownloadError,
     MissingDependencyError,
@@ -31,9 +30,10 @@ from ckptmap.schemes.errors import (
     RemoteNotFoundError,
     RemoteUnavailableError,
 )
-from ckptmap.schemes.http import load_cached_file
+from ckptmap.paths import check_relative_name, safe_join
 from ckptmap.schemes.ranks import fetch_on_local_leader
 from ckptmap.schemes.registry import CheckpointLoader
+from ckptmap.schemes.web import load_cached_file
 
 __all__ = [
     "ENV_AWS_ENDPOINT_URL",

@@ -27,12 +27,17 @@ from typing import Any
 from urllib.parse import quote
 
 from ckptmap.cache import cache_home
-from ckptmap.errors import CheckpointNotFoundError, NoStateDictError
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    MissingDependencyError,
+    NoStateDictError,
+    UnknownModelNameError,
+    ZooTableError,
+)
 from ckptmap.paths import check_relative_name, safe_join
-from ckptmap.schemes.errors import MissingDependencyError, UnknownModelNameError, ZooTableError
-from ckptmap.schemes.http import load_from_http
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.registry import CheckpointLoader
+from ckptmap.schemes.web import load_from_http
 
 __all__ = [
     "BDD100K_MODEL_PREFIX",

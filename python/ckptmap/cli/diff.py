@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from ckptmap._core import KeyRules, diff_keys
-from ckptmap.errors import CkptmapError, PrefixNotFoundError
+from ckptmap.cli.common import add_allow_argument, allowed_globals_for, parse_rule, rule_arg
+from ckptmap.errors import ModelSpecError, PrefixNotFoundError
 from ckptmap.report import fold_keys
 
 __all__ = [
     "DiffResult",
-    "ModelSpecError",
     "Shapes",
     "checkpoint_shapes",
     "diff_checkpoint",
@@ -48,27 +48,6 @@ __all__ = [
 #: name -> (shape, dtype); shape and dtype are None for entries that are not tensors
 #: (``_extra_state``).
 Shapes = OrderedDict[str, tuple[tuple[int, ...] | None, str | None]]
-
-
-class ModelSpecError(CkptmapError, ValueError):
-    """A ``--model pkg.module:factory`` that can not be imported or does not build a module."""
-
-
-def parse_rule(text: str) -> tuple[str, str]:
-    """``PATTERN=>REPL`` as a `(pattern, repl)` pair (split at the first ``=>``).
-
-    A literal ``=>`` in a pattern is written ``=\\>``. ``PATTERN=>`` replaces by nothing.
-
-    Raises:
-        ValueError: no ``=>`` in `text`.
-    """
-    pattern, sep, repl = text.partition("=>")
-    if not sep:
-        raise ValueError(
-            f"{text!r} is not a rule: write PATTERN=>REPLACEMENT, e.g. '^module\\.=>' "
-            "(re.sub syntax; the replacement may be empty)"
-        )
-    return pattern, repl
 
 
 # --- the two sides ----------------------------------------------------------------------------
@@ -101,8 +80,8 @@ def checkpoint_shapes(
         The errors of `ckptmap.formats.load_file` and `ckptmap.checkpoint.find_state_dict`.
     """
     from ckptmap.checkpoint import find_state_dict
+    from ckptmap.errors import TorchScriptArchiveError
     from ckptmap.formats import load_file
-    from ckptmap.formats.errors import TorchScriptArchiveError
     from ckptmap.formats.sniff import Format, sniff
 
     sniffed = sniff(path)
@@ -390,28 +369,9 @@ examples:
 """
 
 
-def rule_arg(text: str) -> tuple[str, str]:
-    """argparse type for ``--revise PATTERN=>REPL``."""
-    import argparse
-
-    try:
-        return parse_rule(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def allowed_globals_for(names: Iterable[str]) -> list[Any]:
-    """The pickle globals of the named allowlists (``--allow``'s names)."""
-    from ckptmap.formats import allowlist
-
-    return allowlist.globals_for(names)
-
-
 def add_diff_parser(subparsers: Any) -> Any:
     """Adds the ``diff`` subcommand to `ckptmap`'s argument parser."""
     import argparse
-
-    from ckptmap.inspect import ALLOWLISTS
 
     parser = subparsers.add_parser(
         "diff",
@@ -444,13 +404,7 @@ def add_diff_parser(subparsers: Any) -> Any:
         "--prefix", metavar="P", help="keep only keys under P (after the rules), stripping P"
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object")
-    parser.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        choices=ALLOWLISTS,
-        help="allow a named set of pickle globals (as for inspect); repeatable",
-    )
+    add_allow_argument(parser)
     parser.set_defaults(run=run_diff, error_status=2)
     return parser
 

@@ -32,8 +32,9 @@ from typing import IO, Any
 
 import torch
 
-from ckptmap.errors import CheckpointNotFoundError, CheckpointPermissionError
-from ckptmap.formats.errors import (
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     UnsafeLoadWarning,

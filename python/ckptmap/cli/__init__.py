@@ -12,7 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from ckptmap import __version__
-from ckptmap.demo import DEMO_RULES, synthetic_keys
+from ckptmap.cli.bench import add_bench_parser
+from ckptmap.cli.convert import add_convert_parser
+from ckptmap.cli.demo import DEMO_RULES, add_demo_parser, synthetic_keys
+from ckptmap.cli.diff import add_diff_parser
+from ckptmap.cli.summary import add_inspect_parser
 
 __all__ = ["DEMO_RULES", "build_parser", "main", "synthetic_keys"]
 
@@ -46,12 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckptmap {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from ckptmap.bench import add_bench_parser
-    from ckptmap.convert import add_convert_parser
-    from ckptmap.demo import add_demo_parser
-    from ckptmap.diff import add_diff_parser
-    from ckptmap.inspect import add_inspect_parser
 
     adders = (
         add_demo_parser,
@@ -95,7 +93,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return int(getattr(args, "error_status", 1))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import torch
 
 from ckptmap._core import KeyRules
-from ckptmap.errors import CkptmapError, PrefixNotFoundError
+from ckptmap.cli.common import add_allow_argument, allowed_globals_for, format_size, rule_arg
+from ckptmap.errors import ConvertError, PrefixNotFoundError
 
 __all__ = [
     "DTYPES",
@@ -60,10 +61,6 @@ DTYPES: dict[str, torch.dtype] = {
 # Entries `save_checkpoint` adds to safetensors / index metadata (see `save.checkpoint_metadata`).
 _KEY_ENTRY = "ckptmap.state_dict_key"
 _SD_METADATA_ENTRY = "ckptmap.state_dict_metadata"
-
-
-class ConvertError(CkptmapError, ValueError):
-    """Arguments of a convert that can not work (unknown dtype, entry to drop not there...)."""
 
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
@@ -160,7 +157,7 @@ def _state_dict_key(checkpoint: Any) -> str | None:
 
 def _index_of(path: str) -> str:
     try:
-        from ckptmap.formats.sharded import find_index
+        from ckptmap.formats.index import find_index
 
         return find_index(path) if os.path.isdir(path) else path
     except Exception:
@@ -357,13 +354,12 @@ def convert(
 
 
 def format_convert(result: ConvertResult) -> str:
-    from ckptmap.inspect import _size
 
     shards = f", {result.shards} shard(s)" if result.shards is not None else ""
     lines = [
         f"converted {result.source} ({result.source_format}) -> {result.target}{shards}"
         + (" (in place: the source was read in full first)" if result.in_place else ""),
-        f"  tensors: {result.tensors:,} ({_size(result.nbytes)})"
+        f"  tensors: {result.tensors:,} ({format_size(result.nbytes)})"
         + (f", {result.cast:,} floating-point cast to {result.dtype}" if result.dtype else ""),
     ]
     if result.entries:
@@ -395,9 +391,6 @@ examples:
 def add_convert_parser(subparsers: Any) -> Any:
     """Adds the ``convert`` subcommand to `ckptmap`'s argument parser."""
     import argparse
-
-    from ckptmap.diff import rule_arg
-    from ckptmap.inspect import ALLOWLISTS
 
     parser = subparsers.add_parser(
         "convert",
@@ -436,20 +429,13 @@ def add_convert_parser(subparsers: Any) -> Any:
         default=[],
         help="leave out a top-level entry besides the weights (e.g. optimizer); repeatable",
     )
-    parser.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        choices=ALLOWLISTS,
-        help="allow a named set of pickle globals (as for inspect); repeatable",
-    )
+    add_allow_argument(parser)
     parser.set_defaults(run=run_convert)
     return parser
 
 
 def run_convert(args: Any) -> int:
     """Runs ``ckptmap convert`` with parsed `args`; returns the exit status."""
-    from ckptmap.diff import allowed_globals_for
 
     if args.dtype is not None:
         parse_dtype(args.dtype)

@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
+from ckptmap.cli.common import add_allow_argument, format_size
+from ckptmap.errors import TorchScriptArchiveError
 from ckptmap.formats import load_file
-from ckptmap.formats.errors import TorchScriptArchiveError
 from ckptmap.formats.sniff import Format, sniff
 
 __all__ = ["add_inspect_parser", "format_inspect", "inspect_checkpoint", "run_inspect"]
 
 #: Named allowlists that ``ckptmap inspect --allow`` accepts.
-ALLOWLISTS = ("numpy", "mmengine-runner")  # the keys of formats.allowlist.BY_NAME
 
 
 def inspect_checkpoint(
@@ -110,16 +110,18 @@ def inspect_checkpoint(
 def format_inspect(summary: Mapping[str, Any]) -> str:
     """Renders `inspect_checkpoint`'s summary as text for a terminal."""
     lines = [
-        f"{summary['path']}: {summary['looks_like']}, {_size(summary['file_bytes'])} on disk"
+        f"{summary['path']}: {summary['looks_like']}, {format_size(summary['file_bytes'])} on disk"
         + ("" if summary["header_only"] else " (read in full: this format has no header)"),
-        f"tensors: {summary['tensor_count']:,}   bytes: {_size(summary['total_bytes'])}"
+        f"tensors: {summary['tensor_count']:,}   bytes: {format_size(summary['total_bytes'])}"
         + (f"   shards: {summary['shards']}" if summary.get("shards") else ""),
     ]
     if summary["dtypes"]:
         lines.append("dtypes:")
         width = max(len(d) for d in summary["dtypes"])
         for dtype, slot in summary["dtypes"].items():
-            lines.append(f"  {dtype:<{width}}  {slot['count']:>9,}  {_size(slot['bytes']):>10}")
+            lines.append(
+                f"  {dtype:<{width}}  {slot['count']:>9,}  {format_size(slot['bytes']):>10}"
+            )
     if summary.get("metadata"):
         lines.append("metadata:")
         for key, value in summary["metadata"].items():
@@ -131,7 +133,7 @@ def format_inspect(summary: Mapping[str, Any]) -> str:
         width = min(60, max(len(label) for label, _c, _b in rows))
         lines.append("tree:")
         for label, count, nbytes in rows:
-            lines.append(f"  {label:<{width}}  {count:>9,}  {_size(nbytes):>10}")
+            lines.append(f"  {label:<{width}}  {count:>9,}  {format_size(nbytes):>10}")
     return "\n".join(lines)
 
 
@@ -149,14 +151,7 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--depth", type=int, default=3, help="levels of the prefix tree to show (3)"
     )
-    parser.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        choices=ALLOWLISTS,
-        help="allow a named set of pickle globals (numpy; mmengine-runner for checkpoints "
-        "written by mmengine's Runner); repeatable",
-    )
+    add_allow_argument(parser)
     parser.set_defaults(run=run_inspect)
     return parser
 
@@ -291,12 +286,3 @@ def _tree_rows(children: list[dict[str, Any]], level: int) -> Iterator[tuple[str
             name = f"[{name}] x{child['repeat']}"
         yield "  " * level + name, child["count"], child["bytes"]
         yield from _tree_rows(child["children"], level + 1)
-
-
-def _size(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover

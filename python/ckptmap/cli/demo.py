@@ -37,6 +37,7 @@ from torch import nn
 
 from ckptmap import __version__
 from ckptmap._core import KeyRules
+from ckptmap.cli.common import format_size
 from ckptmap.revise import revise_keys
 
 __all__ = [
@@ -199,7 +200,7 @@ class _Capture(logging.Handler):
 
 @contextlib.contextmanager
 def _captured_logger() -> Iterator[tuple[logging.Logger, _Capture]]:
-    logger = logging.getLogger("ckptmap.demo")
+    logger = logging.getLogger("ckptmap.cli.demo")
     handler = _Capture()
     logger.addHandler(handler)
     old = logger.propagate, logger.level
@@ -235,12 +236,6 @@ def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     start = time.perf_counter()
     fn(*args, **kwargs)
     return time.perf_counter() - start
-
-
-def _size(nbytes: int) -> str:
-    from ckptmap.inspect import _size as size
-
-    return size(nbytes)
 
 
 # --- the demo -----------------------------------------------------------------------------------
@@ -314,7 +309,8 @@ def _run_demo_in(directory: str, size: DemoSize, args: argparse.Namespace) -> in
     nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     print(
         f"ckptmap {__version__} demo: {size.layers} layers x {size.experts:,} experts "
-        f"(dim {size.dim}, hidden {size.hidden}): {len(state_dict):,} tensors, {_size(nbytes)}"
+        f"(dim {size.dim}, hidden {size.hidden}): {len(state_dict):,} tensors, "
+        f"{format_size(nbytes)}"
     )
     path = os.path.join(directory, "epoch_12.pth")
     st_path = os.path.join(directory, "epoch_12.safetensors")

@@ -16,8 +16,8 @@ from typing import Any
 
 def find_report_script() -> Path | None:
     """``benches/report.py`` of the checkout this package runs from, if there is one."""
-    package = Path(__file__).resolve().parent  # <checkout>/python/ckptmap
-    script = package.parents[1] / "benches" / "report.py"
+    checkout = Path(__file__).resolve().parents[3]  # <checkout>/python/ckptmap/cli/bench.py
+    script = checkout / "benches" / "report.py"
     return script if script.is_file() else None
 
 
