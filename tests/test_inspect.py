@@ -155,7 +155,6 @@ def test_legacy_checkpoint_is_read_in_full(tmp_path: Path) -> None:
 
 
 def test_safetensors_summary_from_the_header(tmp_path: Path) -> None:
-    pytest.importorskip("ckptmap.formats.safetensors")
     from safetensors.torch import save_file
 
     sd = {k: v.contiguous() for k, v in Model(layers=3).state_dict().items()}
@@ -175,7 +174,6 @@ def test_safetensors_summary_from_the_header(tmp_path: Path) -> None:
 
 
 def test_sharded_summary(tmp_path: Path) -> None:
-    pytest.importorskip("ckptmap.formats.sharded")
     from safetensors.torch import save_file
 
     sd = {k: v.contiguous() for k, v in Model(layers=2).state_dict().items()}

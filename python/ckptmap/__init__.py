@@ -16,12 +16,16 @@ from ckptmap._core import (
 )
 from ckptmap.cache import cache_home, cached_download
 from ckptmap.checkpoint import (
+    Checkpoint,
+    LoadPlan,
     _load_checkpoint,
     _load_checkpoint_to_model,
     _load_checkpoint_with_prefix,
     find_state_dict,
     load_checkpoint,
     load_model_checkpoint,
+    open_checkpoint,
+    plan_load,
 )
 from ckptmap.dist import get_dist_info
 from ckptmap.errors import *  # noqa: F403  (every error and warning class)
@@ -57,9 +61,11 @@ from ckptmap.schemes import (
 )
 
 __all__ = [
+    "Checkpoint",
     "CheckpointLoader",
     "Collision",
     "KeyRules",
+    "LoadPlan",
     "LoadResult",
     "Mismatch",
     "Revised",
@@ -100,6 +106,8 @@ __all__ = [
     "load_from_torchvision",
     "load_model_checkpoint",
     "load_state_dict",
+    "open_checkpoint",
+    "plan_load",
     "register_model_wrapper",
     "revise_keys",
     "rotate_checkpoints",

@@ -8,6 +8,8 @@ from typing import final
 from typing_extensions import Self
 
 __all__ = [
+    "MAX_SAFETENSORS_HEADER_LEN",
+    "SAFETENSORS_HEADER_ERROR_KINDS",
     "KeyRules",
     "SafetensorsHeader",
     "SafetensorsHeaderError",
@@ -18,6 +20,10 @@ __all__ = [
     "group_by_owner",
 ]
 __version__: str
+#: Every `SafetensorsHeaderError.kind`, in the core's order.
+SAFETENSORS_HEADER_ERROR_KINDS: tuple[str, ...]
+#: The largest safetensors header length accepted (bytes).
+MAX_SAFETENSORS_HEADER_LEN: int
 
 _Pattern = str | re.Pattern[str]
 _Repl = str | Callable[[re.Match[str]], str]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 from ckptmap.atomic import atomic_write, remove_stale_temps
 from ckptmap.errors import (
     ChecksumMismatchError,
@@ -73,7 +74,6 @@ CHUNK_SIZE = 1 << 20
 #: Bytes looked at to decide whether a body is a checkpoint.
 SNIFF_SIZE = 16
 #: safetensors' own cap on the JSON header; a larger length prefix is not a safetensors file.
-_SAFETENSORS_MAX_HEADER = 100_000_000
 
 # Like torch.hub's names (`resnet50-0676ba61.pth`), but fewer than 8 digits are not a hash:
 # torch.hub treats `name-.pth` as an empty hash that every file matches.
@@ -132,7 +132,7 @@ def sniff_checkpoint(head: bytes) -> str | None:
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{":
         header_len = int.from_bytes(head[:8], "little")
-        if 2 <= header_len <= _SAFETENSORS_MAX_HEADER:
+        if 2 <= header_len <= MAX_SAFETENSORS_HEADER_LEN:
             return "safetensors"
     return None
 

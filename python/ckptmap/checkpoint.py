@@ -9,37 +9,37 @@ registered URI scheme); pickles load with ``weights_only=True``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ckptmap.errors import (
-    NoStateDictError,
-    PrefixNotFoundError,
-)
 from ckptmap.module_load import finish_load, load_into, with_collisions
-from ckptmap.prefix import filter_prefix
+from ckptmap.opened import Checkpoint, find_state_dict, open_checkpoint
+from ckptmap.plan import DEFAULT_REVISE_KEYS, LoadPlan, plan_load, select_prefix
 from ckptmap.report import LoggerLike, ReportStyle
 from ckptmap.revise import RuleSpec, as_key_rules
 from ckptmap.revise import revise_keys as _revise_keys
+from ckptmap.schemes import CheckpointLoader
 
 __all__ = [
     "DEFAULT_REVISE_KEYS",
+    "Checkpoint",
+    "LoadPlan",
     "_load_checkpoint",
     "_load_checkpoint_to_model",
     "_load_checkpoint_with_prefix",
     "find_state_dict",
     "load_checkpoint",
     "load_model_checkpoint",
+    "open_checkpoint",
+    "plan_load",
 ]
 
 PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
-
-#: Strips the `module.` prefix that DataParallel / DistributedDataParallel add.
-DEFAULT_REVISE_KEYS: tuple[tuple[str, str], ...] = ((r"^module\.", ""),)
 
 
 def _load_checkpoint(
@@ -60,37 +60,7 @@ def _load_checkpoint(
     Returns:
         The loaded object: usually a dict holding the weights or a ``"state_dict"`` entry.
     """
-    from ckptmap.schemes import CheckpointLoader
-
     return CheckpointLoader.load_checkpoint(filename, map_location, logger)
-
-
-def find_state_dict(checkpoint: Any, source: str = "<checkpoint>") -> Mapping[str, Any]:
-    """The weights in a loaded checkpoint: under ``"state_dict"``, then ``"model"``, else all of it.
-
-    Args:
-        checkpoint: what `torch.load` returned.
-        source: the file name, for messages.
-
-    Raises:
-        NoStateDictError: the checkpoint (or its ``"state_dict"`` / ``"model"`` entry) is not a
-            mapping.
-    """
-    if not isinstance(checkpoint, Mapping):
-        raise NoStateDictError(source, checkpoint, "top-level object")
-    if "state_dict" in checkpoint:
-        state_dict = checkpoint["state_dict"]
-        if not isinstance(state_dict, Mapping):
-            raise NoStateDictError(source, state_dict, "'state_dict' entry")
-        return state_dict
-    if "model" in checkpoint:
-        model = checkpoint["model"]
-        if isinstance(model, Mapping):
-            return model
-        if not isinstance(model, torch.Tensor):
-            raise NoStateDictError(source, model, "'model' entry")
-        # A tensor named "model": the checkpoint is itself the state dict.
-    return checkpoint
 
 
 def _load_checkpoint_to_model(
@@ -132,6 +102,7 @@ def load_checkpoint(
     *,
     report: ReportStyle = "folded",
     assign: bool = False,
+    dry_run: bool = False,
 ) -> Any:
     """Loads a checkpoint file into `model`.
 
@@ -148,9 +119,13 @@ def load_checkpoint(
         report: ``"folded"`` or ``"flat"`` (the OpenMMLab message).
         assign: make the parameters the loaded tensors instead of copying into them (zero
             copy for memory-mapped files, which must then not change while in use).
+        dry_run: change nothing: return the `LoadPlan` (what the load would report, which
+            keys it would read, their bytes), computed without reading tensor data where
+            the format allows.
 
     Returns:
-        The loaded checkpoint (a dict), as the OpenMMLab function does.
+        The loaded checkpoint (a dict), as the OpenMMLab function does; with `dry_run`, the
+        `LoadPlan`.
 
     Raises:
         CheckpointNotFoundError: no file at `filename` (also a FileNotFoundError).
@@ -160,6 +135,9 @@ def load_checkpoint(
     """
     # Compiled up front, so a bad pattern fails before any file is read.
     rules = as_key_rules(revise_keys)
+    if dry_run:
+        with open_checkpoint(filename, map_location, logger) as opened:
+            return plan_load(opened, model, revise_keys=rules)
     checkpoint = _load_checkpoint(filename, map_location, logger)
     return _load_checkpoint_to_model(
         model,
@@ -179,20 +157,21 @@ def _load_checkpoint_with_prefix(
     """The weights under one sub-module of a checkpoint, with the prefix stripped.
 
     ``_load_checkpoint_with_prefix("backbone", f)`` keeps ``backbone.conv.weight`` as
-    ``conv.weight``; ``"backbone"`` and ``"backbone."`` mean the same.
+    ``conv.weight``; ``"backbone"`` and ``"backbone."`` mean the same. Only the tensors under
+    the prefix are built (read from disk when used), where the format allows it.
 
     Raises:
         PrefixNotFoundError: no key starts with the prefix (a ValueError and, as the
             OpenMMLab `assert` raised, an AssertionError); the message lists the top-level
             names the checkpoint has.
     """
-    checkpoint = _load_checkpoint(filename, map_location=map_location)
-    state_dict = find_state_dict(checkpoint, os.fspath(filename))
-    kept = filter_prefix(state_dict, prefix, strip=True)
-    if not kept:
+    source = os.fspath(filename)
+    with open_checkpoint(filename, map_location) as opened:
+        names = OrderedDict((key, None) for key in opened.keys())
+        wanted = select_prefix(names, prefix, source)
         full = prefix if prefix.endswith(".") or not prefix else prefix + "."
-        raise PrefixNotFoundError(full, os.fspath(filename), _top_level_names(state_dict))
-    return kept
+        selected = opened.state_dict([full + name for name in wanted])
+        return dict(select_prefix(selected, prefix, source))
 
 
 def load_model_checkpoint(
@@ -218,12 +197,3 @@ def load_model_checkpoint(
         strict=strict,
         revise_keys=DEFAULT_REVISE_KEYS if rev_keys is None else rev_keys,
     )
-
-
-def _top_level_names(state_dict: Mapping[str, Any], limit: int = 10) -> Sequence[str]:
-    names: dict[str, None] = {}
-    for key in state_dict:
-        names.setdefault(str(key).split(".", 1)[0], None)
-        if len(names) >= limit:
-            break
-    return list(names)

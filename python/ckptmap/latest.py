@@ -35,6 +35,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
 from ckptmap.errors import (
     CheckpointNotFoundError,
@@ -65,7 +66,6 @@ LAST_CHECKPOINT = "last_checkpoint"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", INDEX_SUFFIX)
 
 _STEP_RE = re.compile(r"^(?:epoch|iter)_(\d+)(?!\d)")
-_MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 # --- is this file a whole checkpoint? ----------------------------------------------------------
@@ -106,7 +106,7 @@ def _complete(path: Path, depth: int) -> bool:
 
 
 def _safetensors_complete(path: Path, size: int, header_len: int) -> bool:
-    if header_len > _MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+    if header_len > MAX_SAFETENSORS_HEADER_LEN or 8 + header_len > size:
         return False
     with open(path, "rb") as f:
         f.seek(8)

@@ -22,6 +22,13 @@ mod _core {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // The header checks' names and the header size cap, so Python needs no copy of them.
+        let kinds = crate::header::HeaderErrorKind::ALL.map(|k| k.name());
+        m.add(
+            "SAFETENSORS_HEADER_ERROR_KINDS",
+            pyo3::types::PyTuple::new(m.py(), kinds)?,
+        )?;
+        m.add("MAX_SAFETENSORS_HEADER_LEN", crate::header::MAX_HEADER_LEN)
     }
 }

@@ -1,24 +1,24 @@
-"""`ckptmap diff`: what loading a checkpoint into a model (or against another checkpoint) would
+r"""`ckptmap diff`: what loading a checkpoint into a model (or against another checkpoint) would
 report, computed from names and shapes alone.
 
-Nothing reads tensor data where the format allows it:
+Against a model (``--model``), the report is the load's own plan (`ckptmap.plan_load`): the
+checkpoint is opened without reading tensor data where the format allows
+(`ckptmap.open_checkpoint`), its keys go through ``load_checkpoint``'s rules (its default
+``^module\.`` rule unless ``--revise`` gives others) and the prefix, and the module walk of
+a real load decides each module's keys, overrides of `_load_from_state_dict` included. The
+model's factory runs under ``torch.device("meta")`` so no parameter memory is allocated
+(falling back to the CPU when the factory can not run on the meta device).
 
-- safetensors and sharded safetensors: the validated header (and index) only;
-- torch zip: ``torch.load(mmap=True, weights_only=True)``, whose tensors are views of the
-  mapped file that are never touched;
-- a model: its factory runs under ``torch.device("meta")`` so no parameter memory is allocated
-  (falling back to the CPU when the factory can not run on the meta device).
-
-The checkpoint's keys are revised by `KeyRules` (as ``load_checkpoint(revise_keys=...)``), then
-restricted to a prefix and stripped of it (as `ckptmap.prefix.filter_prefix`), then compared:
-missing, unexpected, shape-mismatched (both shapes) and collisions (several checkpoint keys
-revised to one). ``num_batches_tracked`` missing is not reported, as in the OpenMMLab loaders.
+Against another checkpoint (``--against``), the two key sets and shapes are compared after
+the same rules and prefix. ``num_batches_tracked`` missing is not reported, as in the
+OpenMMLab loaders.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections import OrderedDict
@@ -32,6 +32,8 @@ from torch import nn
 from ckptmap._core import KeyRules, diff_keys
 from ckptmap.cli.common import add_allow_argument, allowed_globals_for, parse_rule, rule_arg
 from ckptmap.errors import ModelSpecError, PrefixNotFoundError
+from ckptmap.opened import Checkpoint, open_checkpoint
+from ckptmap.plan import DEFAULT_REVISE_KEYS, LoadPlan, plan_load
 from ckptmap.report import fold_keys
 
 __all__ = [
@@ -70,52 +72,22 @@ def _shapes_of(state_dict: Mapping[str, Any]) -> Shapes:
 def checkpoint_shapes(
     path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()
 ) -> tuple[Shapes, str, bool]:
-    """The state dict's names, shapes and dtypes of the checkpoint at `path`.
+    """The state dict's names, shapes and dtypes of the checkpoint at `path` (or URI).
 
     Returns:
         `(shapes, format, header_only)`: `format` is the sniffed format's name; `header_only`
-        is False only for legacy torch files and plain pickles, which must be read whole.
+        is False only where the format must be read whole (legacy torch files, pickles).
 
     Raises:
-        The errors of `ckptmap.formats.load_file` and `ckptmap.checkpoint.find_state_dict`.
+        The errors of `ckptmap.open_checkpoint` and `ckptmap.find_state_dict`.
     """
-    from ckptmap.checkpoint import find_state_dict
-    from ckptmap.errors import TorchScriptArchiveError
-    from ckptmap.formats import load_file
-    from ckptmap.formats.sniff import Format, sniff
+    with open_checkpoint(path, allowed_globals=allowed_globals) as opened:
+        shapes = _shapes_of(opened.meta_state_dict())
+        return shapes, _format_name(opened), opened.header_only
 
-    sniffed = sniff(path)
-    sniffed.raise_if_corrupt()
-    if sniffed.format is Format.TORCHSCRIPT:
-        raise TorchScriptArchiveError(sniffed.path)
-    if sniffed.format is Format.SAFETENSORS:
-        from ckptmap.formats.safetensors import SafetensorsFile
 
-        with SafetensorsFile(sniffed.path) as st:
-            shapes: Shapes = OrderedDict(
-                (name, (tuple(shape), dtype))
-                for name, shape, dtype in zip(st.names, st.shapes, st.dtypes, strict=True)
-            )
-        return shapes, sniffed.format.value, True
-    if sniffed.format is Format.SHARDED:
-        from ckptmap.formats.sharded import ShardedCheckpoint
-
-        with ShardedCheckpoint(sniffed.path, allowed_globals=tuple(allowed_globals)) as sharded:
-            # Torch zip shards are mapped, never read; older pickles must be read whole.
-            header_only = all(
-                sniff(p).format in (Format.SAFETENSORS, Format.TORCH_ZIP)
-                for p in sharded.shards.values()
-            )
-            plan = sharded.plan()
-        shapes = OrderedDict((e.name, (tuple(e.shape), e.dtype)) for e in plan)
-        return shapes, sniffed.format.value, header_only
-    checkpoint = load_file(sniffed.path, "cpu", allowed_globals=allowed_globals)
-    state_dict = find_state_dict(checkpoint, sniffed.path)
-    return (
-        _shapes_of(state_dict),
-        sniffed.format.value,
-        sniffed.format is Format.TORCH_ZIP,
-    )
+def _format_name(opened: Checkpoint) -> str:
+    return opened.format.value if opened.format is not None else "object"
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
@@ -229,6 +201,7 @@ class DiffResult:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     collisions: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def matched(self) -> int:
@@ -238,7 +211,23 @@ class DiffResult:
     @property
     def match(self) -> bool:
         """The keys and shapes match exactly, and no two checkpoint keys collide."""
-        return not (self.missing or self.unexpected or self.mismatched or self.collisions)
+        return not (
+            self.missing or self.unexpected or self.mismatched or self.collisions or self.errors
+        )
+
+    @classmethod
+    def from_plan(cls, plan: LoadPlan) -> DiffResult:
+        """What `plan` says the load will report, in the diff's terms."""
+        result = plan.result
+        return cls(
+            source_keys=result.num_source_keys,
+            expected_keys=plan.expected_keys,
+            missing=result.reported_missing_keys,
+            unexpected=list(result.unexpected_keys),
+            mismatched=[(m.name, m.checkpoint_shape, m.model_shape) for m in result.mismatched],
+            collisions=[(c.key, tuple(c.sources), c.kept) for c in result.collisions],
+            errors=list(result.other_errors),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -255,6 +244,7 @@ class DiffResult:
             "collisions": [
                 {"key": k, "sources": list(s), "kept": kept} for k, s, kept in self.collisions
             ],
+            "errors": self.errors,
         }
 
 
@@ -411,19 +401,23 @@ def add_diff_parser(subparsers: Any) -> Any:
 
 def run_diff(args: Any) -> int:
     """Runs ``ckptmap diff`` with parsed `args`; returns the exit status (0, 1)."""
-    import json
-
-    # Compiled first: a bad pattern fails before any file is read or model built.
-    rules = KeyRules(args.revise) if args.revise else None
+    # Compiled first: a bad pattern fails before any file is read or model built. Against a
+    # model, as in load_checkpoint, rules given replace the default `^module\.` rule; two
+    # checkpoints are compared as they are unless rules are given.
+    rule_pairs = args.revise or (list(DEFAULT_REVISE_KEYS) if args.model else [])
+    rules = KeyRules(rule_pairs)
     allowed = allowed_globals_for(args.allow)
-    source, fmt, header_only = checkpoint_shapes(args.checkpoint, allowed_globals=allowed)
     notes: list[str] = []
     if args.model:
         model, device = build_model(args.model)
-        expected = model_shapes(model)
+        with open_checkpoint(args.checkpoint, allowed_globals=allowed) as opened:
+            fmt, header_only = _format_name(opened), opened.header_only
+            plan = plan_load(opened, model, revise_keys=rules, prefix=args.prefix)
+        result = DiffResult.from_plan(plan)
         expected_name = f"model {args.model} (built on {device})"
         other: dict[str, Any] = {"model": args.model, "model_device": device}
     else:
+        source, fmt, header_only = checkpoint_shapes(args.checkpoint, allowed_globals=allowed)
         expected, other_fmt, other_header_only = checkpoint_shapes(
             args.against, allowed_globals=allowed
         )
@@ -431,23 +425,25 @@ def run_diff(args: Any) -> int:
             f"{args.against} ({other_fmt}{', header only' if other_header_only else ''})"
         )
         other = {"against": args.against, "against_header_only": other_header_only}
-    result = diff_checkpoint(
-        source, expected, rules=rules, prefix=args.prefix, source_name=args.checkpoint
-    )
+        result = diff_checkpoint(
+            source, expected, rules=rules, prefix=args.prefix, source_name=args.checkpoint
+        )
     if args.json:
         doc = {
             "checkpoint": args.checkpoint,
             "format": fmt,
             "header_only": header_only,
             **other,
-            "rules": [list(r) for r in args.revise],
+            "rules": [list(r) for r in rule_pairs],
             "prefix": args.prefix,
             **result.to_json(),
         }
         print(json.dumps(doc, indent=2))
     else:
-        if args.revise:
-            notes.append("rules:      " + "; ".join(f"{p!r} => {r!r}" for p, r in args.revise))
+        if rule_pairs:
+            default = "" if args.revise else " (load_checkpoint's default)"
+            shown = "; ".join(f"{p} => {r!r}" for p, r in rule_pairs)
+            notes.append(f"rules:      {shown}{default}")
         if args.prefix:
             notes.append(f"prefix:     {args.prefix!r} (stripped)")
         name = f"{args.checkpoint} ({fmt}{', header only' if header_only else ''})"

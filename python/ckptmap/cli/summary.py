@@ -21,12 +21,8 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import torch
-
 from ckptmap.cli.common import add_allow_argument, format_size
-from ckptmap.errors import TorchScriptArchiveError
-from ckptmap.formats import load_file
-from ckptmap.formats.sniff import Format, sniff
+from ckptmap.opened import open_checkpoint
 
 __all__ = ["add_inspect_parser", "format_inspect", "inspect_checkpoint", "run_inspect"]
 
@@ -61,31 +57,10 @@ def inspect_checkpoint(
     Raises:
         The errors of `ckptmap.formats.load_file` (missing, corrupt, unsafe, TorchScript ...).
     """
-    sniffed = sniff(path)
-    sniffed.raise_if_corrupt()
-    if sniffed.format is Format.TORCHSCRIPT:
-        raise TorchScriptArchiveError(sniffed.path)
-    metadata: dict[str, str] | None = None
-    shards: int | None = None
-    if sniffed.format is Format.SAFETENSORS:
-        from ckptmap.formats.safetensors import SafetensorsFile
-
-        with SafetensorsFile(sniffed.path) as st:
-            entries = [(i.name, i.dtype, i.nbytes) for i in st.infos()]
-            metadata = dict(st.metadata) or None
-    elif sniffed.format is Format.SHARDED:
-        from ckptmap.formats.sharded import ShardedCheckpoint
-
-        with ShardedCheckpoint(sniffed.path, allowed_globals=tuple(allowed_globals)) as sharded:
-            entries = [(e.name, e.dtype, e.nbytes) for e in sharded.plan()]
-            metadata = {k: str(v) for k, v in sharded.metadata.items()} or None
-            shards = len(sharded.shards)
-    else:
-        checkpoint = load_file(sniffed.path, allowed_globals=allowed_globals)
-        entries = [
-            (name, str(t.dtype).removeprefix("torch."), t.nbytes)
-            for name, t in _walk_tensors(checkpoint, "")
-        ]
+    with open_checkpoint(path, allowed_globals=allowed_globals) as opened:
+        entries = [(e.name, e.dtype, e.nbytes) for e in opened.all_entries()]
+        metadata = opened.metadata or None
+        shards = opened.shards
     dtypes: dict[str, dict[str, int]] = {}
     for _name, dtype, nbytes in entries:
         slot = dtypes.setdefault(dtype, {"count": 0, "bytes": 0})
@@ -93,11 +68,11 @@ def inspect_checkpoint(
         slot["bytes"] += nbytes
     tree = _fold(_build_tree((name, nbytes) for name, _dtype, nbytes in entries), depth, 0)
     return {
-        "path": sniffed.path,
-        "format": sniffed.format.value,
-        "looks_like": sniffed.looks_like,
-        "file_bytes": sniffed.size,
-        "header_only": sniffed.format in (Format.SAFETENSORS, Format.SHARDED, Format.TORCH_ZIP),
+        "path": opened.source,
+        "format": opened.format.value if opened.format is not None else "object",
+        "looks_like": opened.looks_like,
+        "file_bytes": opened.size,
+        "header_only": opened.header_only,
         "tensor_count": len(entries),
         "total_bytes": sum(nbytes for _n, _d, nbytes in entries),
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
@@ -164,23 +139,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     summary = inspect_checkpoint(args.path, depth=args.depth, allowed_globals=allowed)
     print(json.dumps(summary, indent=2) if args.json else format_inspect(summary))
     return 0
-
-
-# -- tensors inside a checkpoint ----------------------------------------------------------------
-
-
-def _walk_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        yield prefix or "<top level>", obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from _walk_tensors(value, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(obj, list | tuple):
-        for i, value in enumerate(obj):
-            yield from _walk_tensors(value, f"{prefix}.{i}" if prefix else str(i))
-
-
-# -- the prefix tree ----------------------------------------------------------------------------
 
 
 def _new_node(name: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import torch
 
+from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 from ckptmap.errors import NotSerializableError
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 #: The safetensors reference implementation refuses headers larger than this.
-MAX_HEADER_SIZE = 100_000_000
+MAX_HEADER_SIZE = MAX_SAFETENSORS_HEADER_LEN
 
 # Tensors not in CPU memory are copied over in pieces of this many bytes.
 _DEVICE_CHUNK = 64 * 2**20

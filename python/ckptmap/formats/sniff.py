@@ -17,6 +17,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
+from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 from ckptmap.errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
@@ -31,7 +32,6 @@ __all__ = ["LEGACY_MAGIC", "Format", "Sniffed", "sniff"]
 #: How much of the file sniffing reads (and how much of a JSON index it parses at most).
 HEAD_BYTES = 64 * 1024
 #: The safetensors reference implementation's header cap.
-MAX_SAFETENSORS_HEADER = 100 * 1000 * 1000
 
 #: `pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=N)` without its PROTO byte: the
 #: first record of torch's legacy (pre-1.6, non-zip) format.
@@ -150,7 +150,7 @@ def _sniff_content(path: str, head: bytes, size: int) -> Sniffed:
     # safetensors first: its first byte is the low byte of the header length, which can be
     # anything (0x80, "P", "{"); the length must also be plausible.
     header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else None
-    if header_len is not None and head[8:9] == b"{" and header_len <= MAX_SAFETENSORS_HEADER:
+    if header_len is not None and head[8:9] == b"{" and header_len <= MAX_SAFETENSORS_HEADER_LEN:
         return _sniff_safetensors(path, header_len, size)
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(path, size)

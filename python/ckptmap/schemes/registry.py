@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ckptmap.errors import UnknownSchemeError
+from ckptmap.report import log_message
 
 __all__ = ["CheckpointLoader", "LoaderFunc"]
 
@@ -157,13 +158,16 @@ class CheckpointLoader:
         """
         path = filename if isinstance(filename, str) else os.fspath(filename)
         loader = cls._get_checkpoint_loader(path)
+        cls.log_backend(path, loader, logger)
+        return loader(path, map_location)
+
+    @staticmethod
+    def log_backend(path: str, loader: LoaderFunc, logger: Any = None) -> None:
+        """Logs the "Loads checkpoint by BACKEND backend from path: PATH" line (rank 0)."""
         name = getattr(loader, "__name__", type(loader).__name__)
         backend = name[len("load_from_") :] if name.startswith("load_from_") else name
-        from ckptmap.report import log_message
-
         log_message(
             f"Loads checkpoint by {backend} backend from path: {path}",
             logger=logger,
             level=logging.INFO,
         )
-        return loader(path, map_location)
