@@ -37,6 +37,7 @@ __all__ = [
     "DownloadError",
     "IncompleteCheckpointError",
     "IncompleteDownloadError",
+    "InvalidDcpCheckpointError",
     "InvalidSafetensorsError",
     "InvalidShardIndexError",
     "InvalidStateDictError",
@@ -60,9 +61,11 @@ __all__ = [
     "UnknownModelNameError",
     "UnknownSchemeError",
     "UnsafeCheckpointError",
+    "UnsafeDcpPathError",
     "UnsafeLoadWarning",
     "UnsafePathError",
     "UnsafeShardPathError",
+    "UnsupportedDcpFeatureError",
     "UnsupportedDtypeError",
     "UnsupportedSaveTargetError",
     "ZooTableError",
@@ -562,6 +565,67 @@ class ShardTensorMissingError(TensorNotFoundError):
             f"shard index {index!r} places tensor {name!r} in {shard!r}, but that shard has no "
             "such tensor: the index and its shards do not belong together. Re-download the "
             "index and all its shards from the same revision",
+        )
+
+
+class InvalidDcpCheckpointError(CorruptCheckpointError, ValueError):
+    """A torch.distributed.checkpoint directory whose metadata or data fail validation.
+
+    A `CorruptCheckpointError` (so a `RuntimeError`) and a `ValueError`.
+
+    Attributes:
+        path: the checkpoint directory.
+        reason: what is wrong (names the entry, data file and byte range where it applies).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.size = 0
+        self.looks_like = f"a damaged torch.distributed.checkpoint directory ({reason})"
+        self.reason = reason
+        # Not CorruptCheckpointError's wording ("checkpoint file ... bytes"): a directory.
+        CkptmapError.__init__(
+            self,
+            f"torch.distributed.checkpoint directory {path!r} is not usable: {reason}. Copy "
+            "the whole directory again (its .metadata and every __*.distcp file, from one "
+            "save), or save the checkpoint again",
+        )
+
+
+class UnsafeDcpPathError(InvalidDcpCheckpointError):
+    """A data file name in a DCP ``.metadata`` that could point outside its directory.
+
+    Raised before any data file is opened.
+
+    Attributes:
+        name: the rejected file name, as the metadata gives it.
+    """
+
+    def __init__(self, path: str, name: object, reason: str) -> None:
+        self.name = name
+        super().__init__(
+            path,
+            f"its metadata names the data file {name!r}, which {reason.removeprefix('it ')}; "
+            "DCP data files are plain names inside the checkpoint directory. Do not load a "
+            "checkpoint whose metadata was tampered with",
+        )
+
+
+class UnsupportedDcpFeatureError(CkptmapError, ValueError):
+    """A DCP checkpoint that uses something ckptmap does not read (e.g. compressed entries).
+
+    Attributes:
+        path: the checkpoint directory.
+        feature: what it uses.
+    """
+
+    def __init__(self, path: str, feature: str) -> None:
+        self.path = path
+        self.feature = feature
+        super().__init__(
+            f"torch.distributed.checkpoint directory {path!r} can not be read by ckptmap: "
+            f"{feature}. Load it with torch.distributed.checkpoint.load, or save it again "
+            "with DCP's default FileSystemWriter"
         )
 
 

@@ -8,6 +8,8 @@ legacy torch       ``torch.load(weights_only=True)`` read into memory (no mmap; 
 plain pickle       torch's weights-only unpickler, after a scan of the globals it needs
 safetensors        `ckptmap.formats.safetensors` (validated header, zero-copy views)
 sharded            `ckptmap.formats.sharded` (``*.index.json``, or a directory with one)
+DCP                `ckptmap.formats.dcp`: a `torch.distributed.checkpoint` directory, planned
+                   from ``.metadata``; tensors read by byte range on first access
 TorchScript        `TorchScriptArchiveError`: use ``torch.jit.load``
 anything else      `CorruptCheckpointError`: empty, truncated, HTML page, LFS pointer, ...
 =================  =====================================================================
@@ -54,23 +56,28 @@ def load_file(
     """Loads a local checkpoint file (or sharded checkpoint directory), whatever its format.
 
     Args:
-        path: a checkpoint file, a ``*.index.json``, or a directory holding one.
+        path: a checkpoint file, a ``*.index.json``, a directory holding one, or a
+            `torch.distributed.checkpoint` directory.
         map_location: as for `torch.load` (a device, a string, a dict or a callable).
         weights_only: keep True. False unpickles pickle checkpoints without restrictions and
-            warns `UnsafeLoadWarning`; it has no effect on safetensors.
+            warns `UnsafeLoadWarning`; it has no effect on safetensors. DCP object entries
+            are only ever read safely (False is refused when one is accessed).
         allowed_globals: objects (classes, functions) the safe unpickler may use besides
-            torch's own allowlist, e.g. `ckptmap.formats.allowlist.MMENGINE_RUNNER`. Pass the
-            objects, or ``(object, "module.name")`` pairs; names alone are never imported.
+            torch's own allowlist, e.g. `ckptmap.formats.allowlist.MMENGINE_RUNNER` (for DCP:
+            in ``.metadata`` and in object entries). Pass the objects, or
+            ``(object, "module.name")`` pairs; names alone are never imported.
         mmap: memory-map the file (None: wherever the format allows it). Tensors of a mapped
             file are views of its pages: the file must not change while they are in use.
 
     Returns:
         For pickles, what `torch.load` returns (any object: the caller looks for the state
-        dict). For safetensors and sharded checkpoints, a mapping of names to tensors.
+        dict). For safetensors and sharded checkpoints, a mapping of names to tensors. For a
+        DCP directory, a lazy `ckptmap.formats.dcp.DcpTree` with the saved nesting (tensors
+        read on first access; objects through the safe unpickler only).
 
     Raises:
         CheckpointNotFoundError: no such path (`DanglingSymlinkError`: a broken symlink).
-        CheckpointIsADirectoryError: a directory without an index file.
+        CheckpointIsADirectoryError: a directory without an index file or DCP ``.metadata``.
         CheckpointPermissionError: the file exists but can not be read.
         CorruptCheckpointError: empty, truncated, damaged, or not a checkpoint at all.
         TorchScriptArchiveError: a `torch.jit.save` archive.
@@ -97,6 +104,10 @@ def load_file(
             weights_only=weights_only,
             allowed_globals=allowed_globals,
             mmap=mmap,
+        )
+    if sniffed.format is Format.DCP:
+        return _load_dcp(
+            sniffed, map_location, weights_only=weights_only, allowed_globals=allowed_globals
         )
     raise AssertionError(f"unhandled format {sniffed.format}")  # pragma: no cover
 
@@ -159,4 +170,22 @@ def _load_sharded(
         weights_only=weights_only,
         allowed_globals=tuple(allowed_globals),
         mmap=mmap,
+    )
+
+
+def _load_dcp(
+    sniffed: Sniffed,
+    map_location: Any,
+    *,
+    weights_only: bool,
+    allowed_globals: Iterable[AllowedGlobal],
+) -> Any:
+    # Ranged reads, never a map of whole data files: mmap has no meaning here.
+    from ckptmap.formats import dcp
+
+    return dcp.load_dcp(
+        sniffed.path,
+        map_location,
+        weights_only=weights_only,
+        allowed_globals=tuple(allowed_globals),
     )

@@ -27,10 +27,12 @@ from ckptmap.errors import (
 from ckptmap.formats.index import MAX_INDEX_BYTES, find_index
 from ckptmap.paths import check_path
 
-__all__ = ["LEGACY_MAGIC", "Format", "Sniffed", "sniff"]
+__all__ = ["DCP_METADATA", "LEGACY_MAGIC", "Format", "Sniffed", "sniff"]
 
 #: How much of the file sniffing reads (and how much of a JSON index it parses at most).
 HEAD_BYTES = 64 * 1024
+#: The file that makes a directory a torch.distributed.checkpoint (DCP) checkpoint.
+DCP_METADATA = ".metadata"
 #: The safetensors reference implementation's header cap.
 
 #: `pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=N)` without its PROTO byte: the
@@ -53,6 +55,8 @@ class Format(str, enum.Enum):
     """An 8-byte little-endian header length, a JSON header, then tensor data."""
     SHARDED = "sharded"
     """A ``*.index.json`` with a ``weight_map`` (or a directory holding one)."""
+    DCP = "dcp"
+    """A `torch.distributed.checkpoint` directory: ``.metadata`` plus ``__*.distcp`` files."""
     CORRUPT = "corrupt"
     """Empty, truncated, damaged, or not a checkpoint at all."""
 
@@ -67,7 +71,8 @@ class Sniffed:
         size: file size in bytes (for a directory, the size of its index file).
         looks_like: a short human description ("a torch.save zip checkpoint", "an HTML page").
         hint: for `Format.CORRUPT`, what to do about it (None: the generic re-download advice).
-        index_path: for `Format.SHARDED`, the ``*.index.json`` file.
+        index_path: for `Format.SHARDED`, the ``*.index.json`` file; for `Format.DCP`, the
+            ``.metadata`` file (`path` is then the directory).
         pickle_protocol: for pickles, the protocol of the first record, when known.
     """
 
@@ -89,7 +94,9 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
     """Tells the format of a checkpoint from its content.
 
     Args:
-        path: a file, or a directory holding a ``*.index.json``.
+        path: a file, a directory holding a ``*.index.json``, or a `torch.distributed.checkpoint`
+            directory (one with a ``.metadata`` file; it wins over an index in the same
+            directory) or its ``.metadata``.
 
     Returns:
         What the content looks like. Unrecognised content is `Format.CORRUPT`, not an error.
@@ -102,7 +109,11 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
     """
     path = check_path(path)
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, DCP_METADATA)):
+            return _sniff_dcp(path)
         return _sniff_directory(path)
+    if os.path.basename(path) == DCP_METADATA:
+        return _sniff_dcp(os.path.dirname(os.path.abspath(path)))
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -122,6 +133,32 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
     except FileNotFoundError as err:  # removed since the check
         raise CheckpointNotFoundError(path) from err
     return _sniff_content(path, head, st.st_size)
+
+
+def _sniff_dcp(directory: str) -> Sniffed:
+    metadata = os.path.join(directory, DCP_METADATA)
+    try:
+        with open(metadata, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(2)
+    except PermissionError as err:
+        raise CheckpointPermissionError(metadata) from err
+    if head[:1] != b"\x80":
+        return Sniffed(
+            directory,
+            Format.CORRUPT,
+            size,
+            f"a torch.distributed.checkpoint directory whose {DCP_METADATA} is not a pickle "
+            f"({'empty' if size == 0 else f'{size:,} bytes'})",
+            hint="copy the whole directory again (its .metadata and every __*.distcp file)",
+        )
+    return Sniffed(
+        directory,
+        Format.DCP,
+        size,
+        "a torch.distributed.checkpoint (DCP) directory",
+        index_path=metadata,
+    )
 
 
 def _sniff_directory(path: str) -> Sniffed:
