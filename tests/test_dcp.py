@@ -8,6 +8,7 @@ state dict, torch's ``dcp.load`` and ``dcp_to_torch_save``.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import shutil
@@ -758,3 +759,57 @@ def test_reading_needs_no_unrestricted_pickle(
     directory, source = flat
     assert_same(materialize(load_file(directory)), source)
     assert read_metadata(directory) is not None
+
+
+# --- the command line and re-saving -------------------------------------------------------------
+
+
+def test_inspect_reads_only_the_metadata(
+    nested: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ckptmap.cli import main
+    from ckptmap.cli.summary import inspect_checkpoint
+
+    copy = copy_dir(nested, tmp_path)
+    for data in copy.glob("*.distcp"):  # no data byte is needed
+        data.write_bytes(b"\0" * data.stat().st_size)
+    summary = inspect_checkpoint(copy)
+    ckpt = DcpCheckpoint(nested)
+    assert summary["format"] == "dcp" and summary["header_only"]
+    assert summary["tensor_count"] == len(ckpt.names)
+    assert summary["total_bytes"] == sum(ckpt.sizes)
+    assert summary["shards"] == 1
+    assert main(["inspect", str(copy)]) == 0
+    assert f"tensors: {len(ckpt.names)}" in capsys.readouterr().out
+
+
+def test_diff_against_a_model_reads_only_the_metadata(nested: Path, tmp_path: Path) -> None:
+    from ckptmap.cli.diff import checkpoint_shapes
+
+    copy = copy_dir(nested, tmp_path)
+    for data in copy.glob("*.distcp"):
+        data.write_bytes(b"\0" * data.stat().st_size)
+    shapes, fmt, header_only = checkpoint_shapes(copy)
+    assert fmt == "dcp" and header_only
+    # The state dict is the "model" entry, as for a torch.save file of the same state.
+    assert dict(shapes) == {
+        "0.weight": ((3, 4), "float32"),
+        "0.bias": ((3,), "float32"),
+        "2.weight": ((2, 3), "float32"),
+        "2.bias": ((2,), "float32"),
+    }
+
+
+def test_convert_and_torch_save_write_plain_dicts(nested: Path, tmp_path: Path) -> None:
+    from ckptmap.cli import main
+
+    reference = torch_reference(nested, tmp_path)
+    out = tmp_path / "converted.pth"
+    assert main(["convert", str(nested), str(out)]) == 0
+    assert_same(materialize(torch.load(out, weights_only=True)), materialize(reference))
+    # A tree saved as it is pickles as the OrderedDict it stands for, not as a ckptmap class.
+    saved = tmp_path / "saved.pth"
+    torch.save(load_file(nested)["model"], saved)
+    plain = torch.load(saved, weights_only=True)
+    assert type(plain) is collections.OrderedDict
+    assert_same(dict(plain), dict(reference["model"]))

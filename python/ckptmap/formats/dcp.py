@@ -882,7 +882,7 @@ class DcpCheckpoint(Mapping[str, torch.Tensor]):
     # --- internals ---
 
     def _not_found(self, name: object) -> TensorNotFoundError:
-        kind = "an object entry" if name in self._objects else None
+        kind = "an object entry" if isinstance(name, str) and name in self._objects else None
         detail = (
             f"{name!r} in DCP checkpoint {self.path!r} is {kind}, not a tensor: load it with "
             "load_object()"
@@ -1033,6 +1033,11 @@ class DcpTree(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"DcpTree({self._checkpoint.path!r}, keys={len(self)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (torch.save, deepcopy) as the OrderedDict it stands for, every value read:
+        # a saved checkpoint never refers to ckptmap's classes.
+        return (OrderedDict, (), None, None, iter(self.items()))
 
     def _resolve(self, node: _Node) -> Any:
         if isinstance(node, _Leaf):
