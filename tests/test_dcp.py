@@ -36,6 +36,7 @@ from ckptmap.errors import (
     TensorNotFoundError,
     UnsafeCheckpointError,
     UnsafeDcpPathError,
+    UnsafeDcpPickleError,
     UnsupportedDcpFeatureError,
 )
 from ckptmap.formats import Format, load_file, sniff
@@ -470,10 +471,11 @@ def test_malicious_metadata_never_runs(flat: tuple[Path, Any], tmp_path: Path) -
         lambda: ckptmap.load_checkpoint(build_net(0), directory),
         lambda: read_metadata(directory),
     ):
-        with pytest.raises(UnsafeCheckpointError) as info:
+        with pytest.raises(UnsafeDcpPickleError) as info:
             attempt()
+        assert isinstance(info.value, UnsafeCheckpointError)
         assert "system" in str(info.value) and str(directory) in str(info.value)
-        assert info.value.dangerous
+        assert info.value.dangerous and info.value.entry == ".metadata"
     assert not sentinel.exists()
 
 
@@ -514,9 +516,11 @@ def test_object_entries_need_an_explicit_allowlist(tmp_path: Path) -> None:
     )
     tree = load_file(directory)
     assert torch.equal(tree["w"], torch.ones(2))
-    with pytest.raises(UnsafeCheckpointError, match="Config") as info:
+    with pytest.raises(UnsafeDcpPickleError, match="Config") as info:
         tree["config"]
-    assert "'config'" in str(info.value) and str(directory) in str(info.value)
+    assert info.value.entry == "config" and str(directory) in str(info.value)
+    # The advice names the one opt-in there is.
+    assert "allowed_globals" in str(info.value) and "weights_only" not in str(info.value)
     with pytest.raises(UnsafeCheckpointError) as info:
         tree["evil"]
     assert info.value.dangerous
@@ -536,6 +540,13 @@ def test_object_entries_need_an_explicit_allowlist(tmp_path: Path) -> None:
 
 def _first_tensor(meta: Any) -> str:
     return next(iter(meta.state_dict_metadata))
+
+
+def _nested_list(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 TAMPERING = {
@@ -620,6 +631,11 @@ TAMPERING = {
     ),
     "bad-path": (
         lambda m: m.planner_data.__setitem__("head.bias", ("head", 10**9)),
+        InvalidDcpCheckpointError,
+        "nested path",
+    ),
+    "deep-path": (
+        lambda m: m.planner_data.__setitem__("head.bias", ("head", _nested_list(400))),
         InvalidDcpCheckpointError,
         "nested path",
     ),

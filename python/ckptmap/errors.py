@@ -62,6 +62,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsafeCheckpointError",
     "UnsafeDcpPathError",
+    "UnsafeDcpPickleError",
     "UnsafeLoadWarning",
     "UnsafePathError",
     "UnsafeShardPathError",
@@ -385,6 +386,48 @@ class UnsafeCheckpointError(CkptmapError, pickle.UnpicklingError):
                 "`weights_only=False` to unpickle it without restrictions"
             )
         super().__init__(message)
+
+
+class UnsafeDcpPickleError(UnsafeCheckpointError):
+    """A DCP ``.metadata`` or object entry whose pickle needs globals outside the allowlist.
+
+    DCP pickles are only ever read by a restricted unpickler (``weights_only=False`` does not
+    change that), so the only opt-in is ``allowed_globals``.
+
+    Attributes:
+        path: the checkpoint directory.
+        entry: ``".metadata"``, or the name of the object entry.
+        globals, dangerous, reason: as for `UnsafeCheckpointError`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        entry: str,
+        globals: Sequence[str],
+        dangerous: Sequence[str] = (),
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(path, globals, dangerous, reason)
+        self.entry = entry
+        what = (
+            "its .metadata" if entry == ".metadata" else f"its object entry {entry!r}"
+        ) + f" of torch.distributed.checkpoint directory {path!r}"
+        if self.dangerous:
+            message = (
+                f"refusing to load {what}: its pickle calls {', '.join(self.dangerous)}, which "
+                "can run arbitrary code. This is what a malicious checkpoint looks like; nothing "
+                "from it was executed"
+            )
+        elif self.globals:
+            message = (
+                f"refusing to load {what}: its pickle needs {', '.join(self.globals)}, which the "
+                "safe unpickler does not allow. If you trust the file, pass exactly these "
+                "objects (the classes or functions themselves) as allowed_globals=[...]"
+            )
+        else:
+            message = f"refusing to load {what}: {reason}"
+        self.args = (message + "; DCP pickles are never unpickled without restrictions",)
 
 
 class UnsafeLoadWarning(UserWarning):

@@ -19,9 +19,10 @@ unpickles it with plain `pickle.load`, which runs whatever code the file names. 
 ``weights_only`` unpickler can not read it either (it rejects the FRAME opcode of the pickle
 protocol DCP writes). ckptmap reads it with its own restricted unpickler: `pickle.Unpickler`
 whose `find_class` resolves exactly DCP's metadata dataclasses, ``torch.Size``, torch dtypes
-and layouts and plain path classes (``pathlib.PosixPath`` becomes a `PurePosixPath`), plus
-what the caller passes as ``allowed_globals``; any other global is refused before unpickling
-starts (`UnsafeCheckpointError`, listing them). Each chunk's archive is loaded with
+and layouts, and path classes (``StorageMeta.checkpoint_id``, read as a plain string), plus
+what the caller passes as ``allowed_globals``. The globals are listed from the opcodes first
+(nothing executed) and any other one is refused before unpickling starts
+(`UnsafeDcpPickleError`, an `UnsafeCheckpointError`). Each chunk's archive is loaded with
 ``torch.load(weights_only=True)``. Then every offset is checked before it is trusted: file
 names are plain relative names inside the directory, byte ranges lie inside their files and
 do not overlap, each chunk stores at least the bytes its dtype and shape need, the chunks of a
@@ -53,6 +54,7 @@ import io
 import os
 import pathlib
 import pickle
+import reprlib
 import stat
 import zipfile
 from collections import OrderedDict
@@ -72,8 +74,8 @@ from ckptmap.errors import (
     MissingDependencyError,
     ShardNotFoundError,
     TensorNotFoundError,
-    UnsafeCheckpointError,
     UnsafeDcpPathError,
+    UnsafeDcpPickleError,
     UnsafePathError,
     UnsupportedDcpFeatureError,
 )
@@ -280,8 +282,8 @@ def read_metadata(path: str | os.PathLike[str], *, allowed_globals: Iterable[Any
         checks it).
 
     Raises:
-        UnsafeCheckpointError: the pickle references a global outside the allowlist (nothing
-            was unpickled).
+        UnsafeDcpPickleError: the pickle references a global outside the allowlist (nothing
+            was unpickled); an `UnsafeCheckpointError`.
         InvalidDcpCheckpointError: too large, truncated or not a pickle of DCP metadata.
     """
     directory, metadata_path = _locate(path)
@@ -305,12 +307,12 @@ def read_metadata(path: str | os.PathLike[str], *, allowed_globals: Iterable[Any
         ) from None
     refused = sorted(g for g in found if g not in allowed and not _is_dtype(g))
     if refused:
-        raise UnsafeCheckpointError(metadata_path, refused, dangerous_globals(refused))
+        raise UnsafeDcpPickleError(directory, METADATA_NAME, refused, dangerous_globals(refused))
     try:
         return _MetadataUnpickler(io.BytesIO(data), allowed).load()
     except pickle.UnpicklingError as err:
         if "is not allowed" in str(err):
-            raise UnsafeCheckpointError(metadata_path, [], reason=str(err)) from None
+            raise UnsafeDcpPickleError(directory, METADATA_NAME, [], reason=str(err)) from None
         raise InvalidDcpCheckpointError(
             directory, f"its {METADATA_NAME} can not be unpickled ({err})"
         ) from None
@@ -399,7 +401,7 @@ class _Checker:
         objects: dict[str, DcpObjectInfo] = {}
         for name, entry in entries.items():
             if not isinstance(name, str):
-                raise self.bad(f"it has an entry named by a {type(name).__name__}: {name!r}")
+                raise self.bad(f"it has an entry named by a {type(name).__name__}: {_show(name)}")
             if isinstance(entry, md.TensorStorageMetadata):
                 tensors[name] = self.tensor(name, entry, storage, md)
             elif isinstance(entry, md.BytesStorageMetadata):
@@ -427,11 +429,11 @@ class _Checker:
         for index, info in data.items():
             fqn = getattr(index, "fqn", None)
             if not isinstance(fqn, str):
-                raise self.bad(f"a storage record is keyed by {index!r}")
+                raise self.bad(f"a storage record is keyed by {_show(index)}")
             offset = getattr(index, "offset", None)
             key = (fqn, None if offset is None else _int_tuple(offset))
             if offset is not None and key[1] is None:
-                raise self.bad(f"the storage record of {fqn!r} has chunk offsets {offset!r}")
+                raise self.bad(f"the storage record of {fqn!r} has chunk offsets {_show(offset)}")
             if not isinstance(info, fs._StorageInfo):
                 raise self.bad(
                     f"the storage record of {fqn!r} is a {type(info).__name__}, not the "
@@ -442,17 +444,17 @@ class _Checker:
                 raise UnsupportedDcpFeatureError(
                     self.directory,
                     f"entry {fqn!r} is stored through the stream transforms "
-                    f"{list(transforms)!r} (e.g. compression)",
+                    f"{_show(transforms)} (e.g. compression)",
                 )
             file = getattr(info, "relative_path", None)
             start = getattr(info, "offset", None)
             length = getattr(info, "length", None)
             if not isinstance(file, str):
-                raise self.bad(f"the storage record of {fqn!r} names the file {file!r}")
+                raise self.bad(f"the storage record of {fqn!r} names the file {_show(file)}")
             if type(start) is not int or type(length) is not int or start < 0 or length < 0:
                 raise self.bad(
-                    f"the storage record of {fqn!r} has the byte range offset={start!r}, "
-                    f"length={length!r}"
+                    f"the storage record of {fqn!r} has the byte range offset={_show(start)}, "
+                    f"length={_show(length)}"
                 )
             if key in out:
                 raise self.bad(f"{fqn!r} has two storage records for one chunk")
@@ -469,10 +471,10 @@ class _Checker:
         properties = getattr(entry, "properties", None)
         dtype = getattr(properties, "dtype", None)
         if not isinstance(dtype, torch.dtype):
-            raise self.bad(f"tensor {name!r} has the dtype {dtype!r}")
+            raise self.bad(f"tensor {name!r} has the dtype {_show(dtype)}")
         shape = _int_tuple(getattr(entry, "size", None))
         if shape is None:
-            raise self.bad(f"tensor {name!r} has the shape {getattr(entry, 'size', None)!r}")
+            raise self.bad(f"tensor {name!r} has the shape {_show(getattr(entry, 'size', None))}")
         raw_chunks = getattr(entry, "chunks", None)
         if not isinstance(raw_chunks, list) or not raw_chunks:
             raise self.bad(f"tensor {name!r} has no chunks")
@@ -485,7 +487,8 @@ class _Checker:
             if offsets is None or sizes is None or len(offsets) != len(shape):
                 raise self.bad(
                     f"a chunk of tensor {name!r} (shape {list(shape)}) has offsets "
-                    f"{getattr(raw, 'offsets', None)!r} and sizes {getattr(raw, 'sizes', None)!r}"
+                    f"{_show(getattr(raw, 'offsets', None))} and sizes "
+                    f"{_show(getattr(raw, 'sizes', None))}"
                 )
             if len(sizes) != len(shape) or any(
                 o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)
@@ -553,12 +556,12 @@ class _Checker:
         for name in names:
             raw = planner_data.get(name, (name,))
             if not isinstance(raw, (tuple, list)) or not raw:
-                raise self.bad(f"the nested path of {name!r} is {raw!r}")
+                raise self.bad(f"the nested path of {name!r} is {_show(raw)}")
             path = tuple(raw)
             if type(path[0]) is not str or not all(
                 type(p) is str or (type(p) is int and 0 <= p < _MAX_LIST_INDEX) for p in path
             ):
-                raise self.bad(f"the nested path of {name!r} is {raw!r}")
+                raise self.bad(f"the nested path of {name!r} is {_show(raw)}")
             paths[name] = path
         return paths
 
@@ -612,6 +615,19 @@ class _Checker:
                         f"{previous[0]:,}-{previous[1]:,} and {start:,}-{end:,})"
                     )
                 previous = (start, end, name)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _show(value: Any) -> str:
+    """A short repr of an untrusted value for a message (bounded depth and length)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a hostile object whose repr fails or recurses
+        return f"<a {type(value).__name__}>"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -690,7 +706,7 @@ class DcpCheckpoint(Mapping[str, torch.Tensor]):
     Raises:
         CheckpointNotFoundError / CheckpointIsADirectoryError (no ``.metadata``) /
             CheckpointPermissionError: the directory can not be used.
-        UnsafeCheckpointError: ``.metadata`` references a global outside the allowlist.
+        UnsafeDcpPickleError: ``.metadata`` references a global outside the allowlist.
         InvalidDcpCheckpointError: the metadata or data files fail validation.
         UnsafeDcpPathError: a data file name that could leave the directory.
         ShardNotFoundError: data files the metadata names that do not exist (all listed).
@@ -834,7 +850,7 @@ class DcpCheckpoint(Mapping[str, torch.Tensor]):
 
         Raises:
             TensorNotFoundError: no such object entry.
-            UnsafeCheckpointError: it needs globals outside the allowlist (extend it with
+            UnsafeDcpPickleError: it needs globals outside the allowlist (extend it with
                 ``allowed_globals``); nothing was executed.
             InvalidDcpCheckpointError: its bytes are not a `torch.save` archive.
         """
@@ -855,13 +871,11 @@ class DcpCheckpoint(Mapping[str, torch.Tensor]):
             except pickle.UnpicklingError as err:
                 window.seek(0)
                 found = self._archive_globals(window, name, info.file)
-                where = f"{self.files[info.file]} (DCP entry {name!r})"
                 needed = sorted(found - set(_extra_allowed(self._allowed)))
-                if needed:
-                    raise UnsafeCheckpointError(
-                        where, needed, dangerous_globals(needed), str(err).split("\n")[0]
-                    ) from None
-                raise UnsafeCheckpointError(where, [], reason=str(err).split("\n")[0]) from None
+                reason = str(err).split("\n")[0]
+                raise UnsafeDcpPickleError(
+                    self.path, name, needed, dangerous_globals(needed), reason
+                ) from None
             except (RuntimeError, EOFError, ValueError) as err:
                 raise self._damaged(name, info.file, err) from None
 
