@@ -829,3 +829,19 @@ def test_convert_and_torch_save_write_plain_dicts(nested: Path, tmp_path: Path) 
     plain = torch.load(saved, weights_only=True)
     assert type(plain) is collections.OrderedDict
     assert_same(dict(plain), dict(reference["model"]))
+
+
+def test_dry_run_plans_from_metadata_alone(flat: tuple[Path, Any], tmp_path: Path) -> None:
+    directory = copy_dir(flat[0], tmp_path)
+    for data in directory.glob("*.distcp"):  # no data byte is needed
+        data.write_bytes(b"\0" * data.stat().st_size)
+    model = build_net(5)
+    model.head = nn.Linear(1024, 10)  # a shape mismatch to report
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = ckptmap.load_checkpoint(model, directory, dry_run=True)
+    assert plan.header_only
+    assert [m.name for m in plan.result.mismatched] == ["head.weight", "head.bias"]
+    assert "backbone.0.weight" in plan.reads and "head.weight" not in plan.reads
+    ckpt = DcpCheckpoint(flat[0])
+    assert plan.bytes_to_read == sum(ckpt.info(n).nbytes for n in plan.reads)
+    assert_same(dict(model.state_dict()), before)

@@ -8,6 +8,7 @@ touching tensor bytes depends on the format:
 ================  =========================================================================
 safetensors       the validated header: names, dtypes, shapes, byte ranges
 sharded           the index plus each safetensors shard's header (torch shards are mapped)
+DCP               ``.metadata``: names, dtypes, shapes, chunks and byte ranges
 torch zip         the pickle, with every tensor a view of the mapped file (pages unread)
 legacy / pickle   nothing until the file is read whole (`Checkpoint.header_only` is False)
 a loaded object   what a custom URI scheme or the caller hands over (`Checkpoint.of`)
@@ -332,6 +333,82 @@ class _Sharded(Checkpoint):
         self._loaded = None
 
 
+class _Dcp(Checkpoint):
+    """A torch.distributed.checkpoint directory: planned from ``.metadata``, read by range."""
+
+    def __init__(self, path: str, looks_like: str, map_location: Any, options: dict) -> None:
+        super().__init__(path, Format.DCP, looks_like, header_only=True)
+        from ckptmap.formats.dcp import DcpCheckpoint
+
+        self._dcp = DcpCheckpoint(
+            path,
+            map_location=map_location,
+            weights_only=options["weights_only"],
+            allowed_globals=options["allowed_globals"],
+        )
+        self._tree = self._dcp.tree()
+
+    def _weights(self) -> Mapping[str, Any]:
+        # The saved nesting, lazily: finding the state dict reads nothing.
+        return find_state_dict(self._tree, self.source)
+
+    def entries(self) -> list[TensorEntry]:
+        from ckptmap.formats.dcp import DcpTree
+
+        weights = self._weights()
+        if not isinstance(weights, DcpTree):  # pragma: no cover - a tree's state dict is one
+            return super().entries()
+        out = []
+        for key in weights:
+            info = weights.tensor_info(key)
+            if info is not None:
+                out.append(_dcp_entry(key, info, self._dcp.files))
+        return out
+
+    def meta_state_dict(self) -> Mapping[str, Any]:
+        # Tensors from .metadata alone; other entries (objects, nested trees) as they load.
+        weights = self._weights()
+        metas = {e.name: e.meta for e in self.entries()}
+        return OrderedDict((k, metas[k] if k in metas else weights[k]) for k in weights)
+
+    def all_entries(self) -> list[TensorEntry]:
+        # DCP's flattened names are the dotted paths from the top.
+        return [_dcp_entry(i.name, i, self._dcp.files) for i in self._dcp.infos()]
+
+    def keys(self) -> list[str]:
+        return list(self._weights())
+
+    @property
+    def shards(self) -> int | None:
+        return len(self._dcp.files)
+
+    def load(self) -> Any:
+        return self._tree
+
+    def state_dict(self, names: Iterable[str] | None = None) -> Mapping[str, Any]:
+        weights = self._weights()
+        if names is None:
+            return weights
+        # Only the tensors asked for are read (their byte ranges).
+        return OrderedDict((n, weights[n]) for n in names)
+
+    def close(self) -> None:
+        self._dcp.close()
+
+
+def _dcp_entry(name: str, info: Any, files: Mapping[str, str]) -> TensorEntry:
+    # A tensor in one piece has one byte range; one split across ranks has several.
+    chunk = info.chunks[0] if len(info.chunks) == 1 else None
+    return TensorEntry(
+        name,
+        info.dtype,
+        tuple(info.shape),
+        info.nbytes,
+        files[chunk.file] if chunk is not None else None,
+        chunk.start if chunk is not None else None,
+    )
+
+
 def open_file(
     path: str | os.PathLike[str],
     map_location: Any = None,
@@ -361,6 +438,8 @@ def open_file(
         opened = _Safetensors(sniffed.path, sniffed.looks_like, map_location, mmap)
     elif sniffed.format is Format.SHARDED:
         opened = _Sharded(sniffed.path, sniffed.looks_like, map_location, options)
+    elif sniffed.format is Format.DCP:
+        opened = _Dcp(sniffed.path, sniffed.looks_like, map_location, options)
     else:
         # Pickles, and formats that `load_file` knows but this module does not plan yet.
         obj = load_file(sniffed.path, map_location, **options)
