@@ -37,13 +37,16 @@ def test_pth_to_safetensors_and_back(pth, tmp_path, capsys):
     assert main(["convert", str(pth), str(st)]) == 0
     assert "entries kept beside the weights: meta" in capsys.readouterr().out
     with ckptmap.formats.safetensors.SafetensorsFile(st) as f:
+        # Plain JSON for other tools (which see the tuple as a list) ...
         assert json.loads(f.metadata["meta"]) == {"epoch": 3, "classes": ["a", "b"]}
     back = tmp_path / "back.pth"
     assert main(["convert", str(st), str(back)]) == 0
     original = torch.load(pth, weights_only=True)
     loaded = torch.load(back, weights_only=True)
     assert list(loaded) == ["meta", "state_dict"]
-    assert loaded["meta"] == {"epoch": 3, "classes": ["a", "b"]}  # tuples come back as lists
+    # ... and the same values, tuples included, for ckptmap.
+    assert loaded["meta"] == {"epoch": 3, "classes": ("a", "b")}
+    assert list(loaded["state_dict"]) == list(original["state_dict"])
     assert _equal(loaded["state_dict"], original["state_dict"])
     assert loaded["state_dict"]._metadata == original["state_dict"]._metadata
 
@@ -53,8 +56,10 @@ def test_sharded_bf16_loadable(pth, tmp_path):
     assert result.target.endswith("s.safetensors.index.json")
     assert result.shards and result.shards > 1
     loaded = ckptmap.load_file(result.target)
+    assert loaded["meta"] == {"epoch": 3, "classes": ("a", "b")}
+    loaded = loaded["state_dict"]
     original = torch.load(pth, weights_only=True)["state_dict"]
-    assert sorted(loaded) == sorted(original)
+    assert list(loaded) == list(original)
     for key, value in original.items():
         if value.is_floating_point():
             assert loaded[key].dtype == torch.bfloat16
@@ -77,7 +82,8 @@ def test_rules_prefix_and_drop(tmp_path, capsys):
     argv = ["convert", str(src), str(out), "--revise", r"^module\.=>", "--prefix", "backbone"]
     assert main([*argv, "--drop", "optimizer"]) == 0
     loaded = ckptmap.load_file(out)
-    assert _equal(loaded, _model().state_dict())
+    assert list(loaded) == ["state_dict", "meta"] and loaded["meta"] == {}
+    assert _equal(loaded["state_dict"], _model().state_dict())
     assert main([*argv, "--drop", "nothing"]) == 1
     assert "no such entry" in capsys.readouterr().err
     assert main(["convert", str(src), str(out), "--prefix", "nope"]) == 1

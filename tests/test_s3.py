@@ -23,7 +23,7 @@ from ckptmap.errors import (
     UnsafePathError,
 )
 from ckptmap.schemes import CheckpointLoader, load_from_ceph
-from ckptmap.schemes import s3 as s3_module
+from ckptmap import objectstore
 from ckptmap.schemes.s3 import parse_s3_uri, s3_download
 
 boto3 = pytest.importorskip("boto3")
@@ -67,7 +67,7 @@ def s3(endpoint, tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(s3_module, "DEFAULT_MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(objectstore, "DEFAULT_MAX_ATTEMPTS", 1)
     return boto3.client("s3", endpoint_url=endpoint)
 
 

@@ -1,7 +1,7 @@
 """save_checkpoint, get_state_dict and weights_to_cpu: round trips and the OpenMMLab contracts.
 
-Files are read back with torch.load(weights_only=True), safetensors.torch.load_file and, once
-it exists, ckptmap.formats.load_file. S3 runs against a moto server on 127.0.0.1.
+Files are read back with torch.load(weights_only=True), safetensors.torch.load_file and
+ckptmap.formats.load_file. S3 runs against a moto server on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from torch import nn
 import ckptmap
 from ckptmap.atomic import is_temp_file
 from ckptmap.errors import CheckpointSaveError, NotSerializableError, UnsupportedSaveTargetError
+from ckptmap.formats import load_file
 from ckptmap.formats.safetensors_write import write_safetensors
 from ckptmap.save import get_state_dict, is_shard_file, parse_size, save_checkpoint, weights_to_cpu
+from ckptmap.save import sinks as sinks_module
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -77,15 +79,6 @@ def assert_same_tensors(got, expected) -> None:
         assert got[key].dtype == value.dtype, key
         assert got[key].shape == value.shape, key
         assert raw_bytes(got[key]) == raw_bytes(value), key
-
-
-def formats_load_file():
-    """ckptmap.formats.load_file when the formats layer provides it, else None."""
-    try:
-        from ckptmap.formats import load_file
-    except ImportError:
-        return None
-    return load_file
 
 
 def load_sharded(index_path: str | Path) -> tuple[dict, dict]:
@@ -179,11 +172,9 @@ def test_nested_meta_and_optimizer_state_round_trip(tmp_path):
                 assert torch.equal(
                     torch.as_tensor(state["state"][pid][key]), torch.as_tensor(value)
                 )
-    load_file = formats_load_file()
-    if load_file is not None:
-        again = load_file(tmp_path / "c.pth")
-        assert again["meta"] == checkpoint["meta"]
-        assert_same_tensors(again["state_dict"], checkpoint["state_dict"])
+    again = load_file(tmp_path / "c.pth")
+    assert again["meta"] == checkpoint["meta"]
+    assert_same_tensors(again["state_dict"], checkpoint["state_dict"])
 
 
 def test_mmcv_form_builds_the_checkpoint_as_mmcv_does(tmp_path):
@@ -272,7 +263,14 @@ def test_every_safetensors_dtype_round_trips(tmp_path):
     expected = {k: v.resolve_conj() for k, v in state.items()}
     assert_same_tensors(loaded, expected)
     with safe_open(path, "pt") as f:
-        assert f.metadata() is None or f.metadata() == {}
+        # No entries besides the tensors: the codec's marker, the key order, and the
+        # "format" that transformers insists on.
+        metadata = f.metadata()
+    assert metadata == {
+        "ckptmap.codec": "1",
+        "ckptmap.key_order": json.dumps(list(state)),
+        "format": "pt",
+    }
     # Every tensor is aligned to its element size (mmap loaders view it in place).
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
@@ -280,9 +278,9 @@ def test_every_safetensors_dtype_round_trips(tmp_path):
     for name, info in header.items():
         if name != "__metadata__":
             assert info["data_offsets"][0] % state[name].element_size() == 0, name
-    load_file = formats_load_file()
-    if load_file is not None:
-        assert_same_tensors(load_file(path), expected)
+    loaded = load_file(path)
+    assert list(loaded) == list(state), "the state dict's order, not the header's"
+    assert_same_tensors(loaded, expected)
 
 
 @pytest.mark.parametrize("dtype", [d for d in ALL_DTYPES if d not in SAFETENSORS_DTYPES])
@@ -304,13 +302,22 @@ def test_safetensors_keeps_the_checkpoint_in_json_metadata(tmp_path):
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     assert all(isinstance(v, str) for v in metadata.values())
+    assert metadata.pop("format") == "pt"
     decoded = {k: json.loads(v) for k, v in metadata.items()}
+    # Other tools read the entries as plain JSON.
     assert decoded["meta"] == meta and decoded["message"] == "hi"
     assert decoded["ckptmap.state_dict_key"] == "state_dict"
+    assert decoded["ckptmap.entries"] == ["meta", "message", "state_dict"]
     assert decoded["ckptmap.state_dict_metadata"] == {
         k: dict(v) for k, v in net.state_dict()._metadata.items()
     }
     assert_same_tensors(st_load_file(path), net.state_dict())
+    # ckptmap reads the checkpoint back as it was.
+    loaded = load_file(path)
+    assert list(loaded) == ["meta", "message", "state_dict"]
+    assert loaded["meta"] == meta and loaded["message"] == "hi"
+    assert list(loaded["state_dict"]) == list(net.state_dict())
+    assert loaded["state_dict"]._metadata == net.state_dict()._metadata
 
 
 def test_mmcv_form_to_safetensors_without_optimizer(tmp_path):
@@ -414,17 +421,11 @@ def test_sharded_round_trip(tmp_path, suffix):
         if names != ["big"]:
             assert sum(state[n].numel() * 4 for n in names) <= limit
         assert size > 0
-    load_file = formats_load_file()
-    if load_file is not None and _has_sharded_loader():
-        assert_same_tensors(load_file(index), state)
-
-
-def _has_sharded_loader() -> bool:
-    try:
-        import ckptmap.formats.sharded  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    again = load_file(index)
+    assert list(again) == ["meta", "state_dict"] and again["meta"] == meta
+    assert list(again["state_dict"]) == list(state)
+    assert again["state_dict"]._metadata == state._metadata
+    assert_same_tensors(again["state_dict"], state)
 
 
 def test_sharded_pth_shards_hold_only_their_views(tmp_path):
@@ -687,10 +688,8 @@ def test_s3_round_trips_pth_and_safetensors(s3, tmp_path):
 
 
 def test_s3_multipart_and_sharded(s3, tmp_path, monkeypatch):
-    from ckptmap import save as save_module
-
     client, bucket = s3
-    monkeypatch.setattr(save_module, "S3_PART_SIZE", 5 * 2**20)  # S3's minimum part size
+    monkeypatch.setattr(sinks_module, "S3_PART_SIZE", 5 * 2**20)  # S3's minimum part size
     state = {f"w{i}": random_tensor(torch.float32, (1024, 1024), i) for i in range(3)}  # 12 MiB
     save_checkpoint(state, f"s3://{bucket}/big.pth")
     assert_same_tensors(
@@ -729,10 +728,8 @@ class ExplodesOnData(torch.Tensor):
 
 
 def test_s3_failed_upload_leaves_nothing_visible_and_old_object_intact(s3, monkeypatch):
-    from ckptmap import save as save_module
-
     client, bucket = s3
-    monkeypatch.setattr(save_module, "S3_PART_SIZE", 5 * 2**20)
+    monkeypatch.setattr(sinks_module, "S3_PART_SIZE", 5 * 2**20)
     save_checkpoint({"w": torch.ones(4)}, f"s3://{bucket}/m.safetensors")
     old = client.get_object(Bucket=bucket, Key="m.safetensors")["Body"].read()
     state = {
@@ -770,7 +767,7 @@ class Interrupts:
 def test_s3_errors_are_typed_and_name_the_uri(s3, s3_endpoint, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"s3://no-such-bucket/x\.pth.*AWS_ENDPOINT_URL"):
         save_checkpoint({"a": torch.ones(1)}, "s3://no-such-bucket/x.pth")
-    with pytest.raises(ValueError, match="S3 object URI"):
+    with pytest.raises(ValueError, match="must name a bucket and a key"):
         save_checkpoint({}, "s3://bucket-only")
     with pytest.raises(TypeError, match="unknown"):
         save_checkpoint({}, "s3://b/x.pth", backend_args={"path_mapping": {}})

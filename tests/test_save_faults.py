@@ -24,6 +24,7 @@ from safetensors import safe_open
 import ckptmap
 from ckptmap.atomic import is_temp_file, remove_stale_temps
 from ckptmap.errors import CheckpointPointerWarning
+from ckptmap.formats import load_file
 from ckptmap.latest import (
     LAST_CHECKPOINT,
     find_latest_checkpoint,
@@ -203,34 +204,15 @@ def test_sigkill_mid_save_keeps_the_old_checkpoint(tmp_path, mode):
         assert len(orphans) == 1 and orphans[0].startswith("epoch_1s-")
     assert {n: snapshot(tmp_path)[n] for n in before} == before
     assert_nothing_mistaken(tmp_path, before)
-    load_file = _formats_load_file()
-    if load_file is not None:
-        assert load_file(tmp_path / "epoch_1.pth")["meta"] == {"epoch": 1}
-    if load_file is not None and _importable("ckptmap.formats.sharded"):
-        # The directory's one index is found; the orphan shard and the temp are not read.
-        sharded = load_file(tmp_path)
-        assert {k: v[0].item() for k, v in sharded.items()} == {"w0": 0, "w1": 1, "w2": 2}
+    assert load_file(tmp_path / "epoch_1.pth")["meta"] == {"epoch": 1}
+    # The directory's one index is found; the orphan shard and the temp are not read.
+    sharded = load_file(tmp_path)
+    assert {k: v[0].item() for k, v in sharded.items()} == {"w0": 0, "w1": 1, "w2": 2}
 
     # Later clean-ups remove what the killed save left.
     assert remove_stale_temps(tmp_path, older_than_s=0) == 1
     assert len(remove_orphan_shards(tmp_path, older_than_s=0)) == (mode == "sharded")
     assert snapshot(tmp_path) == before
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def _formats_load_file():
-    try:
-        from ckptmap.formats import load_file
-    except ImportError:
-        return None
-    return load_file
 
 
 # --- exceptions and KeyboardInterrupt during serialisation ---------------------------------------

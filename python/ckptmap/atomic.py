@@ -11,7 +11,9 @@ a dot and carry `TEMP_MARKER`, so loaders and `find_latest_checkpoint` can tell 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,27 +48,86 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _copy_permissions(fd: int, like: os.stat_result) -> None:
+    # Owner and group first (chown may clear set-id bits), then the mode. As a non-root user
+    # only a group one belongs to can be set; the rest stays as the new file has it.
+    with contextlib.suppress(OSError):
+        uid = like.st_uid if os.geteuid() == 0 else -1
+        os.fchown(fd, uid, like.st_gid)
+    os.fchmod(fd, stat.S_IMODE(like.st_mode))
+
+
+def _regular_file_stat(*paths: str | os.PathLike[str] | None) -> os.stat_result | None:
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            return st
+    return None
+
+
+def _names_target(exc: OSError, temp: Path) -> bool:
+    names = {str(n) for n in (exc.filename, exc.filename2) if n is not None}
+    return bool(names) and str(temp) not in names
+
+
+def _about_target(exc: OSError, target: Path) -> OSError:
+    """`exc` said again about `target` (the temp file is an implementation detail)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno is None:
+        return type(exc)(f"{reason} while writing {target}")
+    return type(exc)(exc.errno, f"{reason} while writing {target}")
+
+
 @contextlib.contextmanager
-def atomic_write(target: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_write(
+    target: str | os.PathLike[str],
+    mode: str = "wb",
+    *,
+    follow_symlinks: bool = False,
+    keep_permissions: bool = False,
+    permissions_from: str | os.PathLike[str] | None = None,
+) -> Iterator[IO[Any]]:
     """Opens a temp file beside `target`; on success it replaces `target` atomically.
 
     Args:
         target: the final path. Its directory must exist.
-        mode: "wb" (default) or "w" for text.
+        mode: "wb" (default) or "w" for UTF-8 text.
+        follow_symlinks: when `target` is a symlink, replace the file it points to (the link
+            stays); otherwise the link itself is replaced by the new file.
+        keep_permissions: give the new file the mode (and, where allowed, owner and group) of
+            the file it replaces, as writing in place would keep them; a new file gets
+            ``0o666`` less the umask. The mode is set before any byte is written.
+        permissions_from: with `keep_permissions`, a file to take them from when `target`
+            does not exist yet (e.g. a checkpoint's index for its new shards).
 
     Yields:
         The open temp file. Write everything, then leave the block.
 
     Raises:
         OSError: the write, fsync or rename failed (disk full, permissions, ...); the message
-            names the target. The temp file is gone and `target` is as it was.
+            names the target, never the temp file. The temp file is gone and `target` is as it
+            was.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write supports modes 'wb' and 'w', not {mode!r}")
-    target = Path(target)
+    named = Path(target)
+    target = named
+    if follow_symlinks and os.path.islink(named):
+        target = Path(os.path.realpath(named))
+        if os.path.islink(target):  # realpath stops at a loop
+            raise OSError(errno.ELOOP, f"{os.strerror(errno.ELOOP)}: {named}")
+    like = _regular_file_stat(target, permissions_from) if keep_permissions else None
     temp = temp_path_for(target)
     try:
-        with open(temp, mode) as handle:
+        # "x": never write through something planted at the temp name.
+        with open(temp, "xb") if mode == "wb" else open(temp, "x", encoding="utf-8") as handle:
+            if like is not None:
+                _copy_permissions(handle.fileno(), like)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -74,8 +135,9 @@ def atomic_write(target: str | os.PathLike[str], mode: str = "wb") -> Iterator[I
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        if isinstance(exc, OSError) and not getattr(exc, "filename", None):
-            raise type(exc)(exc.errno, f"{exc.strerror or exc} while writing {target}") from exc
+        if isinstance(exc, OSError) and type(exc).__module__ == "builtins":
+            if not _names_target(exc, temp):
+                raise _about_target(exc, named) from exc
         raise
     fsync_directory(target.parent)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AmbiguousIndexError",
+    "BackendArgsError",
     "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidSafetensorsError",
     "InvalidShardIndexError",
     "InvalidStateDictError",
+    "InvalidURIError",
     "LoadHookError",
     "MissingDependencyError",
     "ModelSpecError",
@@ -51,9 +53,14 @@ __all__ = [
     "RemoteAccessDenied",
     "RemoteNotFoundError",
     "RemoteUnavailableError",
+    "SaveArgumentError",
+    "SaveArgumentTypeError",
     "SavePermissionError",
+    "SaveTargetIsADirectoryError",
+    "SaveUnavailableError",
     "ShardNotFoundError",
     "ShardTensorMissingError",
+    "StateDictHookError",
     "StateDictMismatchError",
     "TensorNotFoundError",
     "TorchScriptArchiveError",
@@ -66,9 +73,11 @@ __all__ = [
     "UnsafeLoadWarning",
     "UnsafePathError",
     "UnsafeShardPathError",
+    "UnsupportedBackendError",
     "UnsupportedDcpFeatureError",
     "UnsupportedDtypeError",
     "UnsupportedSaveTargetError",
+    "WrongSchemeError",
     "ZooTableError",
 ]
 
@@ -800,8 +809,91 @@ class CheckpointSaveError(CkptmapError, OSError):
     """Writing the checkpoint failed for a reason other than a local I/O error (e.g. S3)."""
 
 
+class SaveUnavailableError(CheckpointSaveError, ConnectionError):
+    """The object store to save to can not be reached or keeps failing (names the endpoint)."""
+
+
 class SavePermissionError(CkptmapError, PermissionError):
     """The target exists but this process may not write to it (e.g. S3 AccessDenied)."""
+
+
+class SaveTargetIsADirectoryError(_FileError, IsADirectoryError):
+    """The save target names a directory (``work_dir/`` or an existing directory).
+
+    Raised before anything is serialised.
+    """
+
+    _errno = errno.EISDIR
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            path,
+            f"can not save to {path!r}: it names a directory; add the checkpoint's file name "
+            "(e.g. epoch_1.pth)",
+        )
+
+
+class SaveArgumentError(CkptmapError, ValueError):
+    """An argument of `save_checkpoint` that can not work (a bad size, clashing options...).
+
+    A `ValueError`, as the OpenMMLab functions raise for these.
+    """
+
+
+class SaveArgumentTypeError(CkptmapError, TypeError):
+    """An argument of `save_checkpoint` of the wrong type or form (``meta`` not a dict...).
+
+    A `TypeError`, as the OpenMMLab functions (and Python's own argument binding) raise.
+    """
+
+
+class StateDictHookError(CkptmapError, RuntimeError):
+    """A public state-dict post-hook returned a value (torch raises a RuntimeError for this)."""
+
+
+class UnsupportedBackendError(_Detailed, ValueError):
+    """A storage backend that ckptmap can not use for this path or URI.
+
+    ``{'backend': 'local'}`` for an ``s3://`` URI, ``'petrel'`` for a local path, a backend
+    name ckptmap does not know (``'memcached'``, ``'lmdb'``...), or a bad
+    ``$CKPTMAP_S3_BACKEND``. Never silently replaced by another backend.
+
+    Attributes:
+        backend: the backend asked for.
+        target: the path or URI.
+        supported: the backends that work for this target.
+    """
+
+
+class BackendArgsError(_Detailed, TypeError):
+    """``backend_args`` / ``file_client_args`` entries that the chosen backend does not take.
+
+    A `TypeError`, as constructing the backend with them would raise in mmengine.
+
+    Attributes:
+        backend: the chosen backend.
+        unknown: the entries it does not take.
+        accepted: the entries it does take.
+    """
+
+
+class InvalidURIError(_Detailed, ValueError):
+    """A URI of a known scheme that does not name an object (``s3://bucket`` without a key).
+
+    Attributes:
+        uri: the URI.
+    """
+
+
+class WrongSchemeError(_Detailed, ValueError, AssertionError):
+    """A scheme's loader called with a path of another scheme (``load_from_pavi('x.pth')``).
+
+    Also an `AssertionError`, which is what the OpenMMLab loaders raise here (with `assert`).
+
+    Attributes:
+        filename: the path given.
+        scheme: the scheme the loader takes (``"pavi://"``).
+    """
 
 
 class CheckpointPointerWarning(UserWarning):

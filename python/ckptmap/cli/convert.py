@@ -4,8 +4,9 @@ Any format ckptmap reads (torch zip, legacy torch, pickle, safetensors, sharded)
 writes: the target's name decides, as for `ckptmap.save.save_checkpoint`, which does the
 writing (so every file is replaced atomically and a failed convert leaves the target as it
 was). ``.safetensors`` targets carry the checkpoint's other entries (``meta`` ...) in their
-metadata, and a safetensors or sharded source gives them back, so ``.pth`` -> safetensors ->
-``.pth`` keeps them (tuples come back as lists, as JSON has no tuples).
+metadata, and a safetensors or sharded source gives them back (`ckptmap.formats.codec`: JSON
+values, tuples included, in their order, and the state dict's key order), so ``.pth`` ->
+safetensors -> ``.pth`` keeps them.
 
 Converting a file onto itself is allowed: the source is mapped lazily, so it is read into
 memory in full before the target is written.
@@ -58,10 +59,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float8_e5m2": torch.float8_e5m2,
 }
 
-# Entries `save_checkpoint` adds to safetensors / index metadata (see `save.checkpoint_metadata`).
-_KEY_ENTRY = "ckptmap.state_dict_key"
-_SD_METADATA_ENTRY = "ckptmap.state_dict_metadata"
-
 
 def progress(iterable: Iterable[T], *, total: int | None = None, desc: str = "") -> Iterator[T]:
     """`iterable` with a tqdm bar on stderr when stderr is a terminal, plain otherwise."""
@@ -91,68 +88,23 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _decode(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def _rebuild(tensors: OrderedDict[str, Any], metadata: Mapping[str, Any]) -> Any:
-    """The checkpoint `save_checkpoint` turned into tensors plus metadata, put back together."""
-    entries = {k: _decode(v) for k, v in metadata.items()}
-    key = entries.pop(_KEY_ENTRY, None)
-    sd_metadata = entries.pop(_SD_METADATA_ENTRY, None)
-    if isinstance(sd_metadata, Mapping):
-        tensors._metadata = OrderedDict(sd_metadata)  # type: ignore[attr-defined]
-    if not isinstance(key, str):
-        if not entries:
-            return tensors
-        key = "state_dict"
-    return {**entries, key: tensors}
-
-
 def read_checkpoint(
     path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()
 ) -> tuple[Any, str]:
     """Reads a checkpoint for conversion: `(checkpoint, format name)`.
 
     Pickles come back as `torch.load` gives them (mapped where the format allows). Safetensors
-    and sharded checkpoints come back with their metadata decoded into entries beside the state
-    dict, as they were before `save_checkpoint` wrote them; a sharded index's ``total_size``
-    is dropped (the next save computes its own).
+    and sharded checkpoints written by `save_checkpoint` come back as they were saved, their
+    entries decoded by `ckptmap.formats.codec` (others: their tensors; metadata that ckptmap
+    did not write, such as a sharded index's ``total_size``, is not an entry).
     """
     from ckptmap.formats import load_file
-    from ckptmap.formats.sniff import Format, sniff
+    from ckptmap.formats.sniff import sniff
 
     sniffed = sniff(path)
     sniffed.raise_if_corrupt()
-    if sniffed.format is Format.SAFETENSORS:
-        from ckptmap.formats.safetensors import load_safetensors
-
-        tensors, metadata = load_safetensors(sniffed.path, "cpu")
-        return _rebuild(tensors, metadata), sniffed.format.value
-    if sniffed.format is Format.SHARDED:
-        from ckptmap.formats.sharded import ShardedCheckpoint
-
-        sharded = ShardedCheckpoint(
-            sniffed.path, map_location="cpu", allowed_globals=tuple(allowed_globals)
-        )
-        metadata = {k: v for k, v in sharded.metadata.items() if k != "total_size"}
-        return _rebuild(sharded.load(), metadata), sniffed.format.value
     checkpoint = load_file(sniffed.path, "cpu", allowed_globals=allowed_globals)
     return checkpoint, sniffed.format.value
-
-
-def _state_dict_key(checkpoint: Any) -> str | None:
-    """Where `find_state_dict` finds the weights: ``"state_dict"``, ``"model"`` or None (all)."""
-    if isinstance(checkpoint, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(checkpoint.get(key), Mapping):
-                return key
-    return None
 
 
 def _index_of(path: str) -> str:
@@ -262,6 +214,7 @@ def convert(
             source and `save_checkpoint`'s for a failed write (the target is left as it was).
     """
     from ckptmap.checkpoint import find_state_dict
+    from ckptmap.formats.codec import state_dict_key
     from ckptmap.prefix import filter_prefix
     from ckptmap.revise import revise_keys
     from ckptmap.save import parse_size, save_checkpoint
@@ -274,7 +227,7 @@ def convert(
     in_place = any(_same_file(_index_of(src), t) for t in _targets(dst, limit is not None))
 
     checkpoint, fmt = read_checkpoint(src, allowed_globals=allowed_globals)
-    key = _state_dict_key(checkpoint)
+    key = state_dict_key(checkpoint)
     state_dict = find_state_dict(checkpoint, src)
     rest: dict[str, Any] = (
         {k: v for k, v in checkpoint.items() if k != key} if key is not None else {}

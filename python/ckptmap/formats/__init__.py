@@ -30,6 +30,7 @@ from ckptmap.errors import (
     InvalidStateDictError,
     TorchScriptArchiveError,
 )
+from ckptmap.formats import codec
 from ckptmap.formats.pickled import AllowedGlobal, load_pickle
 from ckptmap.formats.sniff import Format, Sniffed, sniff
 
@@ -71,9 +72,11 @@ def load_file(
 
     Returns:
         For pickles, what `torch.load` returns (any object: the caller looks for the state
-        dict). For safetensors and sharded checkpoints, a mapping of names to tensors. For a
-        DCP directory, a lazy `ckptmap.formats.dcp.DcpTree` with the saved nesting (tensors
-        read on first access; objects through the safe unpickler only).
+        dict). For safetensors and sharded checkpoints written by `save_checkpoint`, the
+        checkpoint it saved (entries, their order and the state dict's key order, decoded by
+        `ckptmap.formats.codec`); for others, a mapping of names to tensors. For a DCP
+        directory, a lazy `ckptmap.formats.dcp.DcpTree` with the saved nesting (tensors read
+        on first access; objects through the safe unpickler only).
 
     Raises:
         CheckpointNotFoundError: no such path (`DanglingSymlinkError`: a broken symlink).
@@ -151,7 +154,8 @@ def _load_safetensors(sniffed: Sniffed, map_location: Any, mmap: bool | None) ->
     # Imported on use: a pickle-only load never pays for it. Always mapped (mmap is moot).
     from ckptmap.formats import safetensors
 
-    return safetensors.load_file(sniffed.path, map_location)
+    tensors, metadata = safetensors.load_safetensors(sniffed.path, map_location)
+    return codec.decode(tensors, metadata)
 
 
 def _load_sharded(
@@ -164,13 +168,14 @@ def _load_sharded(
 ) -> Any:
     from ckptmap.formats import sharded
 
-    return sharded.load_sharded(
+    with sharded.open_sharded(
         sniffed.path,
         map_location,
         weights_only=weights_only,
         allowed_globals=tuple(allowed_globals),
         mmap=mmap,
-    )
+    ) as opened:
+        return codec.decode(opened.load(), opened.metadata)
 
 
 def _load_dcp(

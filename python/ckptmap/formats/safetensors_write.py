@@ -98,6 +98,13 @@ def _check_tensor(name: str, value: Any) -> torch.Tensor:
         raise NotSerializableError(
             f"key {name!r}", "safetensors", "tensor names must be str", "rename the key"
         )
+    if name == "__metadata__":
+        raise NotSerializableError(
+            where,
+            "safetensors",
+            "the header keeps its metadata under that name",
+            "rename the key, or save to a .pth file",
+        )
     if not isinstance(value, torch.Tensor):
         raise NotSerializableError(
             where,

@@ -1,55 +1,45 @@
-"""``petrel://`` and ``cluster:petrel://``: SenseTime's petrel client, when it is installed.
+"""``petrel://`` (and ``s3://`` when petrel serves it): SenseTime's petrel client.
 
-Without the client these URIs raise a `MissingDependencyError` (an ImportError) that says what
-to install; plain ``s3://`` URIs then go through boto3 (`ckptmap.schemes.s3`).
+Which client serves ``s3://`` is `ckptmap.objectstore`'s rule (the same for saves). Without the
+client, petrel URIs raise a `MissingDependencyError` (an ImportError) that says what to
+install.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 from typing import Any
 
-from ckptmap.errors import MissingDependencyError
+from ckptmap.errors import RemoteNotFoundError
+from ckptmap.objectstore import PETREL_WHERE, petrel_client, petrel_get, petrel_uri, store_errors
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.registry import CheckpointLoader
 
-__all__ = ["load_from_petrel", "load_with_petrel", "petrel_available"]
-
-
-def petrel_available() -> bool:
-    """Whether the petrel client (``petrel_client``) can be imported."""
-    try:
-        return importlib.util.find_spec("petrel_client") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _client() -> Any:
-    try:
-        from petrel_client.client import Client  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise MissingDependencyError(
-            "petrel:// (and s3:// with backend='petrel') checkpoints need the petrel client "
-            "(petrel_client), which is not installed: install it from your cluster's "
-            "documentation, or use s3:// with boto3 and AWS_ENDPOINT_URL for S3-compatible "
-            "stores",
-            name="petrel_client",
-        ) from err
-    return Client()
+__all__ = ["load_from_petrel", "load_with_petrel"]
 
 
 def load_with_petrel(filename: str, map_location: Any = None) -> Any:
     """Reads `filename` with the petrel client and loads it as a checkpoint.
 
     ``petrel://`` is petrel's alias of ``s3://``; a ``cluster:`` prefix picks the cluster
-    configured in petrel's own settings.
+    configured in petrel's own settings. The bytes go to a temporary file that is loaded like
+    any local checkpoint (format sniffed, pickles loaded safely) and then removed.
+
+    Raises:
+        MissingDependencyError: the petrel client is not installed (an ImportError).
+        RemoteNotFoundError: no such object (a FileNotFoundError).
+        RemoteAccessDenied, RemoteUnavailableError, DownloadError: the client's other errors.
     """
-    client = _client()
-    data = client.get(filename.replace("petrel://", "s3://", 1))
+    client = petrel_client()
+    with store_errors(filename, writing=False, where=PETREL_WHERE):
+        data = petrel_get(client, petrel_uri(filename))
     if data is None:
-        raise FileNotFoundError(f"{filename} can not be found by the petrel client")
+        raise RemoteNotFoundError(
+            f"{filename} does not exist: the petrel client found no such object; check the "
+            "bucket, the key and the cluster in ~/petreloss.conf",
+            url=filename,
+        )
     with tempfile.TemporaryDirectory(prefix="ckptmap-petrel-") as tmp:
         path = os.path.join(tmp, "checkpoint")
         with open(path, "wb") as handle:
@@ -62,6 +52,6 @@ def load_from_petrel(filename: str, map_location: Any = None) -> Any:
     """Loads ``[cluster:]petrel://bucket/key`` with the petrel client.
 
     Raises:
-        MissingDependencyError: the petrel client is not installed (an ImportError).
+        See `load_with_petrel`.
     """
     return load_with_petrel(filename, map_location)
