@@ -13,6 +13,7 @@ import pytest
 import torch
 from servers import checkpoint_bytes, free_port, moto_s3_server
 
+from ckptmap import objectstore
 from ckptmap.atomic import is_temp_file
 from ckptmap.errors import (
     MissingDependencyError,
@@ -23,7 +24,6 @@ from ckptmap.errors import (
     UnsafePathError,
 )
 from ckptmap.schemes import CheckpointLoader, load_from_ceph
-from ckptmap import objectstore
 from ckptmap.schemes.s3 import parse_s3_uri, s3_download
 
 boto3 = pytest.importorskip("boto3")

@@ -85,7 +85,7 @@ BOTO3 = "boto3"
 PETREL = "petrel"
 _S3_BACKENDS = (BOTO3, PETREL)
 
-#: botocore's retry budget and timeouts for the clients `s3_client` makes.
+#: Attempts per request (the first included) and timeouts of the clients `s3_client` makes.
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
@@ -242,8 +242,11 @@ def s3_client(
             name="boto3",
         ) from err
     config = Config(
+        # total_max_attempts counts the first try (botocore's max_attempts does not).
         retries={
-            "max_attempts": max_attempts if max_attempts is not None else DEFAULT_MAX_ATTEMPTS,
+            "total_max_attempts": (
+                max_attempts if max_attempts is not None else DEFAULT_MAX_ATTEMPTS
+            ),
             "mode": "standard",
         },
         connect_timeout=connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S,
