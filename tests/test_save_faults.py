@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 import ckptmap
-from ckptmap.atomic import is_temp_file, remove_stale_temps
+from ckptmap.atomic import TEMP_MARKER, is_temp_file, remove_stale_temps
 from ckptmap.errors import CheckpointPointerWarning
 from ckptmap.formats import load_file
 from ckptmap.latest import (
@@ -93,6 +93,7 @@ def run_child(code: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subproce
 DISK_FULL_CHILD = """
     import json, os, resource, signal, sys
     import torch
+    from ckptmap.errors import CkptmapError
     from ckptmap.save import save_checkpoint
 
     directory, limit = sys.argv[1], int(sys.argv[2])
@@ -113,6 +114,7 @@ DISK_FULL_CHILD = """
             save_checkpoint(state, os.path.join(directory, name), max_shard_size=shard)
             results[name] = "saved"
         except OSError as err:
+            assert isinstance(err, CkptmapError), repr(err)
             results[name] = [type(err).__name__, err.errno, str(err)]
     print(json.dumps(results))
 """
@@ -126,9 +128,10 @@ def test_disk_full_mid_save_keeps_every_old_checkpoint(tmp_path):
     results = json.loads(out)
     for name, result in results.items():
         assert result != "saved", name
-        _, code, message = result
-        assert code == errno.EFBIG, (name, result)
+        kind, code, message = result
+        assert kind == "CheckpointSaveError" and code == errno.EFBIG, (name, result)
         assert str(tmp_path) in message and "File too large" in message, message
+        assert TEMP_MARKER not in message, "the error names the target, not the temp file"
     assert snapshot(tmp_path) == before, "old files byte-identical, no temp and no shard left"
     assert_nothing_mistaken(tmp_path, before)
 

@@ -23,10 +23,22 @@ from typing import IO, Any
 TEMP_MARKER = ".ckptmap-tmp-"
 
 
+# Room left in a 255-byte file name for the dot, the marker, the pid and the random part.
+_MAX_TEMP_STEM_BYTES = 200
+
+
 def temp_path_for(target: str | os.PathLike[str]) -> Path:
-    """A process-unique temp path beside `target` (same directory, so the rename is atomic)."""
+    """A process-unique temp path beside `target` (same directory, so the rename is atomic).
+
+    A name too long to carry the temp suffix is cut (any name a file system takes can be
+    written).
+    """
     target = Path(target)
-    return target.with_name(f".{target.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    stem = target.name
+    stem = stem[:_MAX_TEMP_STEM_BYTES]
+    while len(os.fsencode(stem)) > _MAX_TEMP_STEM_BYTES:
+        stem = stem[:-1]
+    return target.with_name(f".{stem}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def is_temp_file(path: str | os.PathLike[str]) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -122,8 +123,9 @@ def _typed(err: OSError, target: str) -> CkptmapError:
     if isinstance(err, PermissionError):
         return SavePermissionError(
             err.errno,
-            f"{reason}: check that you may write to {os.path.dirname(target) or '.'!r} (and "
-            "to the file, if it exists), or save somewhere else",
+            f"{reason}: ckptmap writes a temp file beside the target and renames it into "
+            f"place, so it needs write access to {os.path.dirname(target) or '.'!r}; fix the "
+            "directory's permissions or save somewhere else",
         )
     if isinstance(err, FileNotFoundError):
         return CheckpointNotFoundError(
@@ -148,8 +150,17 @@ class LocalSink(Sink):
         return os.path.join(self.directory, name)
 
     def check(self, name: str) -> None:
-        if os.path.isdir(self.display(name)):
-            raise SaveTargetIsADirectoryError(self.display(name))
+        target = self.display(name)
+        if os.path.isdir(target):
+            raise SaveTargetIsADirectoryError(target)
+        # The file is replaced, not written in place; a file this process may not write to
+        # stays protected, as it is from torch.save.
+        if os.path.exists(target) and not os.access(target, os.W_OK):
+            raise SavePermissionError(
+                errno.EACCES,
+                f"{os.strerror(errno.EACCES)}: {target!r} is write-protected; change its mode "
+                "(chmod u+w) or save under another name",
+            )
 
     def open(
         self, name: str, *, text: bool = False, like: str | None = None
