@@ -58,6 +58,8 @@ __all__ = [
     "SavePermissionError",
     "SaveTargetIsADirectoryError",
     "SaveUnavailableError",
+    "SchemeAlreadyRegisteredError",
+    "SchemeRegistrationError",
     "ShardNotFoundError",
     "ShardTensorMissingError",
     "StateDictHookError",
@@ -743,6 +745,21 @@ class UnsafePathError(_Detailed, ValueError):
         name: the rejected name.
         root: the directory it was to be joined onto.
         reason: why it was rejected (e.g. "it has a '..' path component").
+    """
+
+
+class SchemeAlreadyRegisteredError(_Detailed, KeyError):
+    """`CheckpointLoader.register_scheme` for a prefix that has a loader (without ``force``).
+
+    Attributes:
+        prefix: the prefix.
+    """
+
+
+class SchemeRegistrationError(_Detailed, TypeError, AssertionError):
+    """`CheckpointLoader.register_scheme` with prefixes or a loader of the wrong type.
+
+    A `TypeError`, and the `AssertionError` the OpenMMLab registry raises (with `assert`).
     """
 
 

@@ -19,7 +19,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ckptmap.errors import UnknownSchemeError
+from ckptmap.errors import (
+    SchemeAlreadyRegisteredError,
+    SchemeRegistrationError,
+    UnknownSchemeError,
+)
 from ckptmap.report import log_message
 
 __all__ = ["CheckpointLoader", "LoaderFunc"]
@@ -54,18 +58,19 @@ class CheckpointLoader:
         if isinstance(prefixes, str):
             prefixes = [prefixes]
         elif not isinstance(prefixes, (list, tuple)):
-            raise TypeError(
+            raise SchemeRegistrationError(
                 f"prefixes must be a str or a list/tuple of str, got {type(prefixes).__name__}"
             )
         if not callable(loader):
-            raise TypeError(f"a checkpoint loader must be callable, got {loader!r}")
+            raise SchemeRegistrationError(f"a checkpoint loader must be callable, got {loader!r}")
         for prefix in prefixes:
             if not isinstance(prefix, str):
-                raise TypeError(f"a scheme prefix must be a str, got {prefix!r}")
+                raise SchemeRegistrationError(f"a scheme prefix must be a str, got {prefix!r}")
             if prefix in cls._schemes and not force:
-                raise KeyError(
+                raise SchemeAlreadyRegisteredError(
                     f"{prefix} is already registered as a loader backend, "
-                    'add "force=True" if you want to override it'
+                    'add "force=True" if you want to override it',
+                    prefix=prefix,
                 )
         schemes = dict(cls._schemes)
         for prefix in prefixes:
