@@ -227,8 +227,13 @@ def _depth_ok(value: Any, depth: int = 0) -> bool:
 
 
 def _str_list(text: Any) -> list[str] | None:
-    ok, value = _loads(text)
-    if ok and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if not isinstance(text, str):
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, list) and all(type(v) is str for v in value):
         return value
     return None
 
@@ -275,14 +280,14 @@ class Layout:
         """The checkpoint: `tensors` put in order, under their key, beside the entries."""
         if not self.ours:
             return tensors
-        state_dict: OrderedDict[str, Any] = OrderedDict()
-        if self.key_order is not None:
-            for name in self.key_order:
-                if name in tensors and name not in state_dict:
-                    state_dict[name] = tensors[name]
-        for name in tensors:  # tensors the recorded order does not know, in the file's order
-            if name not in state_dict:
-                state_dict[name] = tensors[name]
+        names = list(tensors)
+        if self.key_order is not None and list(self.key_order) != names:
+            present = set(names)
+            ordered = [n for n in dict.fromkeys(self.key_order) if n in present]
+            placed = set(ordered)
+            # Tensors the recorded order does not know (an edited file) follow, in file order.
+            names = ordered + [n for n in names if n not in placed]
+        state_dict: OrderedDict[str, Any] = OrderedDict([(n, tensors[n]) for n in names])
         if self.state_dict_metadata is not None:
             state_dict._metadata = OrderedDict(self.state_dict_metadata)  # type: ignore[attr-defined]
         if self.key is None:
