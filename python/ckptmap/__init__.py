@@ -29,6 +29,7 @@ from ckptmap.checkpoint import (
 )
 from ckptmap.dist import get_dist_info
 from ckptmap.errors import *  # noqa: F403  (every error and warning class)
+from ckptmap.formats import allowlist as _allowlist  # noqa: F401  (ckptmap.formats.allowlist)
 from ckptmap.formats import load_file
 from ckptmap.latest import find_latest_checkpoint, rotate_checkpoints, write_last_checkpoint
 from ckptmap.module_load import (
