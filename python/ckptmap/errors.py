@@ -44,10 +44,12 @@ __all__ = [
     "LoadHookError",
     "MissingDependencyError",
     "ModelSpecError",
+    "ModelWrapperError",
     "NoStateDictError",
     "NotSerializableError",
     "NothingLoadedWarning",
     "PrefixNotFoundError",
+    "RefusedPickleError",
     "RemoteAccessDenied",
     "RemoteNotFoundError",
     "RemoteUnavailableError",
@@ -69,6 +71,7 @@ __all__ = [
     "UnsafeShardPathError",
     "UnsupportedDcpFeatureError",
     "UnsupportedDtypeError",
+    "UnsupportedModelError",
     "UnsupportedSaveTargetError",
     "ZooTableError",
 ]
@@ -232,6 +235,38 @@ class StateDictMismatchError(CkptmapError, RuntimeError):
         self.missing: list[str] = list(result.reported_missing_keys)
         self.unexpected: list[str] = list(result.unexpected_keys)
         self.mismatched: list[Mismatch] = list(result.mismatched)
+
+
+class ModelWrapperError(CkptmapError, AttributeError):
+    """A registered model wrapper whose instance has no ``.module`` to load into or save from.
+
+    An `AttributeError`, as mmengine raises when it reaches for ``.module``.
+
+    Attributes:
+        wrapper: the wrapper class's name.
+    """
+
+    def __init__(self, wrapper: type) -> None:
+        self.wrapper = f"{wrapper.__module__}.{wrapper.__qualname__}"
+        super().__init__(
+            f"{self.wrapper} is registered as a model wrapper (ckptmap.register_model_wrapper, "
+            "or mmengine's MODEL_WRAPPERS) but this instance has no .module attribute: set "
+            "self.module to the wrapped model in its __init__, or do not register the class"
+        )
+
+
+class UnsupportedModelError(CkptmapError, TypeError):
+    """A model ckptmap can not load into or save from this way (e.g. a sharded FSDP model).
+
+    Attributes:
+        model: the model's class name.
+        hint: what to do instead.
+    """
+
+    def __init__(self, model: str, what: str, hint: str) -> None:
+        self.model = model
+        self.hint = hint
+        super().__init__(f"{what} a {model}: {hint}")
 
 
 class LoadHookError(CkptmapError, AssertionError):
@@ -424,6 +459,18 @@ class UnsafeCheckpointError(CkptmapError, pickle.UnpicklingError):
         return UnsafeCheckpointError(
             self.path, self.globals, self.dangerous, self.reason, interface=interface
         )
+
+
+class RefusedPickleError(CkptmapError, pickle.UnpicklingError):
+    """Raised inside the safe unpickler by ckptmap's checked stand-ins for numpy, mmengine and
+    getattr when a pickle uses them in a way no real writer does.
+
+    Loads report it as `UnsafeCheckpointError` (naming the file); this class is what the
+    stand-ins raise mid-load, before the file name is known.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{REFUSAL_MARK} {what}")
 
 
 class UnsafeAllowlistError(CkptmapError, ValueError):

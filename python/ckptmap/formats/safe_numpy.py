@@ -31,11 +31,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import pickle
 from collections.abc import Iterator
 from typing import Any
 
-from ckptmap.errors import REFUSAL_MARK
+from ckptmap.errors import RefusedPickleError
 
 __all__ = [
     "ArrayRecipe",
@@ -66,11 +65,8 @@ _made: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
 )
 
 
-class Refused(pickle.UnpicklingError):
-    """A pickle asked a checked stand-in for something no real writer produces."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"{REFUSAL_MARK} {what}")
+#: What the stand-ins raise (a `pickle.UnpicklingError`).
+Refused = RefusedPickleError
 
 
 def _np() -> Any:
