@@ -52,6 +52,7 @@ __all__ = [
     "NUMPY",
     "HistoryBufferState",
     "check_entry",
+    "checked",
     "entry_name",
     "extended",
     "extended_globals",
@@ -346,12 +347,12 @@ def _why_forbidden(obj: Any) -> str | None:
     return None
 
 
-def with_default(allowed_globals: Iterable[Any] = ()) -> tuple[Any, ...]:
-    """`DEFAULT` plus the checked `allowed_globals` whose names `DEFAULT` does not cover.
+def checked(allowed_globals: Iterable[Any]) -> tuple[Any, ...]:
+    """`allowed_globals` as a tuple, each entry checked by `check_entry`.
 
     Raises:
-        UnsafeAllowlistError: an entry that can run code, or that is not an object.
-        TypeError: `allowed_globals` is a str or not iterable.
+        UnsafeAllowlistError: an entry that can run code or is not an object, or a str given
+            for the whole list.
     """
     if isinstance(allowed_globals, (str, bytes)):
         raise UnsafeAllowlistError(
@@ -359,7 +360,17 @@ def with_default(allowed_globals: Iterable[Any] = ()) -> tuple[Any, ...]:
             str(allowed_globals),
             "allowed_globals is a list of objects, not a name",
         )
-    extra = [check_entry(entry) for entry in allowed_globals]
+    return tuple(check_entry(entry) for entry in allowed_globals)
+
+
+def with_default(allowed_globals: Iterable[Any] = ()) -> tuple[Any, ...]:
+    """`DEFAULT` plus the checked `allowed_globals` whose names `DEFAULT` does not cover.
+
+    Raises:
+        UnsafeAllowlistError: an entry that can run code, or that is not an object.
+        TypeError: `allowed_globals` is a str or not iterable.
+    """
+    extra = checked(allowed_globals)
     kept = [e for e in extra if entry_name(e) not in _DEFAULT_NAMES]
     return DEFAULT + tuple(dict.fromkeys(kept)) if kept else DEFAULT
 
@@ -429,10 +440,7 @@ def extended(allowed_globals: Iterable[Any]) -> Iterator[tuple[Any, ...]]:
     Raises:
         UnsafeAllowlistError: an entry that can run code, or that is not an object.
     """
-    if isinstance(allowed_globals, (str, bytes)):
-        with_default(allowed_globals)  # raises
-    given = tuple(check_entry(entry) for entry in allowed_globals)
-    combined = _extended.get() + given
+    combined = _extended.get() + checked(allowed_globals)
     token = _extended.set(combined)
     try:
         yield combined
