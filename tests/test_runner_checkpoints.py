@@ -16,25 +16,22 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 import torch
+from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
+from mmengine.model import BaseModel, BaseTTAModel
+from mmengine.runner import Runner
 from torch import nn
 
-pytest.importorskip("mmengine.runner")
-
-from mmengine.hooks import Hook  # noqa: E402
-from mmengine.logging import HistoryBuffer  # noqa: E402
-from mmengine.model import BaseModel, BaseTTAModel  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-import ckptmap  # noqa: E402
-from ckptmap.cli import main as cli_main  # noqa: E402
-from ckptmap.formats import load_file  # noqa: E402
-from ckptmap.formats.pickled import pickle_globals  # noqa: E402
-from ckptmap.integrations import mmengine as dropin  # noqa: E402
+import ckptmap
+from ckptmap.cli import main as cli_main
+from ckptmap.formats import load_file
+from ckptmap.formats.pickled import pickle_globals
+from ckptmap.integrations import mmengine as dropin
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning",
@@ -75,7 +72,10 @@ class ToyModel(BaseModel):
 
 
 class ToyDataset(torch.utils.data.Dataset):
-    METAINFO = {"classes": ("cat", "dog"), "palette": np.array([[255, 0, 0], [0, 255, 0]])}
+    METAINFO: ClassVar[dict[str, Any]] = {
+        "classes": ("cat", "dog"),
+        "palette": np.array([[255, 0, 0], [0, 255, 0]]),
+    }
 
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(0)
@@ -281,7 +281,7 @@ def test_stand_in_buffers_pickle_back_as_mmengine_buffers(trained, monkeypatch) 
     assert np.array_equal(again.data[0], buffer.data[0]) and again.mean() == buffer.mean()
 
 
-# -- the patched Runner ------------------------------------------------------------------------------
+# -- the patched Runner --------------------------------------------------------------------------
 
 
 def resumed(work_dir: Path, checkpoint: Path, *, patched: bool, monkeypatch) -> Snapshot:

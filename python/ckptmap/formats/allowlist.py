@@ -35,7 +35,7 @@ import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ckptmap.errors import UnsafeAllowlistError
+from ckptmap.errors import RefusedPickleError, UnsafeAllowlistError
 from ckptmap.formats.safe_mmengine import (
     GETATTR_PAIRS,
     HISTORY_BUFFER,
@@ -53,6 +53,7 @@ __all__ = [
     "HistoryBufferState",
     "check_entry",
     "checked",
+    "empty_bytes",
     "entry_name",
     "extended",
     "extended_globals",
@@ -63,9 +64,19 @@ __all__ = [
     "with_default",
 ]
 
+
+def empty_bytes(*args: Any) -> bytes:
+    """``bytes()``: how pickle protocol 2 writes ``b""`` (the data of every empty numpy array)."""
+    if args:
+        raise RefusedPickleError(f"bytes{args!r:.80}: protocol 2 pickles only bytes() itself")
+    return b""
+
+
 #: numpy arrays, scalars and dtypes under the names numpy 1.x (``numpy.core``) and numpy 2
-#: (``numpy._core``) pickle them, each through a checked stand-in.
+#: (``numpy._core``) pickle them, each through a checked stand-in; and ``b""`` as protocol 2
+#: writes it (torch's own list lacks it).
 NUMPY: tuple[Any, ...] = (
+    (empty_bytes, "builtins.bytes"),
     (NDArrayType, "numpy.ndarray"),
     (DtypeRecipe, "numpy.dtype"),
     (ArrayRecipe, "numpy.core.multiarray._reconstruct"),
@@ -102,11 +113,23 @@ _DEFAULT_NAMES = frozenset(entry[1] for entry in DEFAULT)
 # name, touch files, processes or the network, or unpickle.
 _FORBIDDEN_MODULES = frozenset(
     {
+        "_ctypes",
+        "_frozen_importlib",
+        "_frozen_importlib_external",
+        "_functools",
+        "_imp",
         "_io",
         "_operator",
         "_pickle",
         "_posixsubprocess",
+        "_signal",
+        "_socket",
+        "_sqlite3",
         "_thread",
+        "_winapi",
+        "genericpath",
+        "ntpath",
+        "posixpath",
         "asyncio",
         "cProfile",
         "code",
