@@ -47,7 +47,7 @@ from ckptmap.errors import (
     UnsupportedSaveTargetError,
 )
 from ckptmap.formats.safetensors_write import check_tensors, tensor_nbytes, write_safetensors
-from ckptmap.module_load import unwrap_model
+from ckptmap.wrappers import is_model_wrapper, unwrap_model
 
 __all__ = [
     "INDEX_SUFFIX",
@@ -281,7 +281,7 @@ def save_checkpoint(
             (an OSError, PermissionError and FileNotFoundError respectively).
         TypeError, ValueError: wrong arguments, as the OpenMMLab functions raise them.
     """
-    mmcv_form = isinstance(checkpoint, nn.Module)
+    mmcv_form = isinstance(checkpoint, nn.Module) or is_model_wrapper(checkpoint)
     form = _mmcv_form if mmcv_form else _engine_form
     try:
         bound = _FORMS[form].bind(*args, **kwargs)
