@@ -564,11 +564,7 @@ def namespace_checkpoint(tmp_path: Path) -> Path:
 API_LOADS = {
     "load_checkpoint": lambda p, **k: ckptmap.load_checkpoint(torch.nn.Linear(1, 1), p, **k),
     "_load_checkpoint": lambda p, **k: ckptmap._load_checkpoint(p, **k),
-    "_load_checkpoint_with_prefix": lambda p, **k: (
-        ckptmap._load_checkpoint_with_prefix("weight", p, **k)
-        if False
-        else ckptmap._load_checkpoint_with_prefix("", p, **k)
-    ),
+    "_load_checkpoint_with_prefix": lambda p, **k: ckptmap._load_checkpoint_with_prefix("", p, **k),
     "load_model_checkpoint": lambda p, **k: ckptmap.load_model_checkpoint(
         torch.nn.Linear(1, 1), p, **k
     ),
