@@ -167,8 +167,10 @@ def allowing(allowed_globals: Iterable[AllowedGlobal]) -> Iterator[None]:
 
     Unlike `torch.serialization.safe_globals`, entries that were already allowed (by
     `torch.serialization.add_safe_globals`) stay allowed afterwards; and the block holds a
-    lock, so no other ckptmap load in this process sees these entries meanwhile.
+    lock, so no other ckptmap load in this process sees these entries meanwhile. Entries are
+    checked first (`ckptmap.formats.allowlist.check_entry`).
     """
+    allowed_globals = allowlist.checked(allowed_globals)
     with _ALLOWLIST_LOCK:
         present = set(torch.serialization.get_safe_globals())
         new = [g for g in dict.fromkeys(allowed_globals) if g not in present]
