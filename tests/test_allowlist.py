@@ -603,3 +603,23 @@ def test_cli_advice_names_allow_and_following_it_works(
     with pytest.raises(SystemExit):
         main([command, *args, "--allow", "builtins.eval"])
     assert "can not include builtins.eval" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_dcp_object_entries_get_the_default_allowlist(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from ckptmap.formats.dcp import DcpCheckpoint
+
+    directory = tmp_path / "dcp"
+    state = {"w": torch.ones(2), "extra": {"seed": np.int64(3), "mean": np.arange(3.0)}}
+    dcp.save(state, checkpoint_id=str(directory))
+    loaded = load_file(directory)
+    assert_same_numpy(loaded["extra"]["seed"], np.int64(3))
+    assert_same_numpy(loaded["extra"]["mean"], np.arange(3.0))
+    for load in (
+        lambda: load_file(directory, allowed_globals=[eval]),
+        lambda: DcpCheckpoint(directory, allowed_globals=[os.system]),
+    ):
+        with pytest.raises(UnsafeAllowlistError):
+            load()
