@@ -142,14 +142,19 @@ def test_console_script_end_to_end(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_allow_choices_are_the_named_allowlists():
+def test_allow_takes_named_allowlists_and_dotted_names():
     from ckptmap.cli import build_parser
     from ckptmap.formats import allowlist
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name in ("inspect", "diff", "convert"):
         allow = next(a for a in commands.choices[name]._actions if a.dest == "allow")
-        assert set(allow.choices) == set(allowlist.BY_NAME), name
+        assert allow.choices is None, name
+        for good in (*allowlist.BY_NAME, "argparse.Namespace"):
+            assert allow.type(good) == good
+        for bad in ("os.system", "builtins.eval", "no_such_module.Thing", "Namespace"):
+            with pytest.raises(argparse.ArgumentTypeError):
+                allow.type(bad)
     assert allowlist.globals_for(["numpy"]) == list(allowlist.numpy_globals())
 
 

@@ -33,7 +33,7 @@ from ckptmap.errors import (
     UnsafeLoadWarning,
 )
 from ckptmap.formats import Format, load_file, sniff, validate_state_dict
-from ckptmap.formats.allowlist import MMENGINE_RUNNER, NUMPY
+from ckptmap.formats.allowlist import MMENGINE_RUNNER
 from ckptmap.formats.pickled import pickle_globals
 
 # complex32 tensors make torch warn on creation, also inside torch.load; that is torch's word
@@ -429,42 +429,7 @@ def test_force_weights_only_env_overrides_the_unsafe_opt_in(
 
 
 # -- benign classes outside the allowlist: listed, with the opt-in named -----------------------
-
-
-def numpy_meta_checkpoint() -> dict[str, Any]:
-    return {
-        "state_dict": {"w": torch.ones(2)},
-        "meta": {
-            "seed": np.int64(3),
-            "mean": np.array([0.5, 0.25], dtype=np.float32),
-            "dtype": np.dtype("float16"),
-            "flag": np.bool_(True),
-        },
-    }
-
-
-@pytest.mark.parametrize("container", ["zip", "legacy", "pickle2"])
-def test_numpy_in_meta_lists_globals_and_names_the_opt_in(tmp_path: Path, container: str) -> None:
-    checkpoint = numpy_meta_checkpoint()
-    if container == "pickle2":
-        del checkpoint["state_dict"]  # tensors in a plain pickle need more globals
-    path = write_container(container, checkpoint, tmp_path / "np.pth")
-    with pytest.raises(UnsafeCheckpointError) as info:
-        load_file(path)
-    err = info.value
-    assert "numpy.ndarray" in err.globals and "numpy.dtype" in err.globals
-    assert err.dangerous == []
-    message = str(err)
-    assert "numpy.ndarray" in message and "allowed_globals" in message
-    assert "ckptmap.formats.allowlist.NUMPY" in message and "malicious" not in message
-    if container == "pickle2":
-        return  # a plain pickle holds no tensors that torch.load could compare
-    loaded = load_file(path, allowed_globals=NUMPY)
-    expected = torch.load(path, weights_only=False)
-    assert loaded["meta"]["seed"] == expected["meta"]["seed"]
-    assert np.array_equal(loaded["meta"]["mean"], expected["meta"]["mean"])
-    assert loaded["meta"]["dtype"] == np.float16
-    assert torch.equal(loaded["state_dict"]["w"], expected["state_dict"]["w"])
+# (numpy values and mmengine's Runner state load by default: tests/test_allowlist.py)
 
 
 def test_namespace_needs_an_explicit_opt_in(tmp_path: Path) -> None:
@@ -557,129 +522,6 @@ def test_pickle_globals_reads_every_protocol_without_executing(
     assert not sentinel.exists()
     with pytest.raises(ValueError):
         pickle_globals(io.BytesIO(data[:-1]))
-
-
-# -- mmengine Runner checkpoints -------------------------------------------------------------
-
-
-def mmengine_runner_checkpoint() -> dict[str, Any]:
-    """What mmengine's Runner.save_checkpoint writes, built from the real classes."""
-    from mmengine.logging import MessageHub
-
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(5, 3)).sum().backward()
-    optimizer.step()
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
-    hub = MessageHub(f"ckptmap-test-{id(model)}")
-    for step in range(4):
-        hub.update_scalar("train/loss", 1.0 / (step + 1))
-        hub.update_scalar("train/lr", np.float32(0.1))
-        hub.update_scalar("train/grad_norm", torch.tensor(0.5 + step))
-    hub.update_info("epoch", 2)
-    hub.update_info("iter", np.int64(40))
-    hub.update_info("last_batch_shape", np.array([5, 3]))
-    meta = {
-        "epoch": 2,
-        "iter": 40,
-        "cfg": "model = dict(type='Toy')\n",
-        "seed": np.int64(1234),
-        "experiment_name": "toy_20260101_000000",
-        "time": "20260101_000000",
-        "mmengine_version": "0.10.7",
-        "dataset_meta": {
-            "classes": ("cat", "dog"),
-            "palette": np.array([[255, 0, 0], [0, 255, 0]], dtype=np.uint8),
-            "mean": np.float64(0.5),
-            "dtype": np.dtype("float32"),
-        },
-    }
-    return {
-        "meta": meta,
-        "state_dict": collections.OrderedDict(model.state_dict()),
-        "message_hub": hub.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "param_schedulers": [scheduler.state_dict()],
-    }
-
-
-def test_mmengine_runner_checkpoint_loads_through_the_named_allowlist(tmp_path: Path) -> None:
-    from mmengine.logging import HistoryBuffer
-    from mmengine.runner.checkpoint import save_checkpoint
-
-    path = tmp_path / "epoch_2.pth"
-    save_checkpoint(mmengine_runner_checkpoint(), str(path))
-
-    with pytest.raises(UnsafeCheckpointError) as info:
-        load_file(path)
-    message = str(info.value)
-    assert "mmengine.logging.history_buffer.HistoryBuffer" in info.value.globals
-    assert "MMENGINE_RUNNER" in message and "malicious" not in message
-
-    loaded = load_file(path, allowed_globals=MMENGINE_RUNNER)
-    expected = torch.load(path, weights_only=False)  # our own file: the reference
-    assert layout(loaded["state_dict"]) == layout(expected["state_dict"])
-    assert loaded["meta"]["seed"] == 1234 and loaded["meta"]["dataset_meta"]["dtype"] == np.float32
-    assert np.array_equal(
-        loaded["meta"]["dataset_meta"]["palette"], expected["meta"]["dataset_meta"]["palette"]
-    )
-    buffers = loaded["message_hub"]["log_scalars"]
-    assert isinstance(buffers, collections.OrderedDict)
-    loss = buffers["train/loss"]
-    assert isinstance(loss, HistoryBuffer)
-    assert loss.mean() == expected["message_hub"]["log_scalars"]["train/loss"].mean()
-    assert loss.current() == 0.25 and loss.statistics("min") == 0.25
-    assert buffers["train/grad_norm"].max() == 3.5
-    assert loaded["message_hub"]["runtime_info"]["iter"] == 40
-    assert loaded["optimizer"]["param_groups"] == expected["optimizer"]["param_groups"]
-    assert loaded["param_schedulers"] == expected["param_schedulers"]
-
-
-def _method_ref(obj: Any, name: str) -> Any:
-    class Ref:
-        def __reduce__(self) -> tuple:
-            return (getattr, (obj, name))
-
-    return Ref()
-
-
-@pytest.mark.parametrize(
-    "target",
-    ["history_buffer_private", "ordered_dict_method", "rebuild_globals"],
-)
-def test_mmengine_allowlist_getattr_reaches_only_history_buffer_methods(
-    tmp_path: Path, target: str
-) -> None:
-    from mmengine.logging import HistoryBuffer
-
-    ref = {
-        "history_buffer_private": _method_ref(HistoryBuffer, "_set_default_statistics"),
-        "ordered_dict_method": _method_ref(collections.OrderedDict, "clear"),
-        "rebuild_globals": _method_ref(torch._utils._rebuild_tensor_v2, "__globals__"),
-    }[target]
-    path = save({"x": ref}, tmp_path / "m.pth")
-    with pytest.raises(UnsafeCheckpointError, match="not allowed") as info:
-        load_file(path, allowed_globals=MMENGINE_RUNNER)
-    assert "weights_only=False" not in str(info.value)
-
-
-def test_history_buffer_stand_in_without_mmengine(tmp_path: Path, monkeypatch) -> None:
-    from mmengine.runner.checkpoint import save_checkpoint
-
-    from ckptmap.formats import allowlist
-
-    path = tmp_path / "epoch_2.pth"
-    save_checkpoint(mmengine_runner_checkpoint(), str(path))
-    monkeypatch.setattr(allowlist, "_history_buffer_class", lambda: allowlist.HistoryBufferState)
-    allowlist.mmengine_runner.cache_clear()
-    try:
-        loaded = load_file(path, allowed_globals=allowlist.mmengine_runner())
-    finally:
-        allowlist.mmengine_runner.cache_clear()
-    loss = loaded["message_hub"]["log_scalars"]["train/loss"]
-    assert isinstance(loss, allowlist.HistoryBufferState)
-    assert loss.current() == 0.25 and loss.min() == 0.25
-    assert loss.mean() == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
 
 
 # -- validate_state_dict --------------------------------------------------------------------------

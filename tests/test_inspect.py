@@ -206,13 +206,20 @@ def test_cli_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "tensors: 28" in text and "[0-5] x6" in text and "bfloat16" in text
 
 
-def test_cli_named_allowlist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_allow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
     path = tmp_path / "epoch_1.pth"
     torch.save({"state_dict": {"w": torch.ones(2)}, "meta": {"seed": np.int64(1)}}, path)
+    args = cli(["inspect", str(path), "--json"])  # numpy values need no opt-in
+    assert args.run(args) == 0
+    assert json.loads(capsys.readouterr().out)["tensor_count"] == 1
+    path = tmp_path / "epoch_2.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1)}, path)
     args = cli(["inspect", str(path)])
-    with pytest.raises(UnsafeCheckpointError, match="numpy"):
+    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace"):
         args.run(args)
-    args = cli(["inspect", str(path), "--allow", "numpy", "--json"])
+    args = cli(["inspect", str(path), "--allow", "argparse.Namespace", "--json"])
     assert args.run(args) == 0
     assert json.loads(capsys.readouterr().out)["tensor_count"] == 1
 

@@ -38,7 +38,6 @@ from ckptmap.errors import (
 from ckptmap.module_load import (
     is_model_wrapper,
     load_state_dict,
-    register_model_wrapper,
     unwrap_model,
 )
 from ckptmap.report import LoadResult, Mismatch
@@ -821,29 +820,6 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path):
         assert result.ok and torch.equal(inner.bias, torch.ones(2))
     finally:
         dist.destroy_process_group()
-
-
-def test_registered_wrapper_is_unwrapped():
-    class MyWrapper(nn.Module):
-        def __init__(self, module: nn.Module) -> None:
-            super().__init__()
-            self.module = module
-
-    assert not is_model_wrapper(MyWrapper(nn.Linear(2, 2)))
-    assert register_model_wrapper(MyWrapper) is MyWrapper
-    try:
-        inner = nn.Linear(2, 2)
-        result = load_state_dict(
-            nn.Sequential(MyWrapper(inner)),
-            {"0.weight": torch.ones(2, 2), "0.bias": torch.ones(2)},
-            logger="silent",
-        )
-        assert result.ok and torch.equal(inner.weight, torch.ones(2, 2))
-    finally:
-        module_load._MODEL_WRAPPERS.remove(MyWrapper)
-        module_load._wrapper_types = tuple(module_load._MODEL_WRAPPERS)
-    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
-        register_model_wrapper(int)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------

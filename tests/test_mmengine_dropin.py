@@ -84,7 +84,8 @@ def test_patch_replaces_mmengine_functions_everywhere_and_unpatch_restores():
         assert dropin.is_patched()
         assert mmengine_checkpoint.load_checkpoint is not originals[0]
         assert runner_pkg.load_checkpoint is mmengine_checkpoint.load_checkpoint
-        assert runner_mod._load_checkpoint is ckptmap.checkpoint._load_checkpoint
+        assert runner_mod._load_checkpoint is mmengine_checkpoint._load_checkpoint
+        assert runner_mod._load_checkpoint.__module__ == dropin.__name__
         assert runner_mod.save_checkpoint is ckptmap.save.save_checkpoint
     assert not dropin.is_patched()
     assert (

@@ -172,7 +172,12 @@ CHILD = """
     from mmengine.runner.checkpoint import save_checkpoint as mmengine_save
     from ckptmap.save import save_checkpoint
 
-    # Imported as root (the interpreter lives under /root), then unprivileged for the saves.
+    # Imported as root (the interpreter may live under /root, which nobody can read), and one
+    # save each done first so every lazy import has happened; then unprivileged for the saves.
+    import tempfile
+    warm = tempfile.mkdtemp()
+    mmengine_save({"w": torch.ones(1)}, os.path.join(warm, "a.pth"))
+    save_checkpoint({"w": torch.ones(1)}, os.path.join(warm, "b.pth"))
     if os.geteuid() == 0:
         os.setgroups([])
         os.setgid(NOBODY)

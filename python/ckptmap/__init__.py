@@ -29,14 +29,10 @@ from ckptmap.checkpoint import (
 )
 from ckptmap.dist import get_dist_info
 from ckptmap.errors import *  # noqa: F403  (every error and warning class)
+from ckptmap.formats import allowlist as _allowlist  # noqa: F401  (ckptmap.formats.allowlist)
 from ckptmap.formats import load_file
 from ckptmap.latest import find_latest_checkpoint, rotate_checkpoints, write_last_checkpoint
-from ckptmap.module_load import (
-    is_model_wrapper,
-    load_state_dict,
-    register_model_wrapper,
-    unwrap_model,
-)
+from ckptmap.module_load import load_state_dict
 from ckptmap.prefix import filter_prefix
 from ckptmap.report import LoadResult, Mismatch, fold_keys, format_report
 from ckptmap.revise import Collision, Revised, revise_keys
@@ -59,6 +55,7 @@ from ckptmap.schemes import (
     load_from_petrel,
     load_from_torchvision,
 )
+from ckptmap.wrappers import is_model_wrapper, register_model_wrapper, unwrap_model
 
 __all__ = [
     "Checkpoint",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -40,10 +40,16 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+#: Objects, or ``(object, "module.name")`` pairs, a pickle may use (`ckptmap.formats.allowlist`).
+AllowedGlobals = Iterable[Any]
 
 
 def _load_checkpoint(
-    filename: PathLike, map_location: MapLocation = None, logger: LoggerLike = None
+    filename: PathLike,
+    map_location: MapLocation = None,
+    logger: LoggerLike = None,
+    *,
+    allowed_globals: AllowedGlobals = (),
 ) -> Any:
     """Reads a checkpoint from a local path or any registered URI scheme.
 
@@ -56,11 +62,16 @@ def _load_checkpoint(
         filename: a local path (`~` is expanded) or a URI.
         map_location: as for `torch.load`.
         logger: where the "Loads checkpoint" line goes (rank 0, INFO).
+        allowed_globals: objects (classes, functions) a pickle checkpoint may use besides
+            torch's list and the default allowlist, which already covers everything
+            mmengine's Runner writes (`ckptmap.formats.allowlist`).
 
     Returns:
         The loaded object: usually a dict holding the weights or a ``"state_dict"`` entry.
     """
-    return CheckpointLoader.load_checkpoint(filename, map_location, logger)
+    return CheckpointLoader.load_checkpoint(
+        filename, map_location, logger, allowed_globals=allowed_globals
+    )
 
 
 def _load_checkpoint_to_model(
@@ -103,6 +114,7 @@ def load_checkpoint(
     report: ReportStyle = "folded",
     assign: bool = False,
     dry_run: bool = False,
+    allowed_globals: AllowedGlobals = (),
 ) -> Any:
     """Loads a checkpoint file into `model`.
 
@@ -122,6 +134,9 @@ def load_checkpoint(
         dry_run: change nothing: return the `LoadPlan` (what the load would report, which
             keys it would read, their bytes), computed without reading tensor data where
             the format allows.
+        allowed_globals: objects (classes, functions) a pickle checkpoint may use besides
+            torch's list and the default allowlist (numpy values, mmengine's HistoryBuffer:
+            everything mmengine's Runner writes); see `ckptmap.formats.allowlist`.
 
     Returns:
         The loaded checkpoint (a dict), as the OpenMMLab function does; with `dry_run`, the
@@ -130,15 +145,18 @@ def load_checkpoint(
     Raises:
         CheckpointNotFoundError: no file at `filename` (also a FileNotFoundError).
         NoStateDictError: the file holds no mapping of weights (also a RuntimeError).
+        UnsafeCheckpointError: a pickle that needs globals outside the allowlist.
         StateDictMismatchError: `strict` and the weights do not match (also a RuntimeError).
         re.error: a pattern of `revise_keys` does not compile (before the file is read).
     """
     # Compiled up front, so a bad pattern fails before any file is read.
     rules = as_key_rules(revise_keys)
     if dry_run:
-        with open_checkpoint(filename, map_location, logger) as opened:
+        with open_checkpoint(
+            filename, map_location, logger, allowed_globals=allowed_globals
+        ) as opened:
             return plan_load(opened, model, revise_keys=rules)
-    checkpoint = _load_checkpoint(filename, map_location, logger)
+    checkpoint = _load_checkpoint(filename, map_location, logger, allowed_globals=allowed_globals)
     return _load_checkpoint_to_model(
         model,
         checkpoint,
@@ -152,7 +170,11 @@ def load_checkpoint(
 
 
 def _load_checkpoint_with_prefix(
-    prefix: str, filename: PathLike, map_location: MapLocation = None
+    prefix: str,
+    filename: PathLike,
+    map_location: MapLocation = None,
+    *,
+    allowed_globals: AllowedGlobals = (),
 ) -> dict[str, Any]:
     """The weights under one sub-module of a checkpoint, with the prefix stripped.
 
@@ -166,7 +188,7 @@ def _load_checkpoint_with_prefix(
             names the checkpoint has.
     """
     source = os.fspath(filename)
-    with open_checkpoint(filename, map_location) as opened:
+    with open_checkpoint(filename, map_location, allowed_globals=allowed_globals) as opened:
         names = OrderedDict((key, None) for key in opened.keys())
         wanted = select_prefix(names, prefix, source)
         full = prefix if prefix.endswith(".") or not prefix else prefix + "."
@@ -180,6 +202,8 @@ def load_model_checkpoint(
     strict: bool = False,
     rev_keys: RuleSpec | None = None,
     map_location: MapLocation = "cpu",
+    *,
+    allowed_globals: AllowedGlobals = (),
 ) -> None:
     """vis4d's entry point: `load_checkpoint` with vis4d's argument names and defaults.
 
@@ -189,6 +213,7 @@ def load_model_checkpoint(
         strict: as in `load_checkpoint`.
         rev_keys: key rules; None strips the `module.` prefix.
         map_location: as for `torch.load`; CPU by default.
+        allowed_globals: as in `load_checkpoint`.
     """
     load_checkpoint(
         model,
@@ -196,4 +221,5 @@ def load_model_checkpoint(
         map_location=map_location,
         strict=strict,
         revise_keys=DEFAULT_REVISE_KEYS if rev_keys is None else rev_keys,
+        allowed_globals=allowed_globals,
     )

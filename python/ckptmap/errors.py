@@ -46,10 +46,12 @@ __all__ = [
     "LoadHookError",
     "MissingDependencyError",
     "ModelSpecError",
+    "ModelWrapperError",
     "NoStateDictError",
     "NotSerializableError",
     "NothingLoadedWarning",
     "PrefixNotFoundError",
+    "RefusedPickleError",
     "RemoteAccessDenied",
     "RemoteNotFoundError",
     "RemoteUnavailableError",
@@ -69,6 +71,7 @@ __all__ = [
     "UnexpectedContentError",
     "UnknownModelNameError",
     "UnknownSchemeError",
+    "UnsafeAllowlistError",
     "UnsafeCheckpointError",
     "UnsafeDcpPathError",
     "UnsafeDcpPickleError",
@@ -78,6 +81,7 @@ __all__ = [
     "UnsupportedBackendError",
     "UnsupportedDcpFeatureError",
     "UnsupportedDtypeError",
+    "UnsupportedModelError",
     "UnsupportedSaveTargetError",
     "WrongSchemeError",
     "ZooTableError",
@@ -244,6 +248,38 @@ class StateDictMismatchError(CkptmapError, RuntimeError):
         self.mismatched: list[Mismatch] = list(result.mismatched)
 
 
+class ModelWrapperError(CkptmapError, AttributeError):
+    """A registered model wrapper whose instance has no ``.module`` to load into or save from.
+
+    An `AttributeError`, as mmengine raises when it reaches for ``.module``.
+
+    Attributes:
+        wrapper: the wrapper class's name.
+    """
+
+    def __init__(self, wrapper: type) -> None:
+        self.wrapper = f"{wrapper.__module__}.{wrapper.__qualname__}"
+        super().__init__(
+            f"{self.wrapper} is registered as a model wrapper (ckptmap.register_model_wrapper, "
+            "or mmengine's MODEL_WRAPPERS) but this instance has no .module attribute: set "
+            "self.module to the wrapped model in its __init__, or do not register the class"
+        )
+
+
+class UnsupportedModelError(CkptmapError, TypeError):
+    """A model ckptmap can not load into or save from this way (e.g. a sharded FSDP model).
+
+    Attributes:
+        model: the model's class name.
+        hint: what to do instead.
+    """
+
+    def __init__(self, model: str, what: str, hint: str) -> None:
+        self.model = model
+        self.hint = hint
+        super().__init__(f"{what} a {model}: {hint}")
+
+
 class LoadHookError(CkptmapError, AssertionError):
     """A `register_load_state_dict_post_hook` hook returned a value (torch asserts it won't)."""
 
@@ -271,8 +307,9 @@ def _type_name(obj: Any) -> str:
 # --- checkpoint formats -----------------------------------------------------------------------
 
 
-# What the MMENGINE_RUNNER allowlist's getattr says when a pickle asks it for anything else.
-_RESTRICTED_GETATTR = "allowlist only resolves HistoryBuffer's statistics methods"
+#: Starts the reason of every refusal by ckptmap's checked stand-ins for numpy, mmengine and
+#: getattr (`ckptmap.formats.allowlist`): a pickle that no real writer produces.
+REFUSAL_MARK = "ckptmap's safe unpickler refused"
 
 
 class DanglingSymlinkError(CheckpointNotFoundError):
@@ -329,18 +366,60 @@ class TorchScriptArchiveError(CkptmapError, RuntimeError):
         )
 
 
+#: Where a load was asked from, which decides how advice names the opt-in.
+Interface = str  # "api", "cli" or "mmengine"
+
+
+def _python_names(globals_: Sequence[str]) -> str:
+    return ", ".join(globals_)
+
+
+def _opt_in(globals_: Sequence[str], interface: Interface) -> str:
+    names = _python_names(globals_)
+    if interface == "cli":
+        flags = " ".join(f"--allow {g}" for g in globals_)
+        return f"If you trust the file, allow exactly these with `{flags}`"
+    if interface == "mmengine":
+        return (
+            "If you trust the file, allow exactly these objects (the classes or functions "
+            "themselves, never their names) with "
+            f"`ckptmap.integrations.mmengine.patch(allowed_globals=[{names}])`"
+        )
+    return (
+        "If you trust the file, pass exactly these objects (the classes or functions "
+        f"themselves, never their names) as `allowed_globals=[{names}]`"
+    )
+
+
+def _last_resort(interface: Interface) -> str:
+    if interface == "cli":
+        return (
+            "the command line never unpickles without restrictions: if you trust the file, load "
+            "it in Python with `ckptmap.load_file(path, weights_only=False)` and save it again "
+            "with `ckptmap.save_checkpoint`"
+        )
+    return (
+        "if you trust the file, `ckptmap.load_file(path, weights_only=False)` unpickles it "
+        "without restrictions; save it again with `ckptmap.save_checkpoint` to load it safely "
+        "from then on"
+    )
+
+
 class UnsafeCheckpointError(CkptmapError, pickle.UnpicklingError):
     """A pickle checkpoint needs globals that the safe (``weights_only=True``) loader refuses.
 
     An `pickle.UnpicklingError`, as `torch.load(weights_only=True)` raises. Nothing in the file
-    was executed beyond torch's own allowlisted constructors; the file is never retried with
-    ``weights_only=False``.
+    was executed beyond the allowlisted, data-only constructors; the file is never retried with
+    ``weights_only=False``. The advice names the opt-in where the load was asked from: the
+    ``allowed_globals=`` argument in Python, ``--allow`` on the command line, ``patch(
+    allowed_globals=...)`` under the mmengine integration (see `with_advice_for`).
 
     Attributes:
         path: the file.
         globals: every ``module.name`` the pickle references that is not allowed, sorted.
         dangerous: the subset that can run arbitrary code (``os.system``, ``builtins.eval``, ...).
-        reason: torch's own message, when it gave one.
+        reason: why the safe unpickler stopped, when no global explains it.
+        interface: ``"api"``, ``"cli"`` or ``"mmengine"``: whose opt-in the advice names.
     """
 
     def __init__(
@@ -349,54 +428,82 @@ class UnsafeCheckpointError(CkptmapError, pickle.UnpicklingError):
         globals: Sequence[str],
         dangerous: Sequence[str] = (),
         reason: str | None = None,
+        interface: Interface = "api",
     ) -> None:
         self.path = path
         self.globals = sorted(globals)
         self.dangerous = sorted(dangerous)
         self.reason = reason
-        mmengine = any(g.startswith("mmengine.logging.") for g in self.globals)
-        # mmengine's HistoryBuffer pickles its methods through getattr; MMENGINE_RUNNER
-        # allows exactly that use, so it is no sign of malice there.
-        alarming = [g for g in self.dangerous if not (mmengine and g == "builtins.getattr")]
-        if alarming:
+        self.interface = interface
+        if self.dangerous:
             message = (
-                f"refusing to load {path!r}: its pickle calls {', '.join(alarming)}, which can "
-                "run arbitrary code. This is what a malicious checkpoint looks like; nothing "
+                f"refusing to load {path!r}: its pickle calls {', '.join(self.dangerous)}, which "
+                "can run arbitrary code. This is what a malicious checkpoint looks like; nothing "
                 "from it was executed. Do not load it unless you wrote it yourself"
             )
-            if benign := [g for g in self.globals if g not in alarming]:
+            if benign := [g for g in self.globals if g not in self.dangerous]:
                 message += f" (it also needs {', '.join(benign)})"
         elif self.globals:
-            if mmengine:
-                opt_in = (
-                    "This looks like a checkpoint written by mmengine's Runner: if you trust "
-                    "it, pass `allowed_globals=ckptmap.formats.allowlist.MMENGINE_RUNNER`"
-                )
-            elif all(g.startswith("numpy.") for g in self.globals):
-                opt_in = (
-                    "If you trust the file, pass `allowed_globals=ckptmap.formats.allowlist.NUMPY`"
-                )
-            else:
-                opt_in = (
-                    "If you trust the file, pass exactly these objects (the classes or "
-                    "functions themselves) as `allowed_globals=[...]`, or `weights_only=False` "
-                    "to unpickle it without restrictions"
-                )
             message = (
                 f"{path!r} is a pickle that needs globals the safe loader does not allow: "
-                f"{', '.join(self.globals)}. {opt_in}"
+                f"{', '.join(self.globals)}. {_opt_in(self.globals, interface)}; "
+                f"{_last_resort(interface)}"
             )
-        elif reason and _RESTRICTED_GETATTR in reason:
+        elif reason and REFUSAL_MARK in reason:
             message = (
-                f"refusing to load {path!r}: {reason}. mmengine never writes such a reference; "
-                "do not load this file unless you wrote it yourself"
+                f"refusing to load {path!r}: {reason}. No torch, numpy or mmengine writer "
+                "produces this, and nothing from the file was executed: do not load it unless "
+                "you wrote it yourself"
             )
         else:
             message = (
-                f"{path!r} can not be loaded safely: {reason}. If you trust the file, pass "
-                "`weights_only=False` to unpickle it without restrictions"
+                f"{path!r} can not be loaded safely: {reason}. "
+                f"{_last_resort(interface)[0].upper()}{_last_resort(interface)[1:]}"
             )
         super().__init__(message)
+
+    def with_advice_for(self, interface: Interface) -> UnsafeCheckpointError:
+        """The same error, its advice naming the opt-in of `interface` (``"api"``, ``"cli"``,
+        ``"mmengine"``)."""
+        if interface == self.interface:
+            return self
+        return UnsafeCheckpointError(
+            self.path, self.globals, self.dangerous, self.reason, interface=interface
+        )
+
+
+class RefusedPickleError(CkptmapError, pickle.UnpicklingError):
+    """Raised inside the safe unpickler by ckptmap's checked stand-ins for numpy, mmengine and
+    getattr when a pickle uses them in a way no real writer does.
+
+    Loads report it as `UnsafeCheckpointError` (naming the file); this class is what the
+    stand-ins raise mid-load, before the file name is known.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{REFUSAL_MARK} {what}")
+
+
+class UnsafeAllowlistError(CkptmapError, ValueError):
+    """An ``allowed_globals`` entry that would let a pickle run code, or that is not an object.
+
+    Raised before any file is read, even for entries passed explicitly: ``eval``, ``exec``,
+    ``compile``, ``getattr``, ``os.*``, ``subprocess.*``, ``importlib.*``, ``functools.*``,
+    ``operator.*``, bound methods and the like can never be allowed (a file that needs them can
+    only be loaded with ``weights_only=False``). Names (strings) are refused too: the allowlist
+    holds the objects themselves, so a pickle can never make ckptmap import anything.
+
+    Attributes:
+        entry: the entry as given.
+        name: its ``module.name``.
+        why: what is wrong with it.
+    """
+
+    def __init__(self, entry: Any, name: str, why: str) -> None:
+        self.entry = _TypeName(repr(entry)[:200])
+        self.name = name
+        self.why = why
+        super().__init__(f"allowed_globals can not include {name}: {why}")
 
 
 class UnsafeDcpPickleError(UnsafeCheckpointError):

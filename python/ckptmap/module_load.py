@@ -32,7 +32,7 @@ import itertools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +55,8 @@ from ckptmap.report import (
     log_message,
     nothing_loaded_line,
 )
+from ckptmap.wrappers import LoadWrapperTypes as _wrapper_types
+from ckptmap.wrappers import is_model_wrapper, register_model_wrapper, unwrap_model
 
 __all__ = [
     "is_model_wrapper",
@@ -63,39 +65,9 @@ __all__ = [
     "unwrap_model",
 ]
 
-_T = TypeVar("_T", bound=type)
-
-# --- model wrappers -----------------------------------------------------------------------
-
-_MODEL_WRAPPERS: list[type] = [nn.DataParallel, nn.parallel.DistributedDataParallel]
-_wrapper_types: tuple[type, ...] = tuple(_MODEL_WRAPPERS)
-
-
-def register_model_wrapper(cls: _T) -> _T:
-    """Registers a model wrapper class: its `.module` is loaded in its place.
-
-    Like mmengine's `MODEL_WRAPPERS` registry; DataParallel and DistributedDataParallel are
-    registered already. Usable as a class decorator.
-    """
-    global _wrapper_types
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"a model wrapper must be an nn.Module subclass, got {cls!r}")
-    if cls not in _MODEL_WRAPPERS:
-        _MODEL_WRAPPERS.append(cls)
-        _wrapper_types = tuple(_MODEL_WRAPPERS)
-    return cls
-
-
-def is_model_wrapper(module: Any) -> bool:
-    """Whether `module` is an instance of a registered model wrapper class."""
-    return isinstance(module, _wrapper_types)
-
-
-def unwrap_model(module: nn.Module) -> nn.Module:
-    """`module.module`, repeatedly, while `module` is a registered model wrapper."""
-    while isinstance(module, _wrapper_types):
-        module = cast(nn.Module, module.module)
-    return module
+# Model wrappers are defined in ckptmap.wrappers. `_wrapper_types` answers isinstance and
+# issubclass for the classes a load unwraps: ckptmap's registrations, mmengine's
+# MODEL_WRAPPERS registry and BaseTTAModel, as they are at load time.
 
 
 # --- public entry point ---------------------------------------------------------------------

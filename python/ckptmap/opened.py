@@ -474,10 +474,14 @@ def open_checkpoint(
     Raises:
         The errors of the scheme's loader (`CheckpointNotFoundError`, `DownloadError`, ...).
     """
+    from ckptmap.formats import allowlist
+
     path = os.fspath(filename)
     loader = CheckpointLoader._get_checkpoint_loader(path)
-    if loader is load_from_local:
-        CheckpointLoader.log_backend(path, loader, logger)
-        return open_file(path, map_location, allowed_globals=allowed_globals)
-    obj = CheckpointLoader.load_checkpoint(path, map_location, logger)
+    # With the allowlist of the enclosing block (e.g. mmengine's patch(allowed_globals=...)).
+    with allowlist.extended(allowed_globals) as allowed:
+        if loader is load_from_local:
+            CheckpointLoader.log_backend(path, loader, logger)
+            return open_file(os.path.expanduser(path), map_location, allowed_globals=allowed)
+        obj = CheckpointLoader.load_checkpoint(path, map_location, logger)
     return Checkpoint.of(obj, path)

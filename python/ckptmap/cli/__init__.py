@@ -17,6 +17,7 @@ from ckptmap.cli.convert import add_convert_parser
 from ckptmap.cli.demo import DEMO_RULES, add_demo_parser, synthetic_keys
 from ckptmap.cli.diff import add_diff_parser
 from ckptmap.cli.summary import add_inspect_parser
+from ckptmap.errors import UnsafeCheckpointError
 
 __all__ = ["DEMO_RULES", "build_parser", "main", "synthetic_keys"]
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, UnsafeCheckpointError):
+        exc = exc.with_advice_for("cli")  # name --allow, not allowed_globals=
     if isinstance(exc, re.error):
         where = f" in pattern {exc.pattern!r}" if exc.pattern is not None else ""
         text = f"bad regular expression{where}: {exc}"

@@ -7,7 +7,14 @@ from typing import Any
 
 from ckptmap.formats import allowlist
 
-__all__ = ["add_allow_argument", "allowed_globals_for", "format_size", "parse_rule", "rule_arg"]
+__all__ = [
+    "add_allow_argument",
+    "allow_arg",
+    "allowed_globals_for",
+    "format_size",
+    "parse_rule",
+    "rule_arg",
+]
 
 
 def parse_rule(text: str) -> tuple[str, str]:
@@ -35,15 +42,30 @@ def rule_arg(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def allow_arg(text: str) -> str:
+    """argparse type for ``--allow module.name``: importable, and not something that runs code."""
+    from ckptmap.errors import UnsafeAllowlistError
+
+    try:
+        allowlist.globals_for([text])
+    except KeyError as err:
+        raise argparse.ArgumentTypeError(str(err.args[0])) from None
+    except UnsafeAllowlistError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("allowed_globals", "--allow")) from None
+    return text
+
+
 def add_allow_argument(parser: argparse.ArgumentParser) -> None:
-    """``--allow NAME`` (repeatable): a named allowlist of pickle globals."""
+    """``--allow module.name`` (repeatable): a class or function pickles may use."""
     parser.add_argument(
         "--allow",
         action="append",
         default=[],
-        choices=sorted(allowlist.BY_NAME),
-        help="allow a named set of pickle globals (numpy; mmengine-runner for checkpoints "
-        "written by mmengine's Runner); repeatable",
+        type=allow_arg,
+        metavar="MODULE.NAME",
+        help="let pickle checkpoints use this class or function, e.g. argparse.Namespace "
+        "(repeatable). numpy values and everything mmengine's Runner writes are allowed "
+        "already; nothing that can run code can be allowed",
     )
 
 

@@ -26,8 +26,6 @@ from ckptmap.opened import open_checkpoint
 
 __all__ = ["add_inspect_parser", "format_inspect", "inspect_checkpoint", "run_inspect"]
 
-#: Named allowlists that ``ckptmap inspect --allow`` accepts.
-
 
 def inspect_checkpoint(
     path: str | os.PathLike[str],
@@ -119,7 +117,8 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="summarise a checkpoint from its header: tensors, bytes, dtypes, prefix tree",
         description="Prints what a checkpoint holds without reading tensor data where the "
         "format allows it (safetensors, sharded, torch zip). Pickles load with "
-        "weights_only=True; --allow names an allowlist for checkpoints that need one.",
+        "weights_only=True (numpy values and mmengine Runner state included); --allow "
+        "names any other class a trusted checkpoint needs.",
     )
     parser.add_argument("path", help="checkpoint file, *.index.json, or a directory with one")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -85,7 +85,11 @@ def load_file(
         CorruptCheckpointError: empty, truncated, damaged, or not a checkpoint at all.
         TorchScriptArchiveError: a `torch.jit.save` archive.
         UnsafeCheckpointError: a pickle that needs globals outside the allowlist.
+        UnsafeAllowlistError: an `allowed_globals` entry that can run code (nothing is read).
     """
+    from ckptmap.formats import allowlist
+
+    allowed_globals = allowlist.checked(allowed_globals)  # before anything is read
     sniffed = sniff(path)
     sniffed.raise_if_corrupt()
     if sniffed.format is Format.TORCHSCRIPT:

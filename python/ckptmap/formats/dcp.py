@@ -286,8 +286,11 @@ def read_metadata(path: str | os.PathLike[str], *, allowed_globals: Iterable[Any
             was unpickled); an `UnsafeCheckpointError`.
         InvalidDcpCheckpointError: too large, truncated or not a pickle of DCP metadata.
     """
-    directory, metadata_path = _locate(path)
+    from ckptmap.formats import allowlist
     from ckptmap.formats.pickled import dangerous_globals, pickle_globals
+
+    allowed_globals = allowlist.checked(allowed_globals)  # nothing that runs code, ever
+    directory, metadata_path = _locate(path)
 
     try:
         with open(metadata_path, "rb") as f:
@@ -862,16 +865,21 @@ class DcpCheckpoint(Mapping[str, torch.Tensor]):
                 "only ever loaded with the safe unpickler; pass allowed_globals=[...] with the "
                 "classes they need instead",
             )
+        from ckptmap.formats import allowlist
         from ckptmap.formats.pickled import allowing, dangerous_globals
+        from ckptmap.formats.safe_numpy import recipes_made, resolve
 
+        # The default allowlist too (numpy values, HistoryBuffers), as for every pickle load.
+        allowed = allowlist.with_default(self._allowed)
         with self._window(info.file, info.start, info.end) as window:
             try:
-                with allowing(self._allowed):
-                    return torch.load(window, map_location="cpu", weights_only=True)
+                with allowing(allowed), recipes_made() as made:
+                    loaded = torch.load(window, map_location="cpu", weights_only=True)
+                return resolve(loaded) if made else loaded
             except pickle.UnpicklingError as err:
                 window.seek(0)
                 found = self._archive_globals(window, name, info.file)
-                needed = sorted(found - set(_extra_allowed(self._allowed)))
+                needed = sorted(found - set(_extra_allowed(allowed)))
                 reason = str(err).split("\n")[0]
                 raise UnsafeDcpPickleError(
                     self.path, name, needed, dangerous_globals(needed), reason

@@ -2,12 +2,15 @@
 
 Every load goes through torch's ``weights_only`` unpickler, with ``weights_only=True`` passed
 explicitly: `torch.load` lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` switch the safe loader off
-only for callers that leave the argument out. Anything beyond torch's allowlist is an explicit,
-named opt-in: ``allowed_globals`` (the objects themselves, e.g.
-`ckptmap.formats.allowlist.MMENGINE_RUNNER`) or ``weights_only=False``, which warns with
-`UnsafeLoadWarning`. A file that fails the safe load is never retried unsafely. To say which
-globals it needs, the pickle's GLOBAL / STACK_GLOBAL opcodes are read with `pickletools.genops`,
-which executes nothing.
+only for callers that leave the argument out. Besides torch's own list, the unpickler always
+gets `ckptmap.formats.allowlist.DEFAULT` (numpy values and mmengine's HistoryBuffer through
+checked stand-ins: everything mmengine's Runner writes). Anything beyond that is an explicit
+opt-in: ``allowed_globals`` (the objects themselves, checked by
+`ckptmap.formats.allowlist.check_entry`) or ``weights_only=False``, which warns with
+`UnsafeLoadWarning`. The numpy stand-ins are replaced by real numpy objects after the load
+(`ckptmap.formats.safe_numpy.resolve`). A file that fails the safe load is never retried
+unsafely. To say which globals it needs, the pickle's GLOBAL / STACK_GLOBAL opcodes are read
+with `pickletools.genops`, which executes nothing.
 
 Memory: torch zip checkpoints are memory-mapped (``torch.load(mmap=True)``): tensors are views
 of the file's pages, read lazily, and the file must not change while they are in use. Legacy
@@ -39,6 +42,9 @@ from ckptmap.errors import (
     UnsafeCheckpointError,
     UnsafeLoadWarning,
 )
+from ckptmap.formats import allowlist
+from ckptmap.formats.safe_mmengine import HISTORY_BUFFER, explicitly_allowed
+from ckptmap.formats.safe_numpy import recipes_made, resolve
 from ckptmap.formats.sniff import Format, Sniffed
 
 __all__ = [
@@ -161,8 +167,10 @@ def allowing(allowed_globals: Iterable[AllowedGlobal]) -> Iterator[None]:
 
     Unlike `torch.serialization.safe_globals`, entries that were already allowed (by
     `torch.serialization.add_safe_globals`) stay allowed afterwards; and the block holds a
-    lock, so no other ckptmap load in this process sees these entries meanwhile.
+    lock, so no other ckptmap load in this process sees these entries meanwhile. Entries are
+    checked first (`ckptmap.formats.allowlist.check_entry`).
     """
+    allowed_globals = allowlist.checked(allowed_globals)
     with _ALLOWLIST_LOCK:
         present = set(torch.serialization.get_safe_globals())
         new = [g for g in dict.fromkeys(allowed_globals) if g not in present]
@@ -189,24 +197,48 @@ def load_pickle(
         map_location: as for `torch.load`.
         weights_only: False unpickles without restrictions (warns `UnsafeLoadWarning`).
             ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` turns it back to True, as for `torch.load`.
-        allowed_globals: extra objects the safe unpickler may use.
+        allowed_globals: objects the safe unpickler may use besides torch's list and
+            `ckptmap.formats.allowlist.DEFAULT` (classes or functions, or ``(object,
+            "module.name")`` pairs); each is checked by `allowlist.check_entry`.
         mmap: map zip checkpoints instead of reading them (None: yes). Legacy and plain
             pickles can not be mapped; they are read, with one log line.
 
     Raises:
-        UnsafeCheckpointError: the pickle needs globals outside the allowlist.
+        UnsafeCheckpointError: the pickle needs globals outside the allowlist, or uses the
+            allowed ones in a way no real writer does.
+        UnsafeAllowlistError: an `allowed_globals` entry that can run code (before any read).
         CorruptCheckpointError: the file is truncated or damaged.
     """
-    allowed = tuple(allowed_globals)
-    path = sniffed.path
+    # Checked before anything is read; DEFAULT is always part of what the unpickler gets.
+    given = allowed_globals if isinstance(allowed_globals, (str, bytes)) else tuple(allowed_globals)
+    allowed = allowlist.with_default(given)
+    explicit = [entry[0] if isinstance(entry, tuple) else entry for entry in given]
     if not weights_only and _env_forces_weights_only():
         weights_only = True
+    with recipes_made() as made, explicitly_allowed(explicit):
+        loaded = _load_any(sniffed, map_location, weights_only, allowed, mmap)
+    if not made:
+        return loaded
+    try:
+        return resolve(loaded)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(sniffed.path, [], reason=str(err)) from None
+
+
+def _load_any(
+    sniffed: Sniffed,
+    map_location: Any,
+    weights_only: bool,
+    allowed: tuple[AllowedGlobal, ...],
+    mmap: bool | None,
+) -> Any:
+    path = sniffed.path
     if not weights_only:
         warnings.warn(
             f"ckptmap: unpickling {path!r} with weights_only=False: a malicious file can run "
             "any code now. Prefer allowed_globals=[...] with the classes it needs.",
             UnsafeLoadWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     if sniffed.format is Format.PICKLE:
         if mmap:
@@ -461,8 +493,14 @@ def dangerous_globals(names: Iterable[str]) -> list[str]:
 
 
 def _not_allowed(found: Iterable[str], allowed: tuple[AllowedGlobal, ...]) -> list[str]:
+    found = set(found)
     ok = _allowed_names(allowed)
-    return sorted(g for g in found if g not in ok or g.split(".", 1)[0] in _BLOCKED_MODULES)
+    needed = {g for g in found if g not in ok or g.split(".", 1)[0] in _BLOCKED_MODULES}
+    # The default allowlist's getattr answers HistoryBuffer's methods only: a getattr in a
+    # pickle without a HistoryBuffer reaches for something else.
+    if "builtins.getattr" in found and HISTORY_BUFFER not in found:
+        needed.add("builtins.getattr")
+    return sorted(needed)
 
 
 def _allowed_names(allowed: tuple[AllowedGlobal, ...]) -> set[str]:

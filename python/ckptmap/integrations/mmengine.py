@@ -13,13 +13,20 @@ mmengine holds them — `mmengine.runner`, the Runner module, hooks — and rout
 `mmengine.runner.CheckpointLoader` to ckptmap's registry. Schemes the project registered on
 mmengine's `CheckpointLoader`, before or after the patch, keep working: they are registered
 with ckptmap too. Messages keep mmengine's flat format.
+
+Checkpoints the Runner wrote load with the default allowlist (numpy values, `HistoryBuffer`s:
+``load_from=`` and ``resume=True`` just work). A project whose checkpoints hold other classes
+passes them once: ``patch(allowed_globals=[MyMeta])``; errors under the patch name that argument.
+Model wrappers in mmengine's ``MODEL_WRAPPERS`` registry and ``BaseTTAModel`` are unwrapped as
+mmengine unwraps them (`ckptmap.wrappers`).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +37,24 @@ _lock = threading.RLock()
 # (owner, attribute, previous value) for every change, in the order made.
 _undo: list[tuple[Any, str, Any]] = []
 _saved_registry: tuple[Any, Any] | None = None
+# What patch(allowed_globals=...) added for every patched load.
+_allowed: tuple[Any, ...] = ()
+
+
+def _loading(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` with patch()'s allowed globals, its errors advising patch(allowed_globals=...)."""
+    from ckptmap.errors import UnsafeCheckpointError
+    from ckptmap.formats import allowlist
+
+    @functools.wraps(func)
+    def load(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with allowlist.extended(_allowed):
+                return func(*args, **kwargs)
+        except UnsafeCheckpointError as err:
+            raise err.with_advice_for("mmengine") from None
+
+    return load
 
 
 def _replacements() -> dict[str, Callable[..., Any]]:
@@ -62,12 +87,18 @@ def _replacements() -> dict[str, Callable[..., Any]]:
             model, filename, map_location, strict, logger, revise_keys, report="flat"
         )
 
+    def _load_checkpoint(filename: Any, map_location: Any = None, logger: Any = None):
+        return checkpoint._load_checkpoint(filename, map_location, logger)
+
+    def _load_checkpoint_with_prefix(prefix: Any, filename: Any, map_location: Any = None):
+        return checkpoint._load_checkpoint_with_prefix(prefix, filename, map_location)
+
     return {
         "load_state_dict": load_state_dict,
-        "load_checkpoint": load_checkpoint,
+        "load_checkpoint": _loading(load_checkpoint),
         "_load_checkpoint_to_model": _load_checkpoint_to_model,
-        "_load_checkpoint": checkpoint._load_checkpoint,
-        "_load_checkpoint_with_prefix": checkpoint._load_checkpoint_with_prefix,
+        "_load_checkpoint": _loading(_load_checkpoint),
+        "_load_checkpoint_with_prefix": _loading(_load_checkpoint_with_prefix),
         "save_checkpoint": save.save_checkpoint,
         "get_state_dict": save.get_state_dict,
         "weights_to_cpu": save.weights_to_cpu,
@@ -112,18 +143,29 @@ def _route_checkpoint_loader(mm_loader: type) -> None:
 
     _set(mm_loader, "_register_scheme", classmethod(_register_scheme))
     _set(mm_loader, "_get_checkpoint_loader", classmethod(_get_checkpoint_loader))
-    _set(mm_loader, "load_checkpoint", classmethod(load_checkpoint))
+    _set(mm_loader, "load_checkpoint", classmethod(_loading(load_checkpoint)))
 
 
-def patch() -> None:
+def patch(allowed_globals: Iterable[Any] = ()) -> None:
     """Routes mmengine's checkpoint functions and `CheckpointLoader` through ckptmap.
 
-    Idempotent; `unpatch()` undoes it.
+    Idempotent (a second call only replaces `allowed_globals`); `unpatch()` undoes it.
+
+    Args:
+        allowed_globals: objects (classes, functions) that pickle checkpoints loaded through
+            the patched functions may use besides the default allowlist, which already covers
+            everything mmengine's Runner writes. Checked at once (`UnsafeAllowlistError`).
 
     Raises:
         ImportError: mmengine is not installed.
+        UnsafeAllowlistError: an `allowed_globals` entry that can run code.
     """
+    global _allowed
+    from ckptmap.formats import allowlist
+
+    given = allowlist.checked(allowed_globals)
     with _lock:
+        _allowed = given
         if _undo:
             return
         import importlib
@@ -149,7 +191,8 @@ def patch() -> None:
 
 
 def _restore() -> None:
-    global _saved_registry
+    global _saved_registry, _allowed
+    _allowed = ()
     while _undo:
         owner, name, previous = _undo.pop()
         setattr(owner, name, previous)

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from ckptmap._core import __version__
 from ckptmap.errors import SaveArgumentError, SaveArgumentTypeError
-from ckptmap.module_load import unwrap_model
+from ckptmap.wrappers import is_model_wrapper, unwrap_model
 from ckptmap.save.state import get_state_dict, weights_to_cpu
 
 __all__ = ["SaveCall", "bind_arguments", "mmcv_checkpoint"]
@@ -68,7 +68,7 @@ def bind_arguments(checkpoint: Any, args: tuple[Any, ...], kwargs: dict[str, Any
         SaveArgumentTypeError: arguments the form does not take (a TypeError).
         SaveArgumentError: both ``file_client_args`` and ``backend_args`` (a ValueError).
     """
-    mmcv_form = isinstance(checkpoint, nn.Module)
+    mmcv_form = isinstance(checkpoint, nn.Module) or is_model_wrapper(checkpoint)
     form = _mmcv_form if mmcv_form else _engine_form
     try:
         options = _SIGNATURES[form].bind(*args, **kwargs).arguments

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ckptmap.errors import StateDictHookError
-from ckptmap.module_load import unwrap_model
+from ckptmap.wrappers import unwrap_model
 
 __all__ = ["get_state_dict", "weights_to_cpu"]
 

@@ -14,11 +14,12 @@ def read_checkpoint_file(path: str | os.PathLike[str], map_location: Any = None)
     """Reads a checkpoint file (local, or already downloaded into the cache).
 
     Every scheme ends here, so format sniffing and safe loading (`ckptmap.formats.load_file`)
-    apply to downloads exactly as to local files.
+    apply to downloads exactly as to local files; the ``allowed_globals`` of the enclosing
+    `CheckpointLoader.load_checkpoint` call (`ckptmap.formats.allowlist.extended`) apply too.
     """
-    from ckptmap.formats import load_file
+    from ckptmap.formats import allowlist, load_file
 
-    return load_file(os.fspath(path), map_location)
+    return load_file(os.fspath(path), map_location, allowed_globals=allowlist.extended_globals())
 
 
 @CheckpointLoader.register_scheme(prefixes="")

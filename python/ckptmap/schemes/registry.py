@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ckptmap.errors import (
@@ -148,6 +148,8 @@ class CheckpointLoader:
         filename: str | os.PathLike[str],
         map_location: Any = None,
         logger: Any = None,
+        *,
+        allowed_globals: Iterable[Any] = (),
     ) -> Any:
         """Loads a checkpoint from a local path or any registered URI.
 
@@ -157,11 +159,24 @@ class CheckpointLoader:
             map_location: as for `torch.load`.
             logger: where the "Loads checkpoint by ..." line goes: a `logging.Logger`, a
                 logger name, None or ``"current"`` for the ``ckptmap`` logger, ``"silent"``.
+            allowed_globals: objects a pickle checkpoint may use besides the default allowlist
+                (`ckptmap.formats.allowlist`); reaches the file through every scheme.
 
         Returns:
             The checkpoint, usually a dict.
+
+        Raises:
+            UnsafeAllowlistError: an `allowed_globals` entry that can run code (nothing is
+                fetched then).
         """
+        from ckptmap.formats import allowlist
+
         path = filename if isinstance(filename, str) else os.fspath(filename)
+        with allowlist.extended(allowed_globals):
+            return cls._load(path, map_location, logger)
+
+    @classmethod
+    def _load(cls, path: str, map_location: Any, logger: Any) -> Any:
         loader = cls._get_checkpoint_loader(path)
         cls.log_backend(path, loader, logger)
         return loader(path, map_location)
