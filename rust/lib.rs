@@ -9,6 +9,7 @@ pub mod header;
 pub mod index;
 pub mod pattern;
 pub mod rules;
+pub mod suggest;
 pub mod template;
 
 #[cfg(feature = "python")]

@@ -5,6 +5,7 @@ mod errors;
 mod header;
 mod index;
 mod rules;
+mod suggest;
 
 use pyo3::prelude::*;
 
@@ -19,6 +20,8 @@ mod _core {
     use super::index::{diff_keys, filter_prefix_keys, find_collisions, group_by_owner};
     #[pymodule_export]
     use super::rules::KeyRules;
+    #[pymodule_export]
+    use super::suggest::suggest_rules;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
