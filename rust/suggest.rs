@@ -205,10 +205,24 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
     let tgt_names: Vec<&str> = target.iter().map(|e| e.name).collect();
     let src = Side::new(&src_names, src_sig);
     let tgt = Side::new(&tgt_names, tgt_sig);
-    let found = matching::accept(&src, &tgt, matching::candidates(&src, &tgt));
+    let debug = std::env::var_os("CKPTMAP_SUGGEST_DEBUG").is_some();
+    let clock = std::time::Instant::now();
+    let cands = matching::candidates(&src, &tgt);
+    if debug {
+        eprintln!("candidates {} in {:?}", cands.len(), clock.elapsed());
+    }
+    let found = matching::accept(&src, &tgt, cands);
+    if debug {
+        eprintln!("accepted {} in {:?}", found.accepted.len(), clock.elapsed());
+    }
     let spelling = Spelling::for_keys(&src_names);
     let accepted = &found.accepted;
-    let tgt_set: HashSet<&str> = tgt_names.iter().copied().collect();
+    let tgt_index: HashMap<&str, usize> = tgt_names
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (n, i))
+        .rev()
+        .collect();
     let mut levels: Vec<Option<Level>> = vec![Some(Level::Local); accepted.len()];
     let bump = |levels: &mut [Option<Level>], id: u32| {
         let l = &mut levels[id as usize];
@@ -249,9 +263,18 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
             }
         };
         let revised = compiled.apply(&src_names);
+        // A key that no mapping claims may stay as it is, or land on no model key, or on a
+        // model key of another shape that nothing else claims (the load reports the mismatch;
+        // nothing is loaded into it).
         let lands_right = |s: usize, revised: &str| match intended(&levels, s) {
             Some((_, t)) => revised == tgt_names[t as usize],
-            None => revised == src_names[s] || !tgt_set.contains(revised),
+            None => {
+                revised == src_names[s]
+                    || tgt_index.get(revised).map_or(true, |&t| {
+                        src.sig[s] != tgt.sig[t]
+                            && !matches!(found.target[t], Claim::Mapped { mapping, .. } if levels[mapping as usize].is_some())
+                    })
+            }
         };
         let wrong: Vec<usize> = (0..src_names.len())
             .filter(|&s| !lands_right(s, &revised[s]))
@@ -270,6 +293,9 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
         }
     };
     let (compiled, rules) = compiled;
+    if debug {
+        eprintln!("rules {} in {:?}", rules.len(), clock.elapsed());
+    }
     let mapped: Vec<u32> = (0..src_names.len() as u32)
         .filter(|&s| intended(&levels, s as usize).is_some())
         .collect();

@@ -37,6 +37,7 @@ from ckptmap.prefix import filter_prefix
 from ckptmap.report import LoadResult, Mismatch, fold_keys, format_report
 from ckptmap.revise import Collision, Revised, revise_keys
 from ckptmap.save import get_state_dict, save_checkpoint, weights_to_cpu
+from ckptmap.suggest import SuggestResult, suggest_rules
 from ckptmap.schemes import (
     CheckpointLoader,
     get_deprecated_model_names,
@@ -66,6 +67,7 @@ __all__ = [
     "LoadResult",
     "Mismatch",
     "Revised",
+    "SuggestResult",
     "__version__",
     "_load_checkpoint",
     "_load_checkpoint_to_model",
@@ -109,6 +111,7 @@ __all__ = [
     "revise_keys",
     "rotate_checkpoints",
     "save_checkpoint",
+    "suggest_rules",
     "unwrap_model",
     "weights_to_cpu",
     "write_last_checkpoint",

@@ -320,19 +320,31 @@ def _plan_check(source: Shapes, expected: Shapes, rules: Sequence[tuple[str, str
 
 
 def _verify(
-    names: Sequence[str],
+    source: Shapes,
     intended: Mapping[int, str],
     rules: Sequence[tuple[str, str]],
     model: Shapes,
-) -> None:
-    """Applies `rules` by `KeyRules` and checks that every key in `intended` lands on its model
-    key and no other key lands on a model key it was not meant for."""
-    revised = KeyRules(rules).apply(names) if rules else list(names)
+) -> list[str]:
+    """Applies `rules` by `KeyRules`; checks that every key in `intended` (checkpoint position
+    -> model key) lands on its model key, and that no other key lands on a model key that is
+    intended for another or has its shape and dtype (that would load it unchecked).
+
+    Returns:
+        The revised checkpoint keys.
+    """
+    names = list(source)
+    revised = KeyRules(rules).apply(names) if rules else names
+    taken = set(intended.values())
     wrong = [
         (names[i], revised[i], intended.get(i))
         for i in range(len(names))
         if (i in intended and revised[i] != intended[i])
-        or (i not in intended and revised[i] != names[i] and revised[i] in model)
+        or (
+            i not in intended
+            and revised[i] != names[i]
+            and revised[i] in model
+            and (revised[i] in taken or model[revised[i]] == source[names[i]])
+        )
     ]
     if wrong:
         shown = "; ".join(f"{a} -> {b} (meant {c})" for a, b, c in wrong[:5])
@@ -340,6 +352,7 @@ def _verify(
             f"the suggested rules misroute {len(wrong)} key(s): {shown}. This is a bug in "
             "ckptmap's rule inference; please report it with the key lists."
         )
+    return revised
 
 
 # --- the entry point --------------------------------------------------------------------------
@@ -391,8 +404,7 @@ def suggest_rules(
     )
     rules = [(p, r) for p, r, _n, _ex in raw_rules]
     intended = {i: model_names[s_other[i]] for i, c in enumerate(s_codes) if c in b"ms"}
-    _verify(names, intended, rules, expected)
-    revised = KeyRules(rules).apply(names) if rules else names
+    revised = _verify(source, intended, rules, expected)
     mapping = {names[i]: model_names[s_other[i]] for i, c in enumerate(s_codes) if c == ord("m")}
     unmatched_ckpt: list[Unmatched] = []
     unmatched_model: list[Unmatched] = []

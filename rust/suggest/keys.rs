@@ -177,6 +177,8 @@ pub struct Side {
     pub sig: Vec<u32>,
     /// Per key: its slot values.
     pub tuples: Vec<Tuple>,
+    /// Per key: its parent module path (the key up to its last `.`), interned.
+    pub parent: Vec<u32>,
     pub families: Vec<Family>,
     /// `(family, tuple)` -> key position.
     index: HashMap<(u32, Tuple), u32>,
@@ -218,6 +220,16 @@ impl Side {
                 vals.dedup();
             }
         }
+        let mut parents: HashMap<&str, u32> = HashMap::new();
+        let parent = names
+            .iter()
+            .map(|name| {
+                let name = name.as_ref();
+                let path = name.rfind('.').map_or("", |i| &name[..i]);
+                let next = parents.len() as u32;
+                *parents.entry(path).or_insert(next)
+            })
+            .collect();
         let mut index = HashMap::with_capacity(names.len());
         for (pos, (&fam, tuple)) in family_of.iter().zip(&tuples).enumerate() {
             // A key listed twice resolves to its first position.
@@ -226,6 +238,7 @@ impl Side {
         Self {
             sig,
             tuples,
+            parent,
             families,
             index,
         }

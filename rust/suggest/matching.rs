@@ -17,6 +17,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -96,10 +97,23 @@ pub struct Mapping {
     pub natural: u32,
 }
 
+/// A candidate's standing, compared in order: keys sent onto a model key of the same shape
+/// and dtype; of those, keys whose module is already known to map to the target's module (a
+/// sibling tensor was accepted there); name likeness; naturalness of the slot assignment.
+type Score = (u32, u32, u32, u32);
+
 impl Mapping {
-    fn score(&self, matched: usize) -> u64 {
-        ((matched as u64) << 24) | (u64::from(self.sim.min(0xfff)) << 12) | u64::from(self.natural.min(0xfff))
+    fn score(&self, matched: usize, consistent: usize) -> Score {
+        (matched as u32, consistent as u32, self.sim, self.natural)
     }
+}
+
+/// Module paths known to map: per source parent, the target parent, or a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parent {
+    Unknown,
+    Is(u32),
+    Conflict,
 }
 
 /// Every slot assignment: per target slot, a distinct source slot or none.
@@ -139,6 +153,51 @@ fn assignments(
         cur.pop();
         used[i] = false;
     }
+}
+
+/// Part of a family: its keys, the values of its split slots, per slot the distinct values,
+/// and the distinct signatures.
+struct Part {
+    fixed: Vec<u64>,
+    keys: Vec<u32>,
+    values: Vec<Vec<u64>>,
+    sigs: Vec<u32>,
+}
+
+/// Splits `family`'s keys by their values at `slots` (`None`: too many parts).
+fn parts(side: &Side, family: &Family, slots: &[usize]) -> Option<Vec<Part>> {
+    let groups = split(side, &family.keys, slots)?;
+    Some(
+        groups
+            .into_iter()
+            .map(|(fixed, keys)| {
+                let values = (0..family.skel.nslots)
+                    .map(|slot| distinct(side, &keys, slot))
+                    .collect();
+                let mut sigs: Vec<u32> = keys.iter().map(|&k| side.sig[k as usize]).collect();
+                sigs.sort_unstable();
+                sigs.dedup();
+                Part {
+                    fixed,
+                    keys,
+                    values,
+                    sigs,
+                }
+            })
+            .collect(),
+    )
+}
+
+fn share_any(a: &[u32], b: &[u32]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
 }
 
 /// Groups `keys` by their values at `slots`.
@@ -194,8 +253,37 @@ fn naturalness(links: &[Option<(u8, ValueMap)>]) -> u32 {
     score
 }
 
+/// Family parts, computed once per (family, split slots) and shared between threads.
+struct PartCache {
+    cells: Vec<OnceLock<Option<Vec<Part>>>>,
+}
+
+impl PartCache {
+    fn new(side: &Side) -> Self {
+        Self {
+            cells: (0..side.families.len() << MAX_SLOTS)
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    fn get(&self, side: &Side, family: u32, slots: &[usize]) -> Option<&[Part]> {
+        let mask: usize = slots.iter().map(|&s| 1 << s).sum();
+        self.cells[((family as usize) << MAX_SLOTS) | mask]
+            .get_or_init(|| parts(side, &side.families[family as usize], slots))
+            .as_deref()
+    }
+}
+
 /// The candidates that map parts of source family `f` onto target family `g`.
-fn candidates_for(src: &Side, tgt: &Side, f: u32, g: u32, sim: u32) -> Vec<Mapping> {
+fn candidates_for(
+    src: &Side,
+    tgt: &Side,
+    caches: (&PartCache, &PartCache),
+    f: u32,
+    g: u32,
+    sim: u32,
+) -> Vec<Mapping> {
     let (sf, tg) = (&src.families[f as usize], &tgt.families[g as usize]);
     let mut all = Vec::new();
     assignments(
@@ -215,21 +303,24 @@ fn candidates_for(src: &Side, tgt: &Side, f: u32, g: u32, sim: u32) -> Vec<Mappi
             .filter(|&j| assign[j].is_none())
             .collect();
         let (Some(fparts), Some(gparts)) = (
-            split(src, &sf.keys, &unused),
-            split(tgt, &tg.keys, &consts),
+            caches.0.get(src, f, &unused),
+            caches.1.get(tgt, g, &consts),
         ) else {
             continue;
         };
-        for (fvals, fkeys) in &fparts {
-            for (gvals, gkeys) in &gparts {
+        for fpart in fparts {
+            for gpart in gparts {
+                if !share_any(&fpart.sigs, &gpart.sigs) {
+                    continue;
+                }
+                let (fvals, fkeys, gvals) = (&fpart.fixed, &fpart.keys, &gpart.fixed);
                 let links: Vec<Option<(u8, ValueMap)>> = assign
                     .iter()
                     .enumerate()
                     .map(|(j, a)| {
                         a.map(|i| {
-                            let from = distinct(src, fkeys, usize::from(i));
-                            let to = distinct(tgt, gkeys, j);
-                            (i, ValueMap::choose(&from, &to))
+                            let (from, to) = (&fpart.values[usize::from(i)], &gpart.values[j]);
+                            (i, ValueMap::choose(from, to))
                         })
                     })
                     .collect();
@@ -291,6 +382,7 @@ pub fn candidates(src: &Side, tgt: &Side) -> Vec<Mapping> {
             by_sig.entry(s).or_default().push(g as u32);
         }
     }
+    let caches = (&PartCache::new(src), &PartCache::new(tgt));
     let found: Vec<Vec<Mapping>> = (0..src.families.len() as u32)
         .into_par_iter()
         .map(|f| {
@@ -312,7 +404,7 @@ pub fn candidates(src: &Side, tgt: &Side) -> Vec<Mapping> {
             scored.truncate(MAX_TARGET_FAMILIES);
             scored
                 .into_iter()
-                .flat_map(|(sim, g)| candidates_for(src, tgt, f, g, sim))
+                .flat_map(|(sim, g)| candidates_for(src, tgt, caches, f, g, sim))
                 .collect()
         })
         .collect();
@@ -350,15 +442,17 @@ pub enum Claim {
 /// The best score at a key and the best score of a candidate that maps it elsewhere.
 #[derive(Debug, Clone, Copy, Default)]
 struct Top {
-    best: u64,
+    best: Score,
     best_to: u32,
-    second: u64,
+    second: Score,
     second_to: u32,
 }
 
+const NONE: Score = (0, 0, 0, 0);
+
 impl Top {
-    fn add(&mut self, score: u64, to: u32) {
-        if self.best == 0 {
+    fn add(&mut self, score: Score, to: u32) {
+        if self.best == NONE {
             (self.best, self.best_to) = (score, to);
         } else if to == self.best_to {
             self.best = self.best.max(score);
@@ -370,7 +464,7 @@ impl Top {
         }
     }
 
-    fn clear_win(&self, score: u64, to: u32) -> bool {
+    fn clear_win(&self, score: Score, to: u32) -> bool {
         self.best == score && self.best_to == to && self.second < score
     }
 }
@@ -389,6 +483,8 @@ pub fn accept(src: &Side, tgt: &Side, mut cands: Vec<Mapping>) -> Matching {
     let mut accepted: Vec<Mapping> = Vec::new();
     let mut src_top = vec![Top::default(); src.len()];
     let mut tgt_top = vec![Top::default(); tgt.len()];
+    let parents = src.parent.iter().max().map_or(0, |&p| p as usize + 1);
+    let mut parent_map = vec![Parent::Unknown; parents];
     loop {
         src_top.fill(Top::default());
         tgt_top.fill(Top::default());
@@ -403,9 +499,20 @@ pub fn accept(src: &Side, tgt: &Side, mut cands: Vec<Mapping>) -> Matching {
             let matched = c.pairs.iter().filter(|p| p.2).count();
             matched > 0 && matched > c.pairs.len() - matched
         });
-        let scores: Vec<u64> = cands
+        let scores: Vec<Score> = cands
             .iter()
-            .map(|c| c.score(c.pairs.iter().filter(|p| p.2).count()))
+            .map(|c| {
+                let matched = c.pairs.iter().filter(|p| p.2).count();
+                let consistent = c
+                    .pairs
+                    .iter()
+                    .filter(|p| {
+                        p.2 && parent_map[src.parent[p.0 as usize] as usize]
+                            == Parent::Is(tgt.parent[p.1 as usize])
+                    })
+                    .count();
+                c.score(matched, consistent)
+            })
             .collect();
         for (c, &score) in cands.iter().zip(&scores) {
             for &(s, t, _) in &c.pairs {
@@ -433,6 +540,13 @@ pub fn accept(src: &Side, tgt: &Side, mut cands: Vec<Mapping>) -> Matching {
                     src_claim[s as usize] = Some((id, t, same));
                     tgt_claim[t as usize] = Some((id, s, same));
                     any = true;
+                    let (ps, pt) = (src.parent[s as usize], tgt.parent[t as usize]);
+                    let known = &mut parent_map[ps as usize];
+                    *known = match *known {
+                        Parent::Unknown => Parent::Is(pt),
+                        Parent::Is(p) if p == pt => Parent::Is(pt),
+                        _ => Parent::Conflict,
+                    };
                 }
             }
             if any {
@@ -450,8 +564,8 @@ pub fn accept(src: &Side, tgt: &Side, mut cands: Vec<Mapping>) -> Matching {
                     other: *other,
                     same: *same,
                 },
-                None if t.best == 0 => Claim::NoCandidate,
-                None if t.second > 0 => Claim::Ambiguous(vec![t.best_to, t.second_to]),
+                None if t.best == NONE => Claim::NoCandidate,
+                None if t.second != NONE => Claim::Ambiguous(vec![t.best_to, t.second_to]),
                 None => Claim::Ambiguous(vec![t.best_to]),
             })
             .collect()
