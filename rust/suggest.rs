@@ -200,13 +200,16 @@ fn blame(
 
 /// Infers the rules that rename `source` (a checkpoint) onto `target` (a model).
 pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
+    let debug = std::env::var_os("CKPTMAP_SUGGEST_DEBUG").is_some();
+    let clock = std::time::Instant::now();
     let (src_sig, tgt_sig) = signatures(source, target);
     let src_names: Vec<&str> = source.iter().map(|e| e.name).collect();
     let tgt_names: Vec<&str> = target.iter().map(|e| e.name).collect();
     let src = Side::new(&src_names, src_sig);
     let tgt = Side::new(&tgt_names, tgt_sig);
-    let debug = std::env::var_os("CKPTMAP_SUGGEST_DEBUG").is_some();
-    let clock = std::time::Instant::now();
+    if debug {
+        eprintln!("sides in {:?}", clock.elapsed());
+    }
     let cands = matching::candidates(&src, &tgt);
     if debug {
         eprintln!("candidates {} in {:?}", cands.len(), clock.elapsed());
@@ -253,6 +256,9 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
                 continue;
             }
         };
+        if debug {
+            eprintln!("built {} rules in {:?}", rules.len(), clock.elapsed());
+        }
         let compiled = match Compiled::new(&rules) {
             Ok(c) => c,
             Err(rule) => {
@@ -279,6 +285,9 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
         let wrong: Vec<usize> = (0..src_names.len())
             .filter(|&s| !lands_right(s, &revised[s]))
             .collect();
+        if debug {
+            eprintln!("checked, {} wrong, in {:?}", wrong.len(), clock.elapsed());
+        }
         if wrong.is_empty() {
             break (compiled, rules);
         }

@@ -18,6 +18,7 @@ __all__ = [
     "filter_prefix_keys",
     "find_collisions",
     "group_by_owner",
+    "suggest_rules",
 ]
 __version__: str
 #: Every `SafetensorsHeaderError.kind`, in the core's order.
@@ -83,6 +84,25 @@ def diff_keys(source: Sequence[str], expected: Sequence[str]) -> tuple[list[str]
 
 def find_collisions(keys: Sequence[str]) -> list[list[int]]:
     """Positions of repeated keys: one ascending list per repeated key, by first occurrence."""
+
+# --- rule inference ---
+
+_Statuses = tuple[bytes, list[int], dict[int, list[int]]]
+
+def suggest_rules(
+    source: Iterable[tuple[str, Sequence[int] | None, str | None]],
+    target: Iterable[tuple[str, Sequence[int] | None, str | None]],
+) -> tuple[list[tuple[str, str, int, list[int]]], _Statuses, _Statuses]:
+    """Infers `(pattern, replacement)` rules, applied in order as `re.sub`, that rename the
+    `source` keys (a checkpoint's) onto the `target` keys (a model's).
+
+    Each side is an iterable of `(name, shape, dtype)`; `shape` and `dtype` may be None for
+    entries that are not tensors. Returns `(rules, source, target)`: `rules` a list of
+    `(pattern, replacement, keys, examples)`, `source` and `target` the statuses of each
+    side's keys as `(codes, others, candidates)`: one byte per key (`m` mapped, `s` shape
+    differs, `a` ambiguous, `n` no candidate, `c` conflict), the counterpart's position (-1 if
+    none) and, for ambiguous keys, the candidates' positions.
+    """
 
 # --- safetensors header ---
 

@@ -294,8 +294,23 @@ fn candidates_for(
         &mut Vec::new(),
         &mut all,
     );
+    // Most natural first (as if every value map were the identity): once an assignment maps
+    // the whole family, less natural ones can only lose, so they are not tried.
+    let prior = |assign: &Vec<Option<u8>>| {
+        let links: Vec<Option<(u8, ValueMap)>> = assign
+            .iter()
+            .map(|a| a.map(|i| (i, ValueMap::Identity)))
+            .collect();
+        naturalness(&links)
+    };
+    all.sort_by_cached_key(|a| std::cmp::Reverse(prior(a)));
     let mut out = Vec::new();
+    let mut done_below = None;
     for assign in all {
+        let p = prior(&assign);
+        if done_below.is_some_and(|d| p < d) {
+            break;
+        }
         let unused: Vec<usize> = (0..sf.skel.nslots)
             .filter(|i| !assign.contains(&Some(*i as u8)))
             .collect();
@@ -347,6 +362,9 @@ fn candidates_for(
                 let matched = pairs.iter().filter(|p| p.2).count();
                 if matched == 0 || matched <= pairs.len() - matched {
                     continue;
+                }
+                if matched == sf.keys.len() {
+                    done_below = Some(p);
                 }
                 out.push(Mapping {
                     src_family: f,

@@ -38,29 +38,25 @@ fn module_prefix() {
 
 #[test]
 #[ignore]
-fn profile_resnet_like() {
+fn profile_million() {
     let mut src_names = Vec::new();
     let mut tgt_names = Vec::new();
     let mut shapes: Vec<Vec<u64>> = Vec::new();
-    for (l, blocks) in [3, 4, 6, 3].iter().enumerate() {
-        for b in 0..*blocks {
-            for n in 1..=3 {
-                for leaf in ["weight", "bias", "running_mean", "running_var"] {
-                    src_names.push(format!("backbone.stages.{l}.blocks.{b}.norm{n}.{leaf}"));
-                    tgt_names.push(format!("layer{}.{b}.bn{n}.{leaf}", l + 1));
-                    shapes.push(vec![64 << l << (n / 3 * 2)]);
+    'outer: for n in 0..64 {
+        for m in 0..5209 {
+            for k in 1..=3 {
+                src_names.push(format!("module.backbone.layers.{n}.experts.{m}.w{k}.weight"));
+                tgt_names.push(format!("backbone.layers.{n}.experts.{m}.w{k}.weight"));
+                shapes.push(if k == 2 { vec![32, 64] } else { vec![64, 32] });
+                if src_names.len() == 1_000_000 {
+                    break 'outer;
                 }
-                src_names.push(format!("backbone.stages.{l}.blocks.{b}.conv{n}.weight"));
-                tgt_names.push(format!("layer{}.{b}.conv{n}.weight", l + 1));
-                shapes.push(vec![64 << l, 64 << l, n as u64, 1]);
             }
         }
     }
     let src: Vec<Entry> = src_names.iter().zip(&shapes).map(|(n, s)| Entry { name: n, shape: Some(s), dtype: None }).collect();
     let tgt: Vec<Entry> = tgt_names.iter().zip(&shapes).map(|(n, s)| Entry { name: n, shape: Some(s), dtype: None }).collect();
     let t = std::time::Instant::now();
-    for _ in 0..20 {
-        suggest(&src, &tgt);
-    }
-    eprintln!("{:?}", t.elapsed() / 20);
+    let s = suggest(&src, &tgt);
+    eprintln!("{:?} {:?}", t.elapsed(), s.rules);
 }

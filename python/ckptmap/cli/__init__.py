@@ -18,6 +18,7 @@ from ckptmap.cli.demo import DEMO_RULES, add_demo_parser, synthetic_keys
 from ckptmap.cli.diff import add_diff_parser
 from ckptmap.cli.summary import add_inspect_parser
 from ckptmap.errors import UnsafeCheckpointError
+from ckptmap.suggest_cli import add_suggest_parser
 
 __all__ = ["DEMO_RULES", "build_parser", "main", "synthetic_keys"]
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_demo_parser,
         add_inspect_parser,
         add_diff_parser,
+        add_suggest_parser,
         add_convert_parser,
         add_bench_parser,
     )
