@@ -170,7 +170,11 @@ fn blame(
         let mut own: Vec<u32> = own_mapping(s).into_iter().collect();
         if own.is_empty() {
             // A key no mapping claims: every rule that moved it is suspect.
-            own.extend(fired.iter().flat_map(|&r| owners[r as usize].iter().copied()));
+            own.extend(
+                fired
+                    .iter()
+                    .flat_map(|&r| owners[r as usize].iter().copied()),
+            );
         }
         for m in own {
             *own_counts.entry(m).or_default() += 1;
@@ -200,24 +204,13 @@ fn blame(
 
 /// Infers the rules that rename `source` (a checkpoint) onto `target` (a model).
 pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
-    let debug = std::env::var_os("CKPTMAP_SUGGEST_DEBUG").is_some();
-    let clock = std::time::Instant::now();
     let (src_sig, tgt_sig) = signatures(source, target);
     let src_names: Vec<&str> = source.iter().map(|e| e.name).collect();
     let tgt_names: Vec<&str> = target.iter().map(|e| e.name).collect();
     let src = Side::new(&src_names, src_sig);
     let tgt = Side::new(&tgt_names, tgt_sig);
-    if debug {
-        eprintln!("sides in {:?}", clock.elapsed());
-    }
     let cands = matching::candidates(&src, &tgt);
-    if debug {
-        eprintln!("candidates {} in {:?}", cands.len(), clock.elapsed());
-    }
     let found = matching::accept(&src, &tgt, cands);
-    if debug {
-        eprintln!("accepted {} in {:?}", found.accepted.len(), clock.elapsed());
-    }
     let spelling = Spelling::for_keys(&src_names);
     let accepted = &found.accepted;
     let tgt_index: HashMap<&str, usize> = tgt_names
@@ -244,21 +237,12 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
         let (rules, owners) = match build(accepted, &levels, &src, &tgt, spelling) {
             Ok(built) => built,
             Err(bad) => {
-                if std::env::var_os("CKPTMAP_SUGGEST_DEBUG").is_some() {
-                    for &id in &bad {
-                        let m = &accepted[id as usize];
-                        eprintln!("build-bump {id} {:?} {} {} {:?}", levels[id as usize], src.families[m.src_family as usize].skel.render(&[0;5]), tgt.families[m.tgt_family as usize].skel.render(&[0;5]), emit::emit(m, &src, &tgt, levels[id as usize].unwrap(), spelling));
-                    }
-                }
                 for id in bad {
                     bump(&mut levels, id);
                 }
                 continue;
             }
         };
-        if debug {
-            eprintln!("built {} rules in {:?}", rules.len(), clock.elapsed());
-        }
         let compiled = match Compiled::new(&rules) {
             Ok(c) => c,
             Err(rule) => {
@@ -272,7 +256,8 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
         // A key that no mapping claims may stay as it is, or land on no model key, or on a
         // model key of another shape that nothing else claims (the load reports the mismatch;
         // nothing is loaded into it).
-        let lands_right = |s: usize, revised: &str| match intended(&levels, s) {
+        let lands_right = |s: usize, revised: &str| {
+            match intended(&levels, s) {
             Some((_, t)) => revised == tgt_names[t as usize],
             None => {
                 revised == src_names[s]
@@ -281,30 +266,20 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
                             && !matches!(found.target[t], Claim::Mapped { mapping, .. } if levels[mapping as usize].is_some())
                     })
             }
+        }
         };
         let wrong: Vec<usize> = (0..src_names.len())
             .filter(|&s| !lands_right(s, &revised[s]))
             .collect();
-        if debug {
-            eprintln!("checked, {} wrong, in {:?}", wrong.len(), clock.elapsed());
-        }
         if wrong.is_empty() {
             break (compiled, rules);
         }
         let own = |s: usize| intended(&levels, s).map(|(m, _)| m);
         for id in blame(&compiled, &owners, &wrong, &src_names, own, lands_right) {
-            if std::env::var_os("CKPTMAP_SUGGEST_DEBUG").is_some() {
-                let m = &accepted[id as usize];
-                eprintln!("bump {id} {:?} {} {} wrong {}: {:?}", levels[id as usize], src.families[m.src_family as usize].skel.render(&[0;5]), tgt.families[m.tgt_family as usize].skel.render(&[0;5]), wrong.len(), wrong.iter().take(3).map(|&s| (src_names[s], &revised[s])).collect::<Vec<_>>());
-                for (r, o) in rules.iter().zip(&owners) { eprintln!("   rule {:?} {:?}", r, o); }
-            }
             bump(&mut levels, id);
         }
     };
     let (compiled, rules) = compiled;
-    if debug {
-        eprintln!("rules {} in {:?}", rules.len(), clock.elapsed());
-    }
     let mapped: Vec<u32> = (0..src_names.len() as u32)
         .filter(|&s| intended(&levels, s as usize).is_some())
         .collect();

@@ -101,11 +101,7 @@ pub fn suggest_rules<'py>(
     py: Python<'py>,
     source: &Bound<'py, PyAny>,
     target: &Bound<'py, PyAny>,
-) -> PyResult<(
-    Bound<'py, PyList>,
-    Statuses<'py>,
-    Statuses<'py>,
-)> {
+) -> PyResult<(Bound<'py, PyList>, Statuses<'py>, Statuses<'py>)> {
     let source = Table::extract(source, "source")?;
     let target = Table::extract(target, "target")?;
     let found = py.detach(|| suggest::suggest(&source.entries(), &target.entries()));

@@ -140,7 +140,10 @@ impl<'a> Ctx<'a> {
             && x.iter().zip(y).all(|pair| match pair {
                 (Piece::Lit(p), Piece::Lit(q)) => p == q,
                 (Piece::Slot(i), Piece::Slot(j)) => {
-                    match (&self.src_roles[usize::from(*i)], &self.tgt_roles[usize::from(*j)]) {
+                    match (
+                        &self.src_roles[usize::from(*i)],
+                        &self.tgt_roles[usize::from(*j)],
+                    ) {
                         (Role::Linked(to, ValueMap::Identity), _) => to == j,
                         (Role::Const(v), Role::Const(w)) => v == w,
                         _ => false,
@@ -471,14 +474,17 @@ fn render(
             Piece::Lit(_) => None,
         })
         .collect();
-    let mut combos: Vec<Vec<u64>> = m
-        .pairs
-        .iter()
-        .map(|&(s, _, _)| {
-            let t = &src.tuples[s as usize];
-            renumbered.iter().map(|&i| t[usize::from(i)]).collect()
-        })
-        .collect();
+    let mut combos: Vec<Vec<u64>> = if renumbered.is_empty() {
+        vec![Vec::new()]
+    } else {
+        m.pairs
+            .iter()
+            .map(|&(s, _, _)| {
+                let t = &src.tuples[s as usize];
+                renumbered.iter().map(|&i| t[usize::from(i)]).collect()
+            })
+            .collect()
+    };
     combos.sort_unstable();
     combos.dedup();
     if combos.len() > MAX_EXPANSION {

@@ -95,6 +95,7 @@ impl Skeleton {
     }
 
     /// The key of this skeleton with these slot values.
+    #[cfg(test)]
     pub fn render(&self, values: &Tuple) -> String {
         let mut out = String::new();
         for (i, seg) in self.segments.iter().enumerate() {

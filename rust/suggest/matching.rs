@@ -46,10 +46,7 @@ impl ValueMap {
         match self {
             ValueMap::Identity => Some(v),
             ValueMap::Offset(d) => v.checked_add_signed(*d),
-            ValueMap::Table(t) => t
-                .binary_search_by_key(&v, |&(s, _)| s)
-                .ok()
-                .map(|i| t[i].1),
+            ValueMap::Table(t) => t.binary_search_by_key(&v, |&(s, _)| s).ok().map(|i| t[i].1),
         }
     }
 
@@ -220,7 +217,10 @@ fn split(side: &Side, keys: &[u32], slots: &[usize]) -> Option<Vec<(Vec<u64>, Ve
 }
 
 fn distinct(side: &Side, keys: &[u32], slot: usize) -> Vec<u64> {
-    let mut v: Vec<u64> = keys.iter().map(|&k| side.tuples[k as usize][slot]).collect();
+    let mut v: Vec<u64> = keys
+        .iter()
+        .map(|&k| side.tuples[k as usize][slot])
+        .collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -317,10 +317,9 @@ fn candidates_for(
         let consts: Vec<usize> = (0..tg.skel.nslots)
             .filter(|&j| assign[j].is_none())
             .collect();
-        let (Some(fparts), Some(gparts)) = (
-            caches.0.get(src, f, &unused),
-            caches.1.get(tgt, g, &consts),
-        ) else {
+        let (Some(fparts), Some(gparts)) =
+            (caches.0.get(src, f, &unused), caches.1.get(tgt, g, &consts))
+        else {
             continue;
         };
         for fpart in fparts {
@@ -355,7 +354,11 @@ fn candidates_for(
                     let to = tgt.find(g, &t)?;
                     Some((k, to, src.sig[k as usize] == tgt.sig[to as usize]))
                 };
-                if fkeys.len() > SAMPLE && !fkeys[..SAMPLE].iter().any(|&k| image(k).is_some_and(|p| p.2)) {
+                if fkeys.len() > SAMPLE
+                    && !fkeys[..SAMPLE]
+                        .iter()
+                        .any(|&k| image(k).is_some_and(|p| p.2))
+                {
                     continue;
                 }
                 let pairs: Vec<(u32, u32, bool)> = fkeys.iter().filter_map(|&k| image(k)).collect();
@@ -416,7 +419,12 @@ pub fn candidates(src: &Side, tgt: &Side) -> Vec<Mapping> {
                 .collect();
             let mut scored: Vec<(u32, u32)> = gs
                 .drain(..)
-                .map(|g| (similarity(&fam.skel.words, &tgt.families[g as usize].skel.words), g))
+                .map(|g| {
+                    (
+                        similarity(&fam.skel.words, &tgt.families[g as usize].skel.words),
+                        g,
+                    )
+                })
                 .collect();
             scored.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
             scored.truncate(MAX_TARGET_FAMILIES);
@@ -450,7 +458,11 @@ pub fn candidates(src: &Side, tgt: &Side) -> Vec<Mapping> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// Mapped by accepted mapping `mapping` onto the other side's key `other`.
-    Mapped { mapping: u32, other: u32, same: bool },
+    Mapped {
+        mapping: u32,
+        other: u32,
+        same: bool,
+    },
     /// Contested: these keys of the other side fit equally well (or are held by a rival).
     Ambiguous(Vec<u32>),
     /// Nothing on the other side fits.
@@ -633,7 +645,10 @@ mod tests {
     #[test]
     fn value_maps() {
         assert_eq!(ValueMap::choose(&[1, 2, 3], &[1, 2, 3]), ValueMap::Identity);
-        assert_eq!(ValueMap::choose(&[1, 2, 3, 4], &[0, 1, 2, 3]), ValueMap::Offset(-1));
+        assert_eq!(
+            ValueMap::choose(&[1, 2, 3, 4], &[0, 1, 2, 3]),
+            ValueMap::Offset(-1)
+        );
         assert_eq!(
             ValueMap::choose(&[0, 3], &[1, 2]),
             ValueMap::Table(vec![(0, 1), (3, 2)])
@@ -678,8 +693,18 @@ mod tests {
 
     #[test]
     fn split_families() {
-        let src = side(&[("b.0.down.0.w", 4), ("b.0.down.1.w", 1), ("b.1.down.0.w", 4), ("b.1.down.1.w", 1)]);
-        let tgt = side(&[("b.0.sc.conv.w", 4), ("b.0.sc.bn.w", 1), ("b.1.sc.conv.w", 4), ("b.1.sc.bn.w", 1)]);
+        let src = side(&[
+            ("b.0.down.0.w", 4),
+            ("b.0.down.1.w", 1),
+            ("b.1.down.0.w", 4),
+            ("b.1.down.1.w", 1),
+        ]);
+        let tgt = side(&[
+            ("b.0.sc.conv.w", 4),
+            ("b.0.sc.bn.w", 1),
+            ("b.1.sc.conv.w", 4),
+            ("b.1.sc.bn.w", 1),
+        ]);
         let m = run(&src, &tgt);
         assert_eq!(mapped(&m), vec![Some(0), Some(1), Some(2), Some(3)]);
     }

@@ -80,7 +80,9 @@ impl Compiled {
                 .collect()
         } else {
             let mut s = self.scratch();
-            keys.iter().map(|k| self.run(&mut s, k.as_ref(), None)).collect()
+            keys.iter()
+                .map(|k| self.run(&mut s, k.as_ref(), None))
+                .collect()
         }
     }
 

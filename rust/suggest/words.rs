@@ -17,7 +17,9 @@ const SYNONYMS: &[&[&str]] = &[
     &["downsample", "shortcut", "skip", "residual"],
     &["fc", "linear", "dense", "lin"],
     &["attn", "attention", "att"],
-    &["layer", "layers", "block", "blocks", "stage", "stages", "res"],
+    &[
+        "layer", "layers", "block", "blocks", "stage", "stages", "res",
+    ],
     &["head", "heads", "classifier", "logits"],
     &["embed", "embedding", "embeddings", "emb", "embeds"],
     &["pos", "position", "positional"],
