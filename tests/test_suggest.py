@@ -194,7 +194,9 @@ def test_result_to_json_round_trips() -> None:
     checkpoint = OrderedDict((rename(k), v) for k, v in model.state_dict().items())
     doc = json.loads(json.dumps(suggest_rules(checkpoint, model).to_json()))
     assert doc["coverage"] == doc["model_tensors"] == 152
-    assert [tuple(r) for r in doc["rules"]] == [(e["pattern"], e["replacement"]) for e in doc["evidence"]]
+    assert [tuple(r) for r in doc["rules"]] == [
+        (e["pattern"], e["replacement"]) for e in doc["evidence"]
+    ]
     assert doc["check"]["matched"] == 152
     assert doc["mapping"]["cls_token"] == "class_token"
 
@@ -250,7 +252,11 @@ def test_load_checkpoint_with_suggested_rules_end_to_end(tmp_path: Any) -> None:
 
 
 def test_gil_is_released_on_large_inputs() -> None:
-    source = [(f"module.layers.{i}.experts.{j}.w.weight", (4, 4), "float32") for i in range(40) for j in range(2000)]
+    source = [
+        (f"module.layers.{i}.experts.{j}.w.weight", (4, 4), "float32")
+        for i in range(40)
+        for j in range(2000)
+    ]
     target = [(k[len("module.") :], s, d) for k, s, d in source]
     assert ran_meanwhile(lambda: ckptmap._core.suggest_rules(source, target))
 
@@ -295,8 +301,9 @@ def renamings(draw: st.DrawFn) -> Callable[[str], str]:
     for kind in draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)):
         word = draw(st.sampled_from(WORDS))
         other = draw(st.sampled_from(["x" + w for w in WORDS]))
+        wrapper = draw(st.sampled_from(["module", "model", "backbone"]))
         if kind == 0:
-            steps.append(lambda k, p=draw(st.sampled_from(["module", "model", "backbone"])): f"{p}.{k}")
+            steps.append(lambda k, p=wrapper: f"{p}.{k}")
         elif kind == 1:  # rename a segment
             steps.append(lambda k, w=word, o=other: re.sub(rf"(^|\.){w}(\.|$)", rf"\g<1>{o}\2", k))
         elif kind == 2:  # nest an index: word.N -> word.stages.N

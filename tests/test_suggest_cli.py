@@ -65,7 +65,10 @@ def test_partial_coverage_exits_1(tmp_path: Any, capsys: Any) -> None:
 
 
 def test_errors_are_one_line(tmp_path: Any, capsys: Any) -> None:
-    assert main(["suggest", str(tmp_path / "missing.pth"), "--model", "torchvision.models:resnet18"]) == 2
+    assert (
+        main(["suggest", str(tmp_path / "missing.pth"), "--model", "torchvision.models:resnet18"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("ckptmap: error:") and err.count("\n") == 1
     assert main(["suggest", str(tmp_path / "x.pth"), "--model", "no_such_module_xyz:build"]) == 2

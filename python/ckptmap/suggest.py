@@ -176,7 +176,8 @@ class SuggestResult:
         `limit` lines."""
         lines = [f"rules ({len(self.rules)}):" if self.rules else "rules: none needed"]
         for i, e in enumerate(self.evidence, 1):
-            lines.append(f"  {i:>2}. {e.pattern!r} => {e.replacement!r}  [{e.keys:,} keys]")
+            count = f"{e.keys:,} key{'s' if e.keys != 1 else ''}"
+            lines.append(f"  {i:>2}. {_raw(e.pattern)} => {_raw(e.replacement)}  [{count}]")
             lines.extend(f"        {a} -> {b}" for a, b in e.examples[:1])
         pct = 100.0 * self.coverage_ratio
         lines.append(
@@ -451,4 +452,3 @@ def suggest_rules(
         ambiguities=ambiguities,
         check=_plan_check(source, expected, rules) if check else None,
     )
-
