@@ -82,6 +82,9 @@ fn signatures<'a>(source: &[Entry<'a>], target: &[Entry<'a>]) -> (Vec<u32>, Vec<
     )
 }
 
+/// Rules in order, and per rule the mappings that need it.
+type Built = (Vec<(String, String)>, Vec<Vec<u32>>);
+
 /// The rules of every live mapping at its level, deduplicated and ordered, with the mappings
 /// that need each; `Err` lists mappings whose rules can not be written or clash.
 fn build(
@@ -90,7 +93,7 @@ fn build(
     src: &Side,
     tgt: &Side,
     spelling: Spelling,
-) -> Result<(Vec<(String, String)>, Vec<Vec<u32>>), Vec<u32>> {
+) -> Result<Built, Vec<u32>> {
     let mut rules: Vec<(Emitted, Vec<u32>)> = Vec::new();
     let mut by_pattern: HashMap<String, usize> = HashMap::new();
     let mut bad: Vec<u32> = Vec::new();

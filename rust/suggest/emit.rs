@@ -435,7 +435,7 @@ pub fn emit(
             let outside = changes
                 .iter()
                 .all(|c| !(c.a0..c.a1).contains(&a) && !(c.b0..c.b1).contains(&b));
-            if !inside && !(outside && ctx.equal(a, b)) {
+            if !(inside || (outside && ctx.equal(a, b))) {
                 return None;
             }
         }
