@@ -37,7 +37,6 @@ from ckptmap.prefix import filter_prefix
 from ckptmap.report import LoadResult, Mismatch, fold_keys, format_report
 from ckptmap.revise import Collision, Revised, revise_keys
 from ckptmap.save import get_state_dict, save_checkpoint, weights_to_cpu
-from ckptmap.suggest import SuggestResult, suggest_rules
 from ckptmap.schemes import (
     CheckpointLoader,
     get_deprecated_model_names,
@@ -56,6 +55,7 @@ from ckptmap.schemes import (
     load_from_petrel,
     load_from_torchvision,
 )
+from ckptmap.suggest import SuggestResult, suggest_rules
 from ckptmap.wrappers import is_model_wrapper, register_model_wrapper, unwrap_model
 
 __all__ = [
