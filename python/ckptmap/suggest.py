@@ -6,7 +6,7 @@ shape (names only break ties), and each structural change becomes one compact ru
 is made only where nothing else fits as well: where two candidates fit equally, both stay
 unmapped and the result says so. The rules are then checked twice here: applied by `KeyRules`
 (each mapped key must land on its model key), and by planning the load with them
-(`_plan_check`, today `ckptmap.diff.diff_checkpoint`, the comparison ``ckptmap diff`` makes).
+(`_plan_check`, today `ckptmap.cli.diff.diff_checkpoint`, the comparison ``ckptmap diff`` makes).
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from torch import nn
 
 from ckptmap import _core
 from ckptmap._core import KeyRules
-from ckptmap.diff import DiffResult, Shapes, checkpoint_shapes, diff_checkpoint, model_shapes
+from ckptmap.cli.diff import (
+    DiffResult,
+    Shapes,
+    checkpoint_shapes,
+    diff_checkpoint,
+    model_shapes,
+)
 from ckptmap.errors import CkptmapError
 from ckptmap.report import fold_keys
 
@@ -268,7 +274,7 @@ def tensor_table(
 
     Args:
         checkpoint: a state dict (name -> tensor), a mapping name -> `(shape, dtype)` (as
-            `ckptmap.diff.checkpoint_shapes` returns), an object with ``names``, ``shapes``
+            `ckptmap.cli.diff.checkpoint_shapes` returns), an object with ``names``, ``shapes``
             and ``dtypes`` (such as `ckptmap.formats.safetensors.SafetensorsFile`), an
             `nn.Module` (its state dict), or a local path or URI.
         allowed_globals: extra pickle globals for pickled checkpoints.
@@ -280,14 +286,9 @@ def tensor_table(
         return model_shapes(checkpoint), None
     if isinstance(checkpoint, (str, os.PathLike)):
         path = os.fspath(checkpoint)
-        if "://" in path:
-            from ckptmap.checkpoint import _load_checkpoint, find_state_dict
-
-            loaded = _load_checkpoint(path, map_location="cpu")
-            return _from_mapping(find_state_dict(loaded, path).items()), path
-        shapes, _fmt, _header_only = checkpoint_shapes(
-            os.path.expanduser(path), allowed_globals=allowed_globals
-        )
+        # Local files and URIs alike, opened by `ckptmap.open_checkpoint` (headers only
+        # where the format allows).
+        shapes, _fmt, _header_only = checkpoint_shapes(path, allowed_globals=allowed_globals)
         return shapes, path
     if isinstance(checkpoint, Mapping):
         return _from_mapping(checkpoint.items()), None
@@ -389,7 +390,7 @@ def suggest_rules(
     Raises:
         TypeError: `checkpoint` or `model` is of no supported kind, or a key is not a str.
         SuggestionCheckError: the rules would not do what the inference meant (a bug).
-        The errors of reading the checkpoint (see `ckptmap.diff.checkpoint_shapes`).
+        The errors of reading the checkpoint (see `ckptmap.cli.diff.checkpoint_shapes`).
     """
     source, _where = tensor_table(checkpoint, allowed_globals=allowed_globals)
     if prefix:

@@ -32,7 +32,6 @@ def add_suggest_parser(subparsers: Any) -> Any:
     """Adds the ``suggest`` subcommand to `ckptmap`'s argument parser."""
     import argparse
 
-
     parser = subparsers.add_parser(
         "suggest",
         help="infer the revise_keys rules that load CKPT into a model",
