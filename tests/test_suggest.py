@@ -295,10 +295,12 @@ def structured_keys(draw: st.DrawFn) -> dict[str, tuple[int, ...]]:
 
 
 @st.composite
-def renamings(draw: st.DrawFn) -> Callable[[str], str]:
-    """A composition of structural renamings like the ones codebases differ by."""
+def renamings(draw: st.DrawFn) -> tuple[Callable[[str], str], bool]:
+    """A composition of structural renamings like the ones codebases differ by, and whether it
+    shifts an index."""
     steps: list[Callable[[str], str]] = []
-    for kind in draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)):
+    kinds = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
+    for kind in kinds:
         word = draw(st.sampled_from(WORDS))
         other = draw(st.sampled_from(["x" + w for w in WORDS]))
         wrapper = draw(st.sampled_from(["module", "model", "backbone"]))
@@ -324,13 +326,19 @@ def renamings(draw: st.DrawFn) -> Callable[[str], str]:
             key = step(key)
         return key
 
-    return rename
+    return rename, 4 in kinds
 
 
 @given(structured_keys(), renamings(), st.booleans())
 def test_property_every_mapping_made_is_correct(
-    keys: dict[str, tuple[int, ...]], rename: Callable[[str], str], drop_some: bool
+    keys: dict[str, tuple[int, ...]],
+    renaming: tuple[Callable[[str], str], bool],
+    drop_some: bool,
 ) -> None:
+    rename, shifts = renaming
+    # With an index shifted and some blocks dropped, the truth is not in the data: checkpoint
+    # `layer.1` (once `layer.0`) against model `layer.0` and `layer.1` reads as the identity.
+    assume(not (shifts and drop_some))
     model = OrderedDict((k, (shape, "float32")) for k, shape in keys.items())
     renamed = [rename(k) for k in keys]
     assume(len(set(renamed)) == len(renamed))

@@ -66,6 +66,7 @@ __all__ = [
     "ShardTensorMissingError",
     "StateDictHookError",
     "StateDictMismatchError",
+    "SuggestionCheckError",
     "TensorNotFoundError",
     "TorchScriptArchiveError",
     "UnexpectedContentError",
@@ -225,6 +226,10 @@ class PrefixNotFoundError(CkptmapError, ValueError, AssertionError):
             f"{prefix} is not in the pretrained model {source}: no key starts with "
             f"{prefix!r}. Its top-level names are {shown}; pass one of them as the prefix"
         )
+
+
+class SuggestionCheckError(CkptmapError, RuntimeError):
+    """Suggested key rules that do not do what the inference meant (a bug: please report it)."""
 
 
 class StateDictMismatchError(CkptmapError, RuntimeError):

@@ -29,7 +29,7 @@ from ckptmap.cli.diff import (
     diff_checkpoint,
     model_shapes,
 )
-from ckptmap.errors import CkptmapError
+from ckptmap.errors import SuggestionCheckError
 from ckptmap.report import fold_keys
 
 __all__ = [
@@ -50,10 +50,6 @@ _REASONS: dict[str, Reason] = {
     "n": "no candidate",
     "c": "rule conflict",
 }
-
-
-class SuggestionCheckError(CkptmapError, RuntimeError):
-    """The suggested rules did not do what the inference meant (a bug: please report it)."""
 
 
 class RuleEvidence(NamedTuple):
