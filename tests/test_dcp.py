@@ -800,7 +800,7 @@ def test_inspect_reads_only_the_metadata(
 
 
 def test_diff_against_a_model_reads_only_the_metadata(nested: Path, tmp_path: Path) -> None:
-    from ckptmap.cli.diff import checkpoint_shapes
+    from ckptmap.shapes import checkpoint_shapes
 
     copy = copy_dir(nested, tmp_path)
     for data in copy.glob("*.distcp"):

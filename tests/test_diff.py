@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 import ckptmap
+import ckptmap.shapes
 from ckptmap.cli import main
-from ckptmap.cli.diff import checkpoint_shapes, diff_checkpoint, parse_rule
+from ckptmap.cli.common import parse_rule
 from ckptmap.formats.safetensors import SafetensorsFile
+from ckptmap.shapes import checkpoint_shapes, diff_checkpoint
 
 MODELS = textwrap.dedent(
     """
@@ -208,7 +210,7 @@ def test_safetensors_header_only(tmp_path, monkeypatch, capsys):
 
 
 def test_diff_checkpoint_api_skips_num_batches_tracked():
-    source = ckptmap.cli.diff.model_shapes(_model())
+    source = ckptmap.shapes.model_shapes(_model())
     del source["1.num_batches_tracked"]
-    result = diff_checkpoint(source, ckptmap.cli.diff.model_shapes(_model()))
+    result = diff_checkpoint(source, ckptmap.shapes.model_shapes(_model()))
     assert result.match and result.matched == len(source)

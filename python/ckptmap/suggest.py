@@ -6,7 +6,7 @@ shape (names only break ties), and each structural change becomes one compact ru
 is made only where nothing else fits as well: where two candidates fit equally, both stay
 unmapped and the result says so. The rules are then checked twice here: applied by `KeyRules`
 (each mapped key must land on its model key), and by planning the load with them
-(`_plan_check`, today `ckptmap.cli.diff.diff_checkpoint`, the comparison ``ckptmap diff`` makes).
+(`_plan_check`: the load's own plan, `ckptmap.plan_load`, when the model is a module).
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from torch import nn
 
 from ckptmap import _core
 from ckptmap._core import KeyRules
-from ckptmap.cli.diff import (
+from ckptmap.errors import SuggestionCheckError
+from ckptmap.opened import Checkpoint
+from ckptmap.plan import plan_load
+from ckptmap.report import fold_keys
+from ckptmap.shapes import (
     DiffResult,
     Shapes,
     checkpoint_shapes,
     diff_checkpoint,
     model_shapes,
 )
-from ckptmap.errors import SuggestionCheckError
-from ckptmap.report import fold_keys
 
 __all__ = [
     "Ambiguity",
@@ -309,11 +311,22 @@ def _model_table(model: Any) -> Shapes:
 # --- the checks -------------------------------------------------------------------------------
 
 
-def _plan_check(source: Shapes, expected: Shapes, rules: Sequence[tuple[str, str]]) -> DiffResult:
-    """What loading `source` into `expected` with `rules` would report.
+def _plan_check(
+    source: Shapes, model: Any, expected: Shapes, rules: Sequence[tuple[str, str]]
+) -> DiffResult:
+    """What loading `source` into `model` with `rules` would report.
 
-    The one place that plans the load; it moves to ``ckptmap.plan_load`` when that exists.
+    Into a module: the load's own plan (`ckptmap.plan_load`, which runs the module walk, so
+    overrides of `_load_from_state_dict` count); against another checkpoint's table: the
+    key-level comparison ``ckptmap diff --against`` makes.
     """
+    if isinstance(model, nn.Module):
+        shapes: OrderedDict[str, Any] = OrderedDict(
+            (name, torch.empty(shape, dtype=getattr(torch, dtype), device="meta"))
+            for name, (shape, dtype) in source.items()
+            if shape is not None and dtype is not None
+        )
+        return DiffResult.from_plan(plan_load(Checkpoint.of(shapes), model, revise_keys=rules))
     return diff_checkpoint(source, expected, rules=KeyRules(rules) if rules else None)
 
 
@@ -447,5 +460,5 @@ def suggest_rules(
         unmatched_checkpoint=unmatched_ckpt,
         unmatched_model=unmatched_model,
         ambiguities=ambiguities,
-        check=_plan_check(source, expected, rules) if check else None,
+        check=_plan_check(source, model, expected, rules) if check else None,
     )

@@ -16,9 +16,9 @@ from ckptmap.cli.bench import add_bench_parser
 from ckptmap.cli.convert import add_convert_parser
 from ckptmap.cli.demo import DEMO_RULES, add_demo_parser, synthetic_keys
 from ckptmap.cli.diff import add_diff_parser
+from ckptmap.cli.suggest import add_suggest_parser
 from ckptmap.cli.summary import add_inspect_parser
 from ckptmap.errors import UnsafeCheckpointError
-from ckptmap.suggest_cli import add_suggest_parser
 
 __all__ = ["DEMO_RULES", "build_parser", "main", "synthetic_keys"]
 

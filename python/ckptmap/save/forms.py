@@ -22,8 +22,8 @@ from torch.optim import Optimizer
 
 from ckptmap._core import __version__
 from ckptmap.errors import SaveArgumentError, SaveArgumentTypeError
-from ckptmap.wrappers import is_model_wrapper, unwrap_model
 from ckptmap.save.state import get_state_dict, weights_to_cpu
+from ckptmap.wrappers import is_model_wrapper, unwrap_model
 
 __all__ = ["SaveCall", "bind_arguments", "mmcv_checkpoint"]
 
