@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from ckptmap.module_load import finish_load, load_into, with_collisions
-from ckptmap.opened import Checkpoint, find_state_dict, open_checkpoint
+from ckptmap.opened import Checkpoint, open_checkpoint
 from ckptmap.plan import DEFAULT_REVISE_KEYS, LoadPlan, plan_load, select_prefix
 from ckptmap.report import LoggerLike, ReportStyle
 from ckptmap.revise import RuleSpec, as_key_rules
 from ckptmap.revise import revise_keys as _revise_keys
 from ckptmap.schemes import CheckpointLoader
+from ckptmap.statedict import find_state_dict
 
 __all__ = [
     "DEFAULT_REVISE_KEYS",

@@ -28,18 +28,16 @@ from typing import Any
 
 import torch
 
-from ckptmap.errors import NoStateDictError, TorchScriptArchiveError
+from ckptmap.errors import TorchScriptArchiveError
 from ckptmap.formats import load_file
 from ckptmap.formats.safetensors import SafetensorsFile
 from ckptmap.formats.sharded import ShardedCheckpoint
 from ckptmap.formats.sniff import Format, sniff
 from ckptmap.report import LoggerLike
 from ckptmap.schemes import CheckpointLoader, load_from_local
+from ckptmap.statedict import find_state_dict
 
-__all__ = ["Checkpoint", "TensorEntry", "find_state_dict", "open_checkpoint", "walk_tensors"]
-
-#: Where `find_state_dict` looks for the weights, in order.
-STATE_DICT_KEYS = ("state_dict", "model")
+__all__ = ["Checkpoint", "TensorEntry", "open_checkpoint", "walk_tensors"]
 
 
 @dataclass(frozen=True)
@@ -67,34 +65,6 @@ class TensorEntry:
     def meta(self) -> torch.Tensor:
         """An empty tensor of this shape and dtype on the ``meta`` device (for dry runs)."""
         return torch.empty(self.shape, dtype=getattr(torch, self.dtype), device="meta")
-
-
-def find_state_dict(checkpoint: Any, source: str = "<checkpoint>") -> Mapping[str, Any]:
-    """The weights in a loaded checkpoint: under ``"state_dict"``, then ``"model"``, else all of it.
-
-    Args:
-        checkpoint: what `torch.load` returned.
-        source: the file name, for messages.
-
-    Raises:
-        NoStateDictError: the checkpoint (or its ``"state_dict"`` / ``"model"`` entry) is not a
-            mapping.
-    """
-    if not isinstance(checkpoint, Mapping):
-        raise NoStateDictError(source, checkpoint, "top-level object")
-    if "state_dict" in checkpoint:
-        state_dict = checkpoint["state_dict"]
-        if not isinstance(state_dict, Mapping):
-            raise NoStateDictError(source, state_dict, "'state_dict' entry")
-        return state_dict
-    if "model" in checkpoint:
-        model = checkpoint["model"]
-        if isinstance(model, Mapping):
-            return model
-        if not isinstance(model, torch.Tensor):
-            raise NoStateDictError(source, model, "'model' entry")
-        # A tensor named "model": the checkpoint is itself the state dict.
-    return checkpoint
 
 
 def walk_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptmap.errors import NotSerializableError
+from ckptmap.statedict import state_dict_key
 
 __all__ = [
     "CODEC_VERSION",
@@ -68,23 +69,10 @@ _TUPLES = PREFIX + "tuples"
 _FORMAT = "format"
 _FORMAT_VALUE = "pt"
 
-#: Where a checkpoint keeps its state dict, in the order the loaders look.
-STATE_DICT_KEYS = ("state_dict", "model")
-
 Path = tuple[str | int, ...]
 
 
 # --- encoding -----------------------------------------------------------------------------------
-
-
-def state_dict_key(checkpoint: Any) -> str | None:
-    """The entry holding the state dict (``"state_dict"``, then ``"model"``), or None when the
-    checkpoint is the state dict itself (or not a mapping)."""
-    if isinstance(checkpoint, Mapping):
-        for key in STATE_DICT_KEYS:
-            if isinstance(checkpoint.get(key), Mapping):
-                return key
-    return None
 
 
 def split_checkpoint(checkpoint: Any, source: str) -> tuple[Mapping[str, Any], dict, str | None]:

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,7 +30,6 @@ from ckptmap.cache import cache_home
 from ckptmap.errors import (
     CheckpointNotFoundError,
     MissingDependencyError,
-    NoStateDictError,
     UnknownModelNameError,
     ZooTableError,
 )
@@ -38,6 +37,7 @@ from ckptmap.paths import check_relative_name, safe_join
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.registry import CheckpointLoader
 from ckptmap.schemes.web import load_from_http
+from ckptmap.statedict import find_state_dict
 
 __all__ = [
     "BDD100K_MODEL_PREFIX",
@@ -313,11 +313,7 @@ def load_from_openmmlab(filename: str, map_location: Any = None) -> Any:
 
 def _process_mmcls_checkpoint(checkpoint: Any, source: str) -> dict[str, Any]:
     """Keeps the ``backbone.`` weights of an mmcls checkpoint, without that prefix."""
-    if not isinstance(checkpoint, Mapping):
-        raise NoStateDictError(source, checkpoint)
-    state_dict = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state_dict, Mapping):
-        raise NoStateDictError(source, state_dict, where="'state_dict' entry")
+    state_dict = find_state_dict(checkpoint, source)
     backbone: OrderedDict[str, Any] = OrderedDict(
         (key[len("backbone.") :], value)
         for key, value in state_dict.items()
