@@ -334,17 +334,28 @@ impl Header {
 /// Parses and validates the safetensors file `bytes` (the whole file: the data section is
 /// only measured, never read).
 pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
-    use HeaderErrorKind as K;
     let file_size = bytes.len() as u64;
     let prefix: [u8; 8] = bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| {
-            HeaderError::new(
-                K::FileTooSmall,
-                format!("the file has {file_size} bytes, fewer than the 8 of the header length"),
-            )
-        })?;
+        .ok_or_else(|| too_small(file_size))?;
+    let header_len = header_len_of(prefix, file_size)?;
+    // header_len_of checked 8 + header_len <= file_size, so the slice exists.
+    let json = usize::try_from(LEN_PREFIX + header_len)
+        .ok()
+        .and_then(|end| bytes.get(8..end))
+        .ok_or_else(|| past_eof(header_len, file_size))?;
+    parse_header(json, file_size)
+}
+
+/// The header length that a file's first 8 bytes give, checked against the size of the whole
+/// file: not 0, not over [`MAX_HEADER_LEN`], not past the end. For a file read in pieces (by
+/// byte range): these 8 bytes first, then the header itself for [`parse_header`].
+pub fn header_len_of(prefix: [u8; 8], file_size: u64) -> Result<u64, HeaderError> {
+    use HeaderErrorKind as K;
+    if file_size < LEN_PREFIX {
+        return Err(too_small(file_size));
+    }
     let header_len = u64::from_le_bytes(prefix);
     if header_len == 0 {
         return Err(HeaderError::new(K::EmptyHeader, "the header length is 0"));
@@ -355,20 +366,22 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
             format!("the header length {header_len} is over the limit of {MAX_HEADER_LEN} bytes"),
         ));
     }
-    let data_offset = LEN_PREFIX + header_len;
-    let text = usize::try_from(data_offset)
-        .ok()
-        .and_then(|end| bytes.get(8..end))
-        .ok_or_else(|| {
-            HeaderError::new(
-                K::HeaderPastEof,
-                format!(
-                    "the header length {header_len} reaches past the end of the file \
-                     ({file_size} bytes)"
-                ),
-            )
-        })?;
-    let text = std::str::from_utf8(text).map_err(|e| {
+    if LEN_PREFIX + header_len > file_size {
+        return Err(past_eof(header_len, file_size));
+    }
+    Ok(header_len)
+}
+
+/// Parses and validates a header from its JSON bytes alone (the `header_len` bytes after the
+/// length prefix), for a file of `file_size` bytes whose data section is not at hand: the
+/// tensors' byte ranges are checked against the size of the data section that `file_size`
+/// implies, exactly as [`parse`] checks them against the file it is given.
+pub fn parse_header(json: &[u8], file_size: u64) -> Result<Header, HeaderError> {
+    use HeaderErrorKind as K;
+    let header_len = json.len() as u64;
+    // The same checks of the length as for a whole file: not 0, capped, inside the file.
+    header_len_of(header_len.to_le_bytes(), file_size)?;
+    let text = std::str::from_utf8(json).map_err(|e| {
         HeaderError::new(
             K::NotUtf8,
             format!(
@@ -384,9 +397,25 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
         header_len,
         file_size,
     };
-    // data_offset <= file_size: the header slice above exists.
-    validate_layout(&header.tensors, file_size - data_offset)?;
+    // header_len_of checked data_offset <= file_size.
+    validate_layout(&header.tensors, file_size - header.data_offset())?;
     Ok(header)
+}
+
+fn too_small(file_size: u64) -> HeaderError {
+    HeaderError::new(
+        HeaderErrorKind::FileTooSmall,
+        format!("the file has {file_size} bytes, fewer than the 8 of the header length"),
+    )
+}
+
+fn past_eof(header_len: u64, file_size: u64) -> HeaderError {
+    HeaderError::new(
+        HeaderErrorKind::HeaderPastEof,
+        format!(
+            "the header length {header_len} reaches past the end of the file ({file_size} bytes)"
+        ),
+    )
 }
 
 /// Maps the file at `path` read-only and parses its header.
@@ -1430,6 +1459,70 @@ mod tests {
         assert_eq!(seen, HeaderErrorKind::ALL);
     }
 
+    // --- a header fetched apart from its file (remote reads by byte range) ---
+
+    /// Parses `bytes` the way a reader by byte range does: the 8-byte prefix, then the header
+    /// alone, with only the file size known.
+    fn parse_in_pieces(bytes: &[u8]) -> Result<Header, HeaderError> {
+        let size = bytes.len() as u64;
+        let prefix: [u8; 8] = match bytes.get(..8) {
+            Some(p) => p.try_into().unwrap(),
+            None => [0; 8],
+        };
+        let n = header_len_of(prefix, size)?;
+        parse_header(&bytes[8..8 + n as usize], size)
+    }
+
+    #[test]
+    fn header_len_of_checks_the_length_against_the_file_size() {
+        use HeaderErrorKind as K;
+        let kind =
+            |prefix: u64, size: u64| header_len_of(prefix.to_le_bytes(), size).unwrap_err().kind;
+        assert_eq!(header_len_of(10u64.to_le_bytes(), 18), Ok(10));
+        assert_eq!(header_len_of(10u64.to_le_bytes(), 1 << 40), Ok(10));
+        assert_eq!(kind(10, 7), K::FileTooSmall);
+        assert_eq!(kind(0, 100), K::EmptyHeader);
+        assert_eq!(kind(MAX_HEADER_LEN + 1, u64::MAX), K::HeaderTooLarge);
+        assert_eq!(kind(u64::MAX, u64::MAX), K::HeaderTooLarge);
+        assert_eq!(kind(11, 18), K::HeaderPastEof);
+        assert_eq!(
+            header_len_of(MAX_HEADER_LEN.to_le_bytes(), u64::MAX),
+            Ok(MAX_HEADER_LEN)
+        );
+    }
+
+    #[test]
+    fn parse_header_measures_the_data_section_from_the_file_size() {
+        use HeaderErrorKind as K;
+        let json = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
+        let n = json.len() as u64;
+        let h = parse_header(json.as_bytes(), 8 + n + 16).unwrap();
+        assert_eq!(h, parse(&file(json, 0, 16)).unwrap());
+        assert_eq!(h.file_range(0), Some((8 + n, 8 + n + 16)));
+        let kind = |size: u64| parse_header(json.as_bytes(), size).unwrap_err().kind;
+        assert_eq!(kind(8 + n + 15), K::DataTruncated);
+        assert_eq!(kind(8 + n + 17), K::TrailingBytes);
+        assert_eq!(kind(8 + n - 1), K::HeaderPastEof);
+        assert_eq!(kind(7), K::FileTooSmall);
+        assert_eq!(parse_header(b"", 100).unwrap_err().kind, K::EmptyHeader);
+        assert_eq!(parse_header(b"{\xff}", 100).unwrap_err().kind, K::NotUtf8);
+        assert_eq!(parse_header(b"{x", 100).unwrap_err().kind, K::NotJson);
+    }
+
+    #[test]
+    fn parse_in_pieces_agrees_with_parse_on_every_kind() {
+        // The inputs of every_kind_has_a_test_case and the corpus files give the same header
+        // or the same error either way.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/header");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert_eq!(parse_in_pieces(&bytes), parse(&bytes));
+            seen += 1;
+        }
+        assert!(seen > 40, "{seen} corpus files");
+    }
+
     // --- files ---
 
     fn temp_path(tag: &str) -> std::path::PathBuf {
@@ -1561,6 +1654,36 @@ mod tests {
             for i in 0..h.tensors.len() {
                 let (s, e) = h.file_range(i).unwrap();
                 prop_assert!(s >= h.data_offset() && e <= h.file_size && s <= e);
+            }
+        }
+
+        #[test]
+        fn header_in_pieces_equals_the_whole_file(
+            tensors in tensors(),
+            pad in 0usize..9,
+            i in 0usize..300,
+            b in any::<u8>(),
+            cut in 0usize..40,
+        ) {
+            let layout: Vec<usize> = (0..tensors.len()).collect();
+            let (mut bytes, _) = write(&tensors, &layout, &None, pad);
+            if let Some(x) = bytes.get_mut(i) {
+                *x = b;
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            prop_assert_eq!(parse_in_pieces(&bytes), parse(&bytes));
+        }
+
+        #[test]
+        fn arbitrary_headers_and_sizes_never_panic(
+            json in prop::collection::vec(any::<u8>(), 0..64),
+            size in any::<u64>(),
+        ) {
+            if let Ok(h) = parse_header(&json, size) {
+                for i in 0..h.tensors.len() {
+                    let (s, e) = h.file_range(i).unwrap();
+                    prop_assert!(h.data_offset() <= s && s <= e && e <= h.file_size);
+                }
             }
         }
 

@@ -134,6 +134,13 @@ class SafetensorsHeader:
     @staticmethod
     def parse(data: bytes, path: str = "<bytes>") -> SafetensorsHeader:
         """Validates the header of a whole safetensors file held in `data`."""
+    @staticmethod
+    def header_length(prefix: bytes, file_size: int, path: str = "<bytes>") -> int:
+        """The header length that a file's first 8 bytes (`prefix`) give, checked against
+        the whole file's size: not 0, not over the cap, not past the end."""
+    @staticmethod
+    def from_header(header: bytes, file_size: int, path: str = "<bytes>") -> SafetensorsHeader:
+        """Validates a header from its JSON bytes alone, for a file of `file_size` bytes."""
     @property
     def path(self) -> str: ...
     @property

@@ -22,8 +22,9 @@ pyo3::create_exception!(
 
 /// A validated safetensors header: every tensor's name, dtype, shape and byte range.
 ///
-/// Made by `open(path)`, `from_fd(fd, path)` or `parse(data)`, which map (or borrow) the file
-/// and check the whole header before trusting any offset: a size cap, UTF-8 JSON, known dtypes,
+/// Made by `open(path)`, `from_fd(fd, path)` or `parse(data)`, which map (or borrow) the file,
+/// or by `from_header(header, file_size)` for a header read apart from its file (by byte
+/// range); each checks the whole header before trusting any offset: a size cap, UTF-8 JSON, known dtypes,
 /// checked sizes, byte ranges that match their shapes and tile the data section exactly, and
 /// no name twice. Failures raise `SafetensorsHeaderError` (a `ValueError`) with a `kind`;
 /// I/O failures raise the matching `OSError` subclass. Lists are in file (JSON) order.
@@ -78,6 +79,44 @@ impl SafetensorsHeader {
         let header = py.detach(|| header::parse(data)).map_err(|e| e.at(path))?;
         Ok(Self {
             header,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The header length that a safetensors file's first 8 bytes give (`prefix`, exactly 8
+    /// bytes), checked against the size of the whole file (`file_size`): not 0, not over the
+    /// cap, not past the end. With `from_header`, the way to read a header by byte range: these
+    /// 8 bytes, then the header. `path` names the file in messages.
+    #[staticmethod]
+    #[pyo3(
+        signature = (prefix, file_size, path = "<bytes>"),
+        text_signature = "(prefix, file_size, path='<bytes>')"
+    )]
+    fn header_length(prefix: &[u8], file_size: u64, path: &str) -> PyResult<u64> {
+        let prefix: [u8; 8] = prefix.try_into().map_err(|_| {
+            PyValueError::new_err(format!(
+                "{path}: the header length prefix is 8 bytes, got {}",
+                prefix.len()
+            ))
+        })?;
+        Ok(header::header_len_of(prefix, file_size).map_err(|e| e.at(path))?)
+    }
+
+    /// Validates a header from its JSON bytes alone (the `header_length` bytes after the
+    /// 8-byte prefix) for a file of `file_size` bytes whose data section is not at hand: every
+    /// check of `parse`, the byte ranges measured against the data section that `file_size`
+    /// implies. `path` names the file (or URI) in messages.
+    #[staticmethod]
+    #[pyo3(
+        signature = (header, file_size, path = "<bytes>"),
+        text_signature = "(header, file_size, path='<bytes>')"
+    )]
+    fn from_header(py: Python<'_>, header: &[u8], file_size: u64, path: &str) -> PyResult<Self> {
+        let parsed = py
+            .detach(|| header::parse_header(header, file_size))
+            .map_err(|e| e.at(path))?;
+        Ok(Self {
+            header: parsed,
             path: path.to_owned(),
         })
     }
