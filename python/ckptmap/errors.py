@@ -53,6 +53,7 @@ __all__ = [
     "PrefixNotFoundError",
     "RefusedPickleError",
     "RemoteAccessDenied",
+    "RemoteChangedError",
     "RemoteNotFoundError",
     "RemoteUnavailableError",
     "SaveArgumentError",
@@ -830,6 +831,16 @@ class IncompleteDownloadError(DownloadError):
     Attributes:
         received: bytes received.
         expected: bytes announced (Content-Length), or None when unknown.
+    """
+
+
+class RemoteChangedError(DownloadError):
+    """The remote file changed between the requests that read it by byte range (another ETag,
+    Last-Modified or size than the first answer, or a failed If-Match); nothing read from it
+    is used.
+
+    Attributes:
+        what: what differed (``"ETag"``, ``"Last-Modified"``, ``"size"``, ``"If-Match"``).
     """
 
 

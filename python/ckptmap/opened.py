@@ -11,6 +11,8 @@ sharded           the index plus each safetensors shard's header (torch shards a
 DCP               ``.metadata``: names, dtypes, shapes, chunks and byte ranges
 torch zip         the pickle, with every tensor a view of the mapped file (pages unread)
 legacy / pickle   nothing until the file is read whole (`Checkpoint.header_only` is False)
+remote            http(s) / s3 safetensors and shard sets: headers read by byte range
+                  (`ckptmap.remote`); other remote files are downloaded whole
 a loaded object   what a custom URI scheme or the caller hands over (`Checkpoint.of`)
 ================  =========================================================================
 
@@ -432,8 +434,10 @@ def open_checkpoint(
     """Opens a checkpoint from a local path or any registered URI scheme.
 
     Local paths open without reading tensor data where the format allows it (see the module
-    docstring). Every other URI goes through `ckptmap.CheckpointLoader`'s registry (downloads
-    through the cache, model zoos, S3, custom schemes) and is wrapped as it comes back.
+    docstring). ``http(s)://`` and ``s3://`` safetensors files and shard sets open from their
+    headers, read by byte range, and fetch only the tensors asked for (`ckptmap.remote`).
+    Every other URI goes through `ckptmap.CheckpointLoader`'s registry (downloads through the
+    cache, model zoos, S3, custom schemes) and is wrapped as it comes back.
 
     Args:
         filename: a local path (``~`` expanded), a directory holding a shard index, or a URI.
@@ -450,8 +454,14 @@ def open_checkpoint(
     loader = CheckpointLoader._get_checkpoint_loader(path)
     # With the allowlist of the enclosing block (e.g. mmengine's patch(allowed_globals=...)).
     with allowlist.extended(allowed_globals) as allowed:
+        CheckpointLoader.log_backend(path, loader, logger)
         if loader is load_from_local:
-            CheckpointLoader.log_backend(path, loader, logger)
             return open_file(os.path.expanduser(path), map_location, allowed_globals=allowed)
-        obj = CheckpointLoader.load_checkpoint(path, map_location, logger)
+        # http(s) and s3 safetensors files and shard sets: headers, then tensors, by byte range.
+        from ckptmap.remote import open_remote
+
+        opened = open_remote(path, loader, map_location, allowed_globals=allowed)
+        if opened is not None:
+            return opened
+        obj = loader(path, map_location)
     return Checkpoint.of(obj, path)

@@ -24,7 +24,14 @@ from ckptmap.errors import (
 )
 from ckptmap.paths import check_path, check_relative_name
 
-__all__ = ["INDEX_SUFFIX", "MAX_INDEX_BYTES", "find_index", "read_index", "shard_path"]
+__all__ = [
+    "INDEX_SUFFIX",
+    "MAX_INDEX_BYTES",
+    "find_index",
+    "parse_index",
+    "read_index",
+    "shard_path",
+]
 
 #: The suffix of a shard index's file name.
 INDEX_SUFFIX = ".index.json"
@@ -82,6 +89,17 @@ def read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:
             raw = f.read(MAX_INDEX_BYTES + 1)
     except IsADirectoryError:
         raise CheckpointIsADirectoryError(path) from None
+    return parse_index(raw, path)
+
+
+def parse_index(raw: bytes, path: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """Checks the bytes of an index (read from a file or fetched from a URL, named `path` in
+    messages): its weight map (in file order) and metadata.
+
+    Raises:
+        InvalidShardIndexError: larger than `MAX_INDEX_BYTES`, not JSON, a key twice, no
+            ``weight_map`` object, or a tensor mapped to something that is not a file name.
+    """
     if len(raw) > MAX_INDEX_BYTES:
         raise InvalidShardIndexError(path, f"it is larger than {MAX_INDEX_BYTES:,} bytes")
     try:

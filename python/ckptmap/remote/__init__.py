@@ -1,0 +1,19 @@
+"""Remote checkpoints read by byte range: only the header(s) and the tensors a load uses.
+
+The flow, one module per step:
+
+- `opener`: which ``http(s)://`` and ``s3://`` URIs are read by range (`open_remote`), and the
+  whole-download fallback (servers without range support, anything but safetensors);
+- `checkpoint`: the opened `Checkpoint`s (one safetensors file; a shard set);
+- `safetensors`: the header by range, validated in the Rust core; tensors allocated, then
+  filled;
+- `spans`: which ranges to ask for (merged when close, cut to a size);
+- `reader`: one file read by range, every answer checked (206, Content-Range, length, the
+  same ETag / Last-Modified / size), retries, the bounded thread pool;
+- `web_ranges`, `s3_ranges`: the transports (urllib, boto3).
+"""
+
+from ckptmap.remote.opener import open_remote
+from ckptmap.remote.safetensors import RangeOptions
+
+__all__ = ["RangeOptions", "open_remote"]
