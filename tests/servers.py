@@ -65,9 +65,14 @@ class Route:
     validators: bool = True
     last_modified: str | None = None
 
+    _etag_of: tuple[bytes, str] | None = None
+
     @property
     def etag(self) -> str:
-        return '"' + hashlib.sha256(self.body).hexdigest()[:16] + '"'
+        """A strong ETag of the body, computed once per body object."""
+        if self._etag_of is None or self._etag_of[0] is not self.body:
+            self._etag_of = (self.body, '"' + hashlib.sha256(self.body).hexdigest()[:16] + '"')
+        return self._etag_of[1]
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -155,9 +160,10 @@ class CheckpointServer:
             self.requests.clear()
 
     def _send(self, handler: BaseHTTPRequestHandler, path: str, data: bytes | memoryview) -> None:
-        handler.wfile.write(data)
+        # Counted before writing: once the client has the bytes, the count shows them.
         with self._lock:
             self.bytes_sent[path] += len(data)
+        handler.wfile.write(data)
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         path = handler.path.split("?", 1)[0]

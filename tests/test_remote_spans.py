@@ -3,6 +3,7 @@ running the plan against a random file."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -45,7 +46,7 @@ def test_the_plan_fills_every_destination_and_respects_its_bounds(layout):
         assert parts[0].start == request.start and parts[0].dest is not None
         assert parts[-1].dest is not None
         assert parts[-1].start + parts[-1].length == request.end
-        for a, b in zip(parts, parts[1:], strict=False):
+        for a, b in itertools.pairwise(parts):
             assert a.start + a.length == b.start
         for part in parts:
             assert part.length > 0

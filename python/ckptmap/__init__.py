@@ -6,6 +6,7 @@ in `ckptmap.errors`).
 """
 
 from ckptmap import errors as _errors
+from ckptmap import remote as _remote  # noqa: F401  (registers open_checkpoint's range reads)
 from ckptmap._core import (
     KeyRules,
     __version__,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ from ckptmap.report import LoggerLike
 from ckptmap.schemes import CheckpointLoader, load_from_local
 from ckptmap.statedict import find_state_dict
 
-__all__ = ["Checkpoint", "TensorEntry", "open_checkpoint", "walk_tensors"]
+__all__ = ["URI_OPENERS", "Checkpoint", "TensorEntry", "open_checkpoint", "walk_tensors"]
 
 
 @dataclass(frozen=True)
@@ -381,6 +381,13 @@ def _dcp_entry(name: str, info: Any, files: Mapping[str, str]) -> TensorEntry:
     )
 
 
+#: Openers tried, in order, for a URI that is not a local path, before its scheme's loader:
+#: ``opener(uri, loader, map_location, allowed_globals=...)`` returns a `Checkpoint`, or None
+#: to let `loader` load the file whole. Importing ckptmap adds `ckptmap.remote.open_remote`
+#: (http(s) and s3 safetensors files and shard sets, by byte range).
+URI_OPENERS: list[Callable[..., Checkpoint | None]] = []
+
+
 def open_file(
     path: str | os.PathLike[str],
     map_location: Any = None,
@@ -457,11 +464,9 @@ def open_checkpoint(
         CheckpointLoader.log_backend(path, loader, logger)
         if loader is load_from_local:
             return open_file(os.path.expanduser(path), map_location, allowed_globals=allowed)
-        # http(s) and s3 safetensors files and shard sets: headers, then tensors, by byte range.
-        from ckptmap.remote import open_remote
-
-        opened = open_remote(path, loader, map_location, allowed_globals=allowed)
-        if opened is not None:
-            return opened
+        for opener in URI_OPENERS:
+            opened = opener(path, loader, map_location, allowed_globals=allowed)
+            if opened is not None:
+                return opened
         obj = loader(path, map_location)
     return Checkpoint.of(obj, path)

@@ -13,7 +13,12 @@ The flow, one module per step:
 - `web_ranges`, `s3_ranges`: the transports (urllib, boto3).
 """
 
+from ckptmap.opened import URI_OPENERS
 from ckptmap.remote.opener import open_remote
 from ckptmap.remote.safetensors import RangeOptions
 
 __all__ = ["RangeOptions", "open_remote"]
+
+# `ckptmap.open_checkpoint` tries this opener for every URI before the scheme's loader.
+if open_remote not in URI_OPENERS:
+    URI_OPENERS.append(open_remote)

@@ -29,11 +29,11 @@ from ckptmap.formats.index import MAX_INDEX_BYTES, parse_index
 from ckptmap.formats.sniff import Format
 from ckptmap.opened import Checkpoint, TensorEntry, open_file
 from ckptmap.paths import check_relative_name
-from ckptmap.remote.reader import NoRangeSupport, RangeReader
+from ckptmap.remote.reader import RangeReader, _NoRangeSupport
 from ckptmap.remote.safetensors import (
-    NotSafetensors,
     RangeOptions,
     RemoteSafetensors,
+    _NotSafetensors,
     read_tensors,
 )
 from ckptmap.remote.uris import sibling_uri
@@ -43,9 +43,9 @@ from ckptmap.schemes.ranks import fetch_on_local_leader
 __all__ = ["RemoteSafetensorsCheckpoint", "RemoteShardedCheckpoint", "fallback_reason"]
 
 
-def fallback_reason(err: NoRangeSupport | NotSafetensors) -> str:
+def fallback_reason(err: _NoRangeSupport | _NotSafetensors) -> str:
     """Why a file is downloaded whole instead of read by range, for the log line."""
-    if isinstance(err, NoRangeSupport):
+    if isinstance(err, _NoRangeSupport):
         return f"the server does not serve byte ranges ({err.reason})"
     if err.kind == "zip":
         # The seam for .pth: a torch zip is planned from its central directory (at the end of
@@ -184,7 +184,7 @@ class RemoteShardedCheckpoint(Checkpoint):
         try:
             opened = RemoteSafetensors.open(reader)
             present: Container[str] = opened
-        except (NoRangeSupport, NotSafetensors) as err:
+        except (_NoRangeSupport, _NotSafetensors) as err:
             log_message(
                 f"Downloading the shard {uri} whole through the cache: {fallback_reason(err)}",
                 level=logging.INFO,

@@ -26,8 +26,8 @@ from ckptmap.remote.checkpoint import (
     RemoteShardedCheckpoint,
     fallback_reason,
 )
-from ckptmap.remote.reader import NoRangeSupport, RangeReader
-from ckptmap.remote.safetensors import NotSafetensors, RangeOptions, RemoteSafetensors
+from ckptmap.remote.reader import RangeReader, _NoRangeSupport
+from ckptmap.remote.safetensors import RangeOptions, RemoteSafetensors, _NotSafetensors
 from ckptmap.remote.uris import is_index_uri
 from ckptmap.report import log_message
 from ckptmap.schemes import load_from_ceph, load_from_http
@@ -98,7 +98,7 @@ def open_remote(
         return None
     try:
         remote = RemoteSafetensors.open(transport(uri))
-    except (NoRangeSupport, NotSafetensors) as err:
+    except (_NoRangeSupport, _NotSafetensors) as err:
         _whole(uri, fallback_reason(err))
         return None
     return RemoteSafetensorsCheckpoint(

@@ -5,7 +5,7 @@ size and validators (ETag, Last-Modified); every later answer must be a 206 for 
 range asked, of the same size and with the same validators, its body exactly as long as the
 range, or the read is refused (`RemoteChangedError` when the file changed, `DownloadError` when
 the server broke the protocol). Bodies are read straight into the destinations' memory.
-Transient failures (5xx, 429, dropped connections, short bodies) are retried a bounded number of
+_Transient failures (5xx, 429, dropped connections, short bodies) are retried a bounded number of
 times with backoff; everything else is raised at once. `fetch_all` runs requests on a bounded
 pool of threads and stops the others at the first failure.
 
@@ -28,13 +28,7 @@ from typing import Any
 from ckptmap.errors import DownloadError, IncompleteDownloadError, RemoteChangedError
 from ckptmap.remote.spans import Part, RangeRequest
 
-__all__ = [
-    "Answer",
-    "NoRangeSupport",
-    "RangeReader",
-    "Transient",
-    "fetch_all",
-]
+__all__ = ["Answer", "RangeReader", "fetch_all"]
 
 logger = logging.getLogger("ckptmap")
 
@@ -46,7 +40,7 @@ VALIDATORS = ("ETag", "Last-Modified")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 
-class NoRangeSupport(Exception):
+class _NoRangeSupport(Exception):
     """The server answered the first ranged request with the whole file (or refused ranges):
     the caller falls back to a full download. `reason` says what it did."""
 
@@ -55,7 +49,7 @@ class NoRangeSupport(Exception):
         self.reason = reason
 
 
-class Transient(Exception):
+class _Transient(Exception):
     """A failure worth retrying; `error` is raised once no attempt is left."""
 
     def __init__(self, error: DownloadError, retry_after: float | None = None) -> None:
@@ -120,8 +114,8 @@ class RangeReader(ABC):
         """Asks for bytes ``first..last`` (inclusive) and returns the answer, body unread.
 
         Raises:
-            NoRangeSupport: (probe only) the server refuses ranges in a way that is not an error.
-            Transient: a failure worth retrying.
+            _NoRangeSupport: (probe only) the server refuses ranges in a way that is not an error.
+            _Transient: a failure worth retrying.
             DownloadError (or a subclass): any other failure, mapped to ckptmap's errors.
         """
 
@@ -137,7 +131,7 @@ class RangeReader(ABC):
         and validators.
 
         Raises:
-            NoRangeSupport: the server does not serve byte ranges (or the file is empty).
+            _NoRangeSupport: the server does not serve byte ranges (or the file is empty).
             DownloadError and subclasses: see `_request`.
         """
         buffer = bytearray(length)
@@ -149,7 +143,7 @@ class RangeReader(ABC):
         try:
             if answer.status == 200:
                 # Not read: the body is the whole file.
-                raise NoRangeSupport("it answered a ranged request with the whole file (HTTP 200)")
+                raise _NoRangeSupport("it answered a ranged request with the whole file (HTTP 200)")
             _, last, total = self._check_range(answer, 0, len(buffer) - 1, probe=True)
             self.size = total
             self.validators = dict(answer.validators)
@@ -165,7 +159,7 @@ class RangeReader(ABC):
         with the whole file (only ``limit + 1`` bytes of it are read)."""
         try:
             return self._with_retries(lambda: self._read_small_once(limit))
-        except NoRangeSupport:  # nothing to serve: an empty file
+        except _NoRangeSupport:  # nothing to serve: an empty file
             self.size = 0
             return b""
 
@@ -183,7 +177,7 @@ class RangeReader(ABC):
                     )
                 data = self._read_up_to(answer, limit + 1)
                 if len(data) <= limit and answer.content_length not in (None, len(data)):
-                    raise Transient(
+                    raise _Transient(
                         IncompleteDownloadError(
                             f"{self.uri} sent {len(data)} of {answer.content_length} bytes; "
                             "try again",
@@ -254,7 +248,7 @@ class RangeReader(ABC):
         for n in range(attempts):
             try:
                 return attempt()
-            except Transient as transient:
+            except _Transient as transient:
                 if n + 1 >= attempts or (cancel is not None and cancel.is_set()):
                     raise transient.error from transient.__cause__
                 wait_s = min(self.max_backoff_s, self.backoff_s * (2**n))
@@ -357,7 +351,7 @@ class RangeReader(ABC):
                 n = self._readinto(answer, target, received)
                 if n == 0:
                     total = sum(p.length for p in parts)
-                    raise Transient(
+                    raise _Transient(
                         IncompleteDownloadError(
                             f"{self.uri} sent {received} of the {total} bytes of a range "
                             "(the connection dropped or the server sent a short body); nothing "
@@ -371,13 +365,13 @@ class RangeReader(ABC):
                 received += n
 
     def _readinto(self, answer: Answer, target: memoryview, received: int) -> int:
-        """One read from the body; transport errors become `Transient` short reads."""
+        """One read from the body; transport errors become `_Transient` short reads."""
         try:
             return int(answer.body.readinto(target))
-        except (Transient, DownloadError):
+        except (_Transient, DownloadError):
             raise
         except Exception as err:  # a dropped connection, a reset, a timeout
-            raise Transient(
+            raise _Transient(
                 IncompleteDownloadError(
                     f"reading {self.uri} broke off after {received} bytes of a range "
                     f"({type(err).__name__}: {err}); nothing read from it was used. Try again",

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ckptmap.remote.reader import Answer, NoRangeSupport, RangeReader
 from ckptmap.objectstore import parse_s3_uri, s3_client, store_error
+from ckptmap.remote.reader import Answer, RangeReader, _NoRangeSupport
 from ckptmap.schemes.s3 import s3_download
 
 __all__ = ["S3RangeReader"]
@@ -81,7 +81,7 @@ class S3RangeReader(RangeReader):
                 raise self.changed("If-Match", f"the ETag is no longer {etag}") from None
             if code in ("InvalidRange", "416"):
                 if probe:
-                    raise NoRangeSupport("it has no bytes to serve (InvalidRange)") from None
+                    raise _NoRangeSupport("it has no bytes to serve (InvalidRange)") from None
                 raise self.changed("size", f"bytes {first}-{last} are no longer in it") from None
             mapped = store_error(err, self.uri, writing=False)
             if mapped is err:

@@ -25,7 +25,7 @@ from ckptmap.formats.safetensors import TensorInfo, map_location_fn
 from ckptmap.remote.reader import RangeReader, fetch_all
 from ckptmap.remote.spans import plan_requests
 
-__all__ = ["NotSafetensors", "RangeOptions", "RemoteSafetensors", "read_tensors"]
+__all__ = ["RangeOptions", "RemoteSafetensors", "read_tensors"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class RangeOptions:
     workers: int = 8
 
 
-class NotSafetensors(Exception):
+class _NotSafetensors(Exception):
     """The file is not a safetensors file; `kind` is what the first bytes look like
     (``"zip"``, ``"pickle"``, or None when they look like no checkpoint)."""
 
@@ -76,15 +76,15 @@ class RemoteSafetensors:
         """Reads and validates the header of the file behind `reader`.
 
         Raises:
-            NoRangeSupport: the server does not serve byte ranges.
-            NotSafetensors: the file is something else (a torch zip, a pickle, ...).
+            _NoRangeSupport: the server does not serve byte ranges.
+            _NotSafetensors: the file is something else (a torch zip, a pickle, ...).
             InvalidSafetensorsError: a safetensors file whose header fails validation.
             DownloadError and subclasses: the requests failed.
         """
         head = reader.probe(SNIFF_SIZE)
         kind = sniff_checkpoint(head)
         if kind != "safetensors":
-            raise NotSafetensors(kind)
+            raise _NotSafetensors(kind)
         size = reader.size
         assert size is not None
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ckptmap.cache import _http_error, _Retry, cached_download
 from ckptmap.errors import RemoteUnavailableError
-from ckptmap.remote.reader import VALIDATORS, Answer, NoRangeSupport, RangeReader, Transient
+from ckptmap.remote.reader import VALIDATORS, Answer, RangeReader, _NoRangeSupport, _Transient
 
 __all__ = ["HttpRangeReader"]
 
@@ -49,15 +49,15 @@ class HttpRangeReader(RangeReader):
                 raise self.changed("If-Match", f"the ETag is no longer {etag}") from None
             if err.code == 416:
                 if probe:
-                    raise NoRangeSupport("it has no bytes to serve (HTTP 416)") from None
+                    raise _NoRangeSupport("it has no bytes to serve (HTTP 416)") from None
                 raise self.changed("size", f"bytes {first}-{last} are no longer in it") from None
             mapped = _http_error(self.uri, err, self.attempts)
             if isinstance(mapped, _Retry):
-                raise Transient(mapped.error, mapped.retry_after) from None
+                raise _Transient(mapped.error, mapped.retry_after) from None
             raise mapped from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise Transient(
+            raise _Transient(
                 RemoteUnavailableError(
                     f"the connection to {self.uri} failed ({reason}) on all {self.attempts} "
                     "attempts; nothing was cached. Check the host name and your network or "
