@@ -44,12 +44,25 @@ def transport_for(uri: str, loader: Any) -> Callable[[str], RangeReader] | None:
 
         return HttpRangeReader
     if loader is load_from_ceph:
-        from ckptmap.objectstore import PETREL, choose_s3_backend, s3_client
+        from ckptmap.objectstore import (
+            PETREL,
+            choose_s3_backend,
+            endpoint_text,
+            parse_s3_uri,
+            s3_client,
+        )
 
         if choose_s3_backend(uri) == PETREL:
             return None  # the object-store rule picks petrel: its own whole reads
         from ckptmap.remote.s3_ranges import S3RangeReader
 
+        cluster, _, _ = parse_s3_uri(uri)
+        if cluster:
+            log_message(
+                f"Ignoring the cluster prefix {cluster!r} of {uri}: it is a petrel setting, and "
+                f"boto3 uses {endpoint_text()}",
+                level=logging.WARNING,
+            )
         client = s3_client()  # one client (and connection pool) for the index and its shards
         return lambda u: S3RangeReader(u, client)
     return None

@@ -147,7 +147,7 @@ class RemoteSafetensors:
         """
         tensors: list[tuple[str, torch.Tensor]] = []
         targets: list[tuple[int, memoryview]] = []
-        for name in names:
+        for name in dict.fromkeys(names):  # a name asked twice is read once
             i = self._position(name)
             dtype = self.info(name).torch_dtype
             if dtype is None:
