@@ -157,6 +157,21 @@ def test_the_opened_checkpoint_answers_from_the_header(model_file, server, home)
         assert server.bytes_sent["/m.safetensors"] == len(header)
 
 
+DEVICES = ["meta", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_map_location_moves_what_was_fetched(small_file, server, home, device):
+    path, body, _ = small_file
+    url = server.add("/m.safetensors", body, ranges="bytes")
+    got = _load_checkpoint_with_prefix(SUBTREE, url, map_location=device)
+    full = safetensors.torch.load_file(str(path))
+    for name, tensor in got.items():
+        assert tensor.device.type == device
+        if device != "meta":
+            assert torch.equal(tensor.cpu(), full[f"{SUBTREE}.{name}"])
+
+
 def test_many_small_requests_in_parallel_give_the_same_tensors(model_file, server, home):
     path, body, _ = model_file
     url = server.add("/m.safetensors", body, ranges="bytes")
