@@ -48,6 +48,7 @@ __all__ = [
     "ModelSpecError",
     "ModelWrapperError",
     "NoStateDictError",
+    "NotARegularFileError",
     "NotSerializableError",
     "NothingLoadedWarning",
     "PrefixNotFoundError",
@@ -358,6 +359,37 @@ class CorruptCheckpointError(CkptmapError, RuntimeError):
             f"checkpoint file {path!r} ({size:,} bytes) is corrupt or truncated: it looks like "
             f"{looks_like}. {hint[0].upper()}{hint[1:]}"
         )
+
+
+class NotARegularFileError(_FileError, CorruptCheckpointError):
+    """The path is a FIFO, a socket or a device (or a symlink to one), not a regular file.
+
+    Raised from a ``stat`` before anything is opened, so such a path can never block a load
+    or feed it bytes forever. An `OSError` (as for other path problems) and, as before, a
+    `CorruptCheckpointError` (a `RuntimeError`).
+
+    Attributes:
+        path: the path as given.
+        kind: what it is ("a FIFO (named pipe)", "a socket", "a character device", ...).
+    """
+
+    _errno = errno.EINVAL
+
+    def __init__(self, path: str, kind: str, what: str = "checkpoint path") -> None:
+        message = (
+            f"{what} {path!r} is {kind}, not a regular file: reading it could block or never "
+            "end, so it was not opened. Pass the path of a checkpoint file (copy the data into "
+            "a regular file first)"
+        )
+        # Not super(): CorruptCheckpointError.__init__ takes other arguments.
+        OSError.__init__(self, message)
+        self.path = path
+        self.filename = path
+        self.errno = self._errno
+        self.strerror = message
+        self.size = 0
+        self.kind = kind
+        self.looks_like = f"{kind}, not a regular file"
 
 
 class TorchScriptArchiveError(CkptmapError, RuntimeError):

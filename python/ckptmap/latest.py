@@ -8,11 +8,12 @@ complete checkpoint; otherwise the newest complete one is chosen by this rule:
    ``.bin``, ``.ckpt``, ``.safetensors`` or ``.index.json`` (a sharded checkpoint's index),
    except temp files of unfinished writes (`ckptmap.atomic.is_temp_file`) and shards
    (``...-00001-of-00004.pth``), which are parts, not checkpoints.
-2. A candidate counts only if it is complete: a torch zip whose central directory is intact
-   and holds one ``data.pkl`` with a valid CRC (the tensor data is not read); a safetensors
-   file whose header parses and whose size is exactly what the header describes; an index
-   whose every shard is there and complete; a legacy (pre-zip) torch pickle when it is not
-   empty.
+2. A candidate counts only if it is complete, judged without decompressing or reading it
+   whole: a torch zip whose end records end the file and whose central directory is
+   consistent with them and names one ``data.pkl``; a safetensors file whose header passes
+   the Rust reader's checks, data ending exactly at the end of the file; an index whose every
+   shard is there and complete; a legacy (pre-zip) torch pickle when it is not empty. FIFOs,
+   sockets and devices (or symlinks to them) are skipped with a warning and never opened.
 3. Names starting with ``epoch_<N>`` or ``iter_<N>`` rank above all others, by N; ties and the
    others go by modification time, then by name.
 
@@ -29,19 +30,24 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 import warnings
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
+from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError
 from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
 from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPointerWarning,
     IncompleteCheckpointError,
 )
+from ckptmap.formats.index import MAX_INDEX_BYTES
+from ckptmap.formats.zipdir import ZipDirectoryError, read_stored, read_zip_directory
+from ckptmap.magic import safetensors_header_length
+from ckptmap.paths import describe_file_type, open_regular
 from ckptmap.save import INDEX_SUFFIX, is_shard_file
 
 __all__ = [
@@ -66,6 +72,12 @@ LAST_CHECKPOINT = "last_checkpoint"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", INDEX_SUFFIX)
 
 _STEP_RE = re.compile(r"^(?:epoch|iter)_(\d+)(?!\d)")
+#: Bytes read from the start of a candidate to tell its format (whitespace may precede a
+#: safetensors header's JSON).
+SNIFF_BYTES = 4096
+#: A stored ``data.pkl`` up to this size has its CRC checked (torch's pickles take about 100
+#: bytes per tensor); a larger or compressed one is judged by the central directory alone.
+MAX_CRC_CHECKED_PICKLE = 16 * 1024 * 1024
 
 
 # --- is this file a whole checkpoint? ----------------------------------------------------------
@@ -74,70 +86,70 @@ _STEP_RE = re.compile(r"^(?:epoch|iter)_(\d+)(?!\d)")
 def is_complete_checkpoint(path: PathLike) -> bool:
     """Whether `path` is a checkpoint that was written to the end (see the module docstring).
 
-    Cheap: only a zip's central directory, a safetensors header or an index and its shards'
-    headers are read, never the tensor data. Never raises for bad or missing files.
+    Cheap whatever the file's size: a zip's end records and central directory, a safetensors
+    header, an index and its shards' headers are read; no member is read or decompressed and
+    no tensor data is touched. FIFOs, sockets and devices are never opened. Never raises for
+    bad or missing files.
     """
     try:
         return _complete(Path(path), depth=0)
-    except (OSError, ValueError, zipfile.BadZipFile, RecursionError):
+    except (OSError, ValueError, RecursionError, ZipDirectoryError, SafetensorsHeaderError):
         return False
 
 
 def _complete(path: Path, depth: int) -> bool:
-    if is_temp_file(path) or not path.is_file():
+    if is_temp_file(path):
         return False
     if path.name.endswith(INDEX_SUFFIX):
         return depth == 0 and _index_complete(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(pickles) != 1:
-                return False
-            # Reading the (small) pickle checks its CRC: zeros left by a crash show up here.
-            archive.read(pickles[0])
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(SNIFF_BYTES)
+        if head.startswith(b"PK\x03\x04"):
+            return _zip_complete(f)
+        if safetensors_header_length(head) is not None:
+            # The Rust reader checks the header and that the data ends exactly at the end of
+            # the file; it maps the header only, and no tensor byte is read.
+            SafetensorsHeader.from_fd(f.fileno(), str(path))
             return True
-    if len(head) == 9 and head[8:9] == b"{":
-        return _safetensors_complete(path, size, int.from_bytes(head[:8], "little"))
     # A legacy torch pickle starts with a pickled magic number; nothing cheap proves its end.
     return size > 0 and head[:1] == b"\x80"
 
 
-def _safetensors_complete(path: Path, size: int, header_len: int) -> bool:
-    if header_len > MAX_SAFETENSORS_HEADER_LEN or 8 + header_len > size:
+def _zip_complete(f: BinaryIO) -> bool:
+    """A torch zip is complete when its end records end the file, its central directory is
+    consistent with them, and it names one ``data.pkl`` whose local header is in place."""
+    directory = read_zip_directory(f, strict=True)
+    pickles = [e for e in directory.entries if e.name == "data.pkl" or e.name.endswith("/data.pkl")]
+    if len(pickles) != 1:
         return False
-    with open(path, "rb") as f:
-        f.seek(8)
-        header = json.loads(f.read(header_len))
-    if not isinstance(header, dict):
-        return False
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            return False
-        if not all(isinstance(o, int) and o >= 0 for o in offsets):
-            return False
-        end = max(end, offsets[1])
-    return size == 8 + header_len + end
+    pickle = pickles[0]
+    if pickle.compressed or pickle.compressed_size > MAX_CRC_CHECKED_PICKLE:
+        f.seek(pickle.header_offset)
+        return f.read(4) == b"PK\x03\x04"
+    # The pickle is small (a few bytes per tensor) and stored as it is: its CRC catches zeros
+    # that a crash left in place of it. Nothing is inflated; tensor data is not read.
+    read_stored(f, pickle)
+    return True
 
 
 def _shards_of(index: Path) -> list[Path] | None:
     """The shard files an index names (in its directory), or None for a bad index."""
-    with open(index, encoding="utf-8") as f:
-        data = json.load(f)
+    with open_regular(index, what="shard index") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        return None
+    data = json.loads(raw)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         return None
     shards = []
-    for shard in sorted(set(weight_map.values())):
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+    for shard in sorted({s for s in weight_map.values() if isinstance(s, str)}):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
             return None  # only plain names beside the index
         shards.append(index.parent / shard)
+    if any(not isinstance(s, str) for s in weight_map.values()):
+        return None
     return shards
 
 
@@ -173,11 +185,36 @@ def list_checkpoints(directory: PathLike, pattern: str | None = None) -> list[st
     ranked = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(directory):
-            if _is_candidate(entry.name, pattern) and is_complete_checkpoint(entry.path):
+            if not _is_candidate(entry.name, pattern):
+                continue
+            special = _special_kind(entry.path)
+            if special is not None:
+                logger.warning(
+                    "Skipping %s: it is %s, not a regular file (never opened)", entry.path, special
+                )
+                continue
+            if is_complete_checkpoint(entry.path):
                 path = Path(entry.path)
                 with contextlib.suppress(OSError):
                     ranked.append((_rank(path), entry.path))
     return [path for _, path in sorted(ranked)]
+
+
+def _special_kind(path: str) -> str | None:
+    """What `path` is when it is a FIFO, socket or device (or links to one), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return describe_file_type(mode)
+
+
+def _read_pointer(pointer: str) -> str:
+    """The pointer file's text, stripped (never blocks on a FIFO or device pointer)."""
+    with open_regular(pointer, what=f"{LAST_CHECKPOINT} pointer") as f:
+        return f.read(1 << 20).decode("utf-8").strip()
 
 
 # --- the pointer -------------------------------------------------------------------------------
@@ -203,8 +240,7 @@ def find_latest_checkpoint(path: PathLike) -> str | None:
     directory = os.fspath(path)
     pointer = os.path.join(directory, LAST_CHECKPOINT)
     try:
-        with open(pointer, encoding="utf-8") as f:
-            named = f.read().strip()
+        named = _read_pointer(pointer)
     except FileNotFoundError:
         logger.info("Did not find last_checkpoint to be resumed.")
         return None
@@ -216,11 +252,14 @@ def find_latest_checkpoint(path: PathLike) -> str | None:
         if "://" in named:
             return named
         resolved = _resolve(directory, named)
-        if is_complete_checkpoint(resolved):
+        special = _special_kind(resolved)
+        if special is None and is_complete_checkpoint(resolved):
             return resolved
-        problem = f"names {named!r}, which " + (
-            "is incomplete or not a checkpoint" if os.path.exists(resolved) else "is missing"
-        )
+        if special is not None:
+            what = f"is {special}, not a regular file (it was not opened)"
+        else:
+            what = "is incomplete or not a checkpoint" if os.path.exists(resolved) else "is missing"
+        problem = f"names {named!r}, which {what}"
     found = list_checkpoints(directory)
     choice = found[-1] if found else None
     instead = f"resuming from {choice} instead" if choice else "and no other complete one is there"
@@ -367,8 +406,7 @@ def rotate_checkpoints(
 
 def _pointer_target(directory: str) -> str | None:
     try:
-        with open(os.path.join(directory, LAST_CHECKPOINT), encoding="utf-8") as f:
-            named = f.read().strip()
+        named = _read_pointer(os.path.join(directory, LAST_CHECKPOINT))
     except (OSError, UnicodeDecodeError):
         return None
     return _resolve(directory, named) if named and "://" not in named else None

@@ -1,5 +1,12 @@
-"""Local paths: checking a checkpoint path, and joining untrusted names onto a directory
-without ever leaving it.
+"""Local paths: checking a checkpoint path, opening it without ever blocking, and joining
+untrusted names onto a directory without ever leaving it.
+
+`check_path` is the one place a local checkpoint path is checked, and `open_regular` the one
+way ckptmap opens a file it reads: both `stat` the path first and refuse FIFOs, sockets and
+devices (and symlinks to them) with `NotARegularFileError` before anything is opened, since
+opening a FIFO for reading blocks until a writer appears and a device such as ``/dev/zero``
+never ends. `open_regular` also opens with ``O_NONBLOCK`` and checks the opened file again
+(`fstat`), so a path swapped for a FIFO between the two checks cannot block either.
 
 URL basenames, model-zoo names and the values of zoo JSON tables, S3 keys and pavi model names
 all end up as paths under a cache or model root. `safe_join` rejects anything that could point
@@ -10,19 +17,31 @@ symlinks included, and checks that it is still inside the root.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from ckptmap.atomic import is_temp_file
 from ckptmap.errors import (
+    CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
     DanglingSymlinkError,
+    NotARegularFileError,
     UnsafePathError,
 )
 
-__all__ = ["check_path", "check_relative_name", "safe_join"]
+__all__ = [
+    "check_path",
+    "check_relative_name",
+    "describe_file_type",
+    "open_regular",
+    "reject_special",
+    "safe_join",
+]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -112,8 +131,63 @@ def safe_join(
     return joined
 
 
-def check_path(path: str | os.PathLike[str]) -> str:
-    """Expands ``~`` and checks that `path` names something that exists.
+def describe_file_type(mode: int) -> str:
+    """What a `stat` mode is, in words ("a FIFO (named pipe)", "a socket", ...)."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file"
+
+
+def _special(path: str, mode: int, what: str) -> NotARegularFileError:
+    kind = describe_file_type(mode)
+    if os.path.islink(path):
+        kind = f"a symlink to {os.path.realpath(path)!r}, {kind}"
+    return NotARegularFileError(path, kind, what)
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except PermissionError as err:  # a directory on the way can not be searched
+        raise CheckpointPermissionError(path) from err
+    except OSError:  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG
+        if os.path.islink(path):
+            raise DanglingSymlinkError(path, os.readlink(path)) from None
+        raise CheckpointNotFoundError(path) from None
+
+
+def reject_special(path: str | os.PathLike[str], *, what: str = "checkpoint path") -> None:
+    """Raises `NotARegularFileError` when `path` is a FIFO, socket or device (or links to one).
+
+    A missing path, a regular file or a directory pass: this only keeps special files out.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _special(path, mode, what)
+
+
+def check_path(path: str | os.PathLike[str], *, what: str = "checkpoint path") -> str:
+    """Expands ``~`` and checks that `path` names a regular file or a directory.
+
+    Only `stat` is called: nothing is opened.
+
+    Args:
+        path: the local path.
+        what: what the path is, for the message of `NotARegularFileError`.
 
     Returns:
         The expanded path. It may be a regular file or a directory; the caller decides.
@@ -122,14 +196,57 @@ def check_path(path: str | os.PathLike[str]) -> str:
         DanglingSymlinkError: a symlink whose target does not exist (or a symlink loop).
         CheckpointNotFoundError: nothing at that path.
         CheckpointPermissionError: a directory on the path can not be searched.
+        NotARegularFileError: a FIFO, socket or device, or a symlink to one.
     """
     path = os.path.expanduser(os.fspath(path))
-    try:
-        os.stat(path)
-    except PermissionError as err:  # a directory on the way can not be searched
-        raise CheckpointPermissionError(path) from err
-    except OSError:  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG
-        if os.path.islink(path):
-            raise DanglingSymlinkError(path, os.readlink(path)) from None
-        raise CheckpointNotFoundError(path) from None
+    mode = _stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _special(path, mode, what)
     return path
+
+
+def open_regular(path: str | os.PathLike[str], *, what: str = "checkpoint path") -> BinaryIO:
+    """Opens a regular file for binary reading, refusing anything that could block or not end.
+
+    The path is checked with `stat` before the open, opened with ``O_NONBLOCK`` (a FIFO
+    swapped in meanwhile can not block the open), and checked again with `fstat`.
+
+    Args:
+        path: the local path (``~`` is expanded).
+        what: what the path is, for messages.
+
+    Returns:
+        The open file (``"rb"``); the caller closes it.
+
+    Raises:
+        CheckpointNotFoundError / DanglingSymlinkError: nothing at `path`.
+        CheckpointIsADirectoryError: a directory.
+        CheckpointPermissionError: the file can not be read.
+        NotARegularFileError: a FIFO, socket or device, or a symlink to one.
+    """
+    path = check_path(path, what=what)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError as err:
+        raise CheckpointPermissionError(path) from err
+    except FileNotFoundError:  # removed since the check
+        _stat(path)
+        raise CheckpointNotFoundError(path) from None
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a socket (swapped in since the check)
+            raise _special(path, os.stat(path).st_mode, what) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CheckpointIsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise _special(path, mode, what)
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -22,7 +22,7 @@ from ckptmap.errors import (
     UnsafePathError,
     UnsafeShardPathError,
 )
-from ckptmap.paths import check_path, check_relative_name
+from ckptmap.paths import check_path, check_relative_name, open_regular, reject_special
 
 __all__ = [
     "INDEX_SUFFIX",
@@ -84,11 +84,8 @@ class _DuplicateKey(Exception):
 
 def read_index(path: str) -> tuple[dict[str, str], dict[str, Any]]:
     """Reads and checks an index: its weight map (in file order) and metadata."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_INDEX_BYTES + 1)
-    except IsADirectoryError:
-        raise CheckpointIsADirectoryError(path) from None
+    with open_regular(path, what="shard index") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
     return parse_index(raw, path)
 
 
@@ -106,7 +103,9 @@ def parse_index(raw: bytes, path: str) -> tuple[dict[str, str], dict[str, Any]]:
         doc = json.loads(raw, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as err:
         raise InvalidShardIndexError(path, f"it has the key {err.args[0]!r} twice") from None
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+    except RecursionError:
+        raise InvalidShardIndexError(path, "its JSON is nested too deeply") from None
+    except ValueError as err:  # UnicodeDecodeError is a ValueError
         raise InvalidShardIndexError(path, f"it is not valid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise InvalidShardIndexError(path, f"its top level is a {type(doc).__name__}")
@@ -131,7 +130,12 @@ def _shard_roots(directory: Path) -> list[Path]:
 
 
 def shard_path(index: str, directory: Path, name: str) -> Path:
-    """Checks one shard name and returns its path; raises before anything is opened."""
+    """Checks one shard name and returns its path; raises before anything is opened.
+
+    Raises:
+        UnsafeShardPathError: the name could leave the directory.
+        NotARegularFileError: the shard is a FIFO, socket or device (or a symlink to one).
+    """
     try:
         check_relative_name(name, what="shard name")
     except UnsafePathError as err:
@@ -142,4 +146,5 @@ def shard_path(index: str, directory: Path, name: str) -> Path:
         raise UnsafeShardPathError(
             index, name, f"resolves to {str(resolved)!r}, outside {str(directory)!r}"
         )
+    reject_special(joined, what=f"shard {name!r} of {index!r}")
     return joined

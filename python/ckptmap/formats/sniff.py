@@ -12,20 +12,16 @@ from __future__ import annotations
 import enum
 import json
 import os
-import stat
 import struct
 import zipfile
 from dataclasses import dataclass
 
-from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 from ckptmap.errors import (
-    CheckpointIsADirectoryError,
-    CheckpointNotFoundError,
-    CheckpointPermissionError,
     CorruptCheckpointError,
 )
 from ckptmap.formats.index import MAX_INDEX_BYTES, find_index
-from ckptmap.paths import check_path
+from ckptmap.magic import JSON_WHITESPACE, safetensors_header_length
+from ckptmap.paths import check_path, open_regular
 
 __all__ = ["DCP_METADATA", "LEGACY_MAGIC", "Format", "Sniffed", "sniff"]
 
@@ -33,7 +29,6 @@ __all__ = ["DCP_METADATA", "LEGACY_MAGIC", "Format", "Sniffed", "sniff"]
 HEAD_BYTES = 64 * 1024
 #: The file that makes a directory a torch.distributed.checkpoint (DCP) checkpoint.
 DCP_METADATA = ".metadata"
-#: The safetensors reference implementation's header cap.
 
 #: `pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=N)` without its PROTO byte: the
 #: first record of torch's legacy (pre-1.6, non-zip) format.
@@ -106,6 +101,7 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
         CheckpointIsADirectoryError: a directory without an index file.
         AmbiguousIndexError: a directory with several index files and no rule to choose.
         CheckpointPermissionError: the file can not be read.
+        NotARegularFileError: a FIFO, socket or device (checked before anything is opened).
     """
     path = check_path(path)
     if os.path.isdir(path):
@@ -114,35 +110,17 @@ def sniff(path: str | os.PathLike[str]) -> Sniffed:
         return _sniff_directory(path)
     if os.path.basename(path) == DCP_METADATA:
         return _sniff_dcp(os.path.dirname(os.path.abspath(path)))
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return Sniffed(
-                    path,
-                    Format.CORRUPT,
-                    0,
-                    "a special file (a pipe or a device), not a regular file",
-                    hint="save the checkpoint to a regular file first",
-                )
-            head = f.read(HEAD_BYTES)
-    except PermissionError as err:
-        raise CheckpointPermissionError(path) from err
-    except IsADirectoryError as err:  # replaced by a directory since the check
-        raise CheckpointIsADirectoryError(path) from err
-    except FileNotFoundError as err:  # removed since the check
-        raise CheckpointNotFoundError(path) from err
-    return _sniff_content(path, head, st.st_size)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(HEAD_BYTES)
+    return _sniff_content(path, head, size)
 
 
 def _sniff_dcp(directory: str) -> Sniffed:
     metadata = os.path.join(directory, DCP_METADATA)
-    try:
-        with open(metadata, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(2)
-    except PermissionError as err:
-        raise CheckpointPermissionError(metadata) from err
+    with open_regular(metadata, what="DCP metadata") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(2)
     if head[:1] != b"\x80":
         return Sniffed(
             directory,
@@ -186,8 +164,8 @@ def _sniff_content(path: str, head: bytes, size: int) -> Sniffed:
         return corrupt("an empty file (0 bytes)")
     # safetensors first: its first byte is the low byte of the header length, which can be
     # anything (0x80, "P", "{"); the length must also be plausible.
-    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else None
-    if header_len is not None and head[8:9] == b"{" and header_len <= MAX_SAFETENSORS_HEADER_LEN:
+    header_len = safetensors_header_length(head)
+    if header_len is not None:
         return _sniff_safetensors(path, header_len, size)
     if head.startswith(b"PK\x03\x04"):
         return _sniff_zip(path, size)
@@ -215,9 +193,10 @@ def _sniff_content(path: str, head: bytes, size: int) -> Sniffed:
         )
     if text.startswith(b"{"):
         return _sniff_json(path, size)
-    if header_len is not None and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:].lstrip(JSON_WHITESPACE)[:1] == b"{":
+        length = struct.unpack("<Q", head[:8])[0]
         return corrupt(
-            f"a damaged safetensors file (its header length field says {header_len:,} bytes)"
+            f"a damaged safetensors file (its header length field says {length:,} bytes)"
         )
     if head.startswith(b"\x1f\x8b"):
         return corrupt("gzip-compressed data", hint="decompress it (gunzip) and load the result")
@@ -331,8 +310,10 @@ def _sniff_json(path: str, size: int) -> Sniffed:
     if size > MAX_INDEX_BYTES:
         return corrupt(f"a JSON document of {size:,} bytes, too large for a shard index")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             doc = json.loads(f.read())
+    except RecursionError:
+        return Sniffed(path, Format.CORRUPT, size, "a JSON document nested too deeply to read")
     except (ValueError, UnicodeDecodeError):
         return Sniffed(path, Format.CORRUPT, size, "a truncated or malformed JSON document")
     if isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict):

@@ -33,7 +33,7 @@ from ckptmap.errors import (
     UnknownModelNameError,
     ZooTableError,
 )
-from ckptmap.paths import check_relative_name, safe_join
+from ckptmap.paths import check_relative_name, open_regular, safe_join
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.registry import CheckpointLoader
 from ckptmap.schemes.web import load_from_http
@@ -93,8 +93,13 @@ def _package_dir(package: str) -> Path | None:
 
 def _read_table(path: Path) -> dict[str, str]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        with open_regular(path, what="model-zoo table") as handle:
+            data = json.loads(handle.read())
+    except RecursionError:
+        raise ZooTableError(
+            f"model-zoo table {path} is JSON nested too deeply to read: fix or remove it",
+            path=str(path),
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ZooTableError(
             f"model-zoo table {path} is not valid JSON ({err}): fix or remove it", path=str(path)

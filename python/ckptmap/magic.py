@@ -1,0 +1,34 @@
+"""Magic bytes: what the first bytes of a file say about its format (no torch).
+
+Shared by the file sniffer (`ckptmap.formats.sniff`), the download-body sniffer
+(`ckptmap.cache`) and the work-dir scan (`ckptmap.latest`), so the three agree on what a
+checkpoint looks like.
+"""
+
+from __future__ import annotations
+
+from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
+
+__all__ = ["JSON_WHITESPACE", "MAX_SAFETENSORS_HEADER", "safetensors_header_length"]
+
+#: The safetensors reference implementation's cap on the JSON header (the Rust reader's).
+MAX_SAFETENSORS_HEADER = MAX_SAFETENSORS_HEADER_LEN
+#: The bytes JSON allows around values (RFC 8259): a header may start with them.
+JSON_WHITESPACE = b" \t\n\r"
+
+
+def safetensors_header_length(head: bytes) -> int | None:
+    """The header length if `head` (a file's first bytes) starts like a safetensors file.
+
+    A safetensors file starts with a little-endian u64 header length (at least 2, at most
+    `MAX_SAFETENSORS_HEADER`) and a JSON object; the JSON may start with whitespace, which
+    the safetensors readers accept. Returns None when `head` does not start that way, or
+    when it holds only whitespace after the length (too little to tell).
+    """
+    if len(head) < 9:
+        return None
+    header_len = int.from_bytes(head[:8], "little")
+    if not 2 <= header_len <= MAX_SAFETENSORS_HEADER:
+        return None
+    json_start = head[8 : 8 + header_len].lstrip(JSON_WHITESPACE)
+    return header_len if json_start[:1] == b"{" else None
