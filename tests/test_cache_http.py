@@ -56,7 +56,10 @@ def server():
 
 
 def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    """Cache entries and stray files under `root` (the entries' ``.sha256`` manifests aside)."""
+    if not root.exists():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".sha256")
 
 
 def test_cache_home_precedence(monkeypatch, tmp_path):
@@ -80,6 +83,8 @@ def test_download_is_cached_once(home, server):
     assert cached_download(url, **FAST) == path
     assert server.hits[f"/models/tiny-{SHA[:8]}.pth"] == 1
     assert files_under(home) == [path]
+    manifest = path.with_name(path.name + ".sha256")
+    assert manifest.read_text().startswith(f"{SHA}  {path.name}\n")
 
 
 def test_same_file_name_from_two_urls_does_not_collide(home, server):
@@ -99,7 +104,7 @@ def test_load_through_the_registry(home, server):
 def test_hash_in_name_mismatch_names_both_and_caches_nothing(home, server):
     url = server.add("/resnet50-0676ba61.pth", BODY)
     with pytest.raises(ChecksumMismatchError) as info:
-        cached_download(url, **FAST)
+        cached_download(url, check_hash=True, **FAST)
     assert "0676ba61" in str(info.value) and SHA in str(info.value)
     assert info.value.expected == "0676ba61" and info.value.actual == SHA
     assert isinstance(info.value, RuntimeError)
@@ -110,7 +115,8 @@ def test_hash_in_name_mismatch_names_both_and_caches_nothing(home, server):
 @pytest.mark.parametrize("name", ["tiny-abc.pth", "tiny-.pth", "tiny-0676ba6.pth", "tiny.pth"])
 def test_fewer_than_8_hex_digits_is_not_a_hash(home, server, name):
     assert expected_hash_from_name(name) is None
-    assert cached_download(server.add(f"/{name}", BODY), **FAST).read_bytes() == BODY
+    url = server.add(f"/{name}", BODY)
+    assert cached_download(url, check_hash=True, **FAST).read_bytes() == BODY
 
 
 def test_caller_hash(home, server):

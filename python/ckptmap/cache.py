@@ -8,12 +8,30 @@ share an entry.
 Every download streams into a process-unique temp file beside the target (`atomic_write`)
 and is renamed over the target only after these checks pass:
 
-- the byte count equals Content-Length (a dropped connection is not a complete file);
-- the SHA-256 starts with the hash in the file name (``resnet50-0676ba61.pth``: 8 to 64 lowercase
-  hex digits after the last dash; fewer digits are not taken as a hash) and with any hash the
-  caller gives;
+- the byte count equals Content-Length; a Content-Length that is negative, not a number, or
+  given twice with different values is refused (`InvalidResponseError`), and a chunked body
+  cut off before its last chunk is an `IncompleteDownloadError`;
+- the file's structure is whole (`ckptmap.completeness`): a zip ends with its central
+  directory, a safetensors file is exactly as long as its header says. This catches bodies
+  sent without a Content-Length whose connection closed early;
+- the SHA-256 starts with any hash the caller gives and, only when asked (``check_hash=True``,
+  or ``CKPTMAP_CHECK_HASH=1`` for every download), with the hash in the file name
+  (``resnet50-0676ba61.pth``: 8 to 64 lowercase hex digits after the last dash). As in
+  mmengine, names are not taken as hashes by default: ``model-20240115.pth`` is a date;
 - the first bytes look like a checkpoint (torch zip, pickle or safetensors), so an HTML login
   or error page is never cached.
+
+Beside each entry the cache writes a SHA-256 manifest (``<entry>.sha256``, see
+`ckptmap.checksum`) recording the digest, size, modification time and inode. Before an entry
+is reused it is re-verified: when the manifest provably still describes it the recorded digest
+is used, otherwise the entry is checked for completeness and hashed again. An entry that was
+truncated or altered on disk is reported in a warning and downloaded again; one that is a
+FIFO, socket or device is refused (`NotARegularFileError`).
+
+Redirects are followed only to http(s) URLs, and never from https to plain http
+(`UnsafeRedirectError`). Credentials in the URL (``https://user:password@host/...``) are sent
+as HTTP basic authentication to that host only, and every message, log line and progress bar
+masks them, as it masks presigned-URL signatures (`ckptmap.redact`).
 
 Several processes fetching one URL at once each write their own temp file and the renames
 race harmlessly: the entry is complete whichever wins. Temp files left by killed downloads
@@ -24,6 +42,7 @@ This module does not import torch.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -38,25 +57,33 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 from ckptmap.atomic import atomic_write, remove_stale_temps
+from ckptmap.checksum import read_manifest, write_manifest
+from ckptmap.completeness import incomplete_reason
 from ckptmap.errors import (
     ChecksumMismatchError,
     DownloadError,
     IncompleteDownloadError,
+    InvalidResponseError,
     RemoteAccessDenied,
     RemoteNotFoundError,
     RemoteUnavailableError,
     UnexpectedContentError,
+    UnsafePathError,
+    UnsafeRedirectError,
 )
-from ckptmap.paths import safe_join
+from ckptmap.magic import safetensors_header_length
+from ckptmap.paths import open_regular, reject_special, safe_join
+from ckptmap.redact import redact_url
 
 __all__ = [
+    "ENV_CHECK_HASH",
     "ENV_CKPTMAP_HOME",
     "cache_home",
     "cached_download",
+    "check_hash_default",
     "checkpoints_dir",
     "expected_hash_from_name",
     "sniff_checkpoint",
@@ -69,16 +96,19 @@ logger = logging.getLogger("ckptmap")
 
 ENV_CKPTMAP_HOME = "CKPTMAP_HOME"
 ENV_XDG_CACHE_HOME = "XDG_CACHE_HOME"
+#: ``1`` takes the hash in every downloaded file's name as a SHA-256 prefix (``check_hash``).
+ENV_CHECK_HASH = "CKPTMAP_CHECK_HASH"
 
 CHUNK_SIZE = 1 << 20
-#: Bytes looked at to decide whether a body is a checkpoint.
-SNIFF_SIZE = 16
-#: safetensors' own cap on the JSON header; a larger length prefix is not a safetensors file.
+#: Bytes looked at to decide whether a body is a checkpoint (whitespace may precede a
+#: safetensors header's JSON).
+SNIFF_SIZE = 4096
 
 # Like torch.hub's names (`resnet50-0676ba61.pth`), but fewer than 8 digits are not a hash:
 # torch.hub treats `name-.pth` as an empty hash that every file matches.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.")
 _HEX = re.compile(r"[0-9a-fA-F]{8,64}")
+_DIGITS = re.compile(r"[0-9]+")
 
 _RETRY_STATUSES = frozenset({408, 425, 429})
 
@@ -99,6 +129,19 @@ def cache_home() -> Path:
 def checkpoints_dir() -> Path:
     """Where downloaded checkpoints live: ``<cache home>/checkpoints``."""
     return cache_home() / "checkpoints"
+
+
+def check_hash_default() -> bool:
+    """``CKPTMAP_CHECK_HASH``: whether downloads check the hash in their file name by default.
+
+    Unset, ``0``, ``false`` or ``no``: no (mmengine's default); ``1``, ``true``, ``yes``: yes.
+    """
+    value = os.environ.get(ENV_CHECK_HASH, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_CHECK_HASH}={os.environ[ENV_CHECK_HASH]!r}: use 1 or 0")
 
 
 def url_basename(url: str) -> str:
@@ -124,16 +167,15 @@ def sniff_checkpoint(head: bytes) -> str | None:
     """What kind of checkpoint the first bytes belong to: "zip", "pickle", "safetensors" or None.
 
     torch.save writes a zip archive (or, with the legacy format, a pickle with protocol 2 or
-    later); safetensors files start with a little-endian u64 header length and a JSON object.
+    later); safetensors files start with a little-endian u64 header length and a JSON object
+    (which may start with whitespace).
     """
     if head.startswith(b"PK\x03\x04"):
         return "zip"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{":
-        header_len = int.from_bytes(head[:8], "little")
-        if 2 <= header_len <= MAX_SAFETENSORS_HEADER_LEN:
-            return "safetensors"
+    if safetensors_header_length(head) is not None:
+        return "safetensors"
     return None
 
 
@@ -142,12 +184,12 @@ def _describe(head: bytes) -> str:
         return "an empty body"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text[:1] == b"<":
-        return f"an HTML/XML page (starts with {head[:SNIFF_SIZE]!r})"
+        return f"an HTML/XML page (starts with {head[:16]!r})"
     if text[:1] in (b"{", b"["):
-        return f"JSON (starts with {head[:SNIFF_SIZE]!r})"
+        return f"JSON (starts with {head[:16]!r})"
     if head.startswith(b"\x1f\x8b"):
         return "gzip data"
-    return f"unrecognised bytes {head[:SNIFF_SIZE]!r}"
+    return f"unrecognised bytes {head[:16]!r}"
 
 
 def _normalise_hash(sha256: str | None) -> str | None:
@@ -159,14 +201,6 @@ def _normalise_hash(sha256: str | None) -> str | None:
             f"got {sha256!r}"
         )
     return sha256.lower()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK_SIZE), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -191,29 +225,35 @@ def write_verified(
     expected_sha256: Iterable[str] = (),
     sniff: bool = True,
     progress: bool | None = None,
+    manifest: bool = True,
 ) -> Path:
     """Streams `chunks` into `target` atomically, after checking length, hashes and content.
 
     Args:
         target: the final path; its directory must exist.
         chunks: the body, in pieces. Errors the iterator raises propagate unchanged.
-        url: where the bytes come from, for messages.
+        url: where the bytes come from, for messages (secrets are masked).
         expected_length: the announced size; a different byte count is an error.
         expected_sha256: hex digests or prefixes (lowercase) the SHA-256 must start with.
         sniff: reject bodies whose first bytes are not a checkpoint.
         progress: show a tqdm bar (None: only when stderr is a terminal).
+        manifest: write ``<target>.sha256`` (`ckptmap.checksum`) once `target` is in place,
+            so that later reuse can be verified without hashing the file again.
 
     Returns:
         `target`, now complete.
 
     Raises:
-        IncompleteDownloadError: fewer or more bytes than `expected_length`.
+        IncompleteDownloadError: fewer or more bytes than `expected_length`, or a zip or
+            safetensors body whose structure ends early (a body without a length that was
+            cut off).
         ChecksumMismatchError: the SHA-256 does not match; names both digests.
         UnexpectedContentError: the body is not a checkpoint.
         OSError: writing failed (disk full, ...); the message names the target.
         In every case the temp file is removed and `target` is as it was.
     """
     target = Path(target)
+    shown = redact_url(url)
     expected = [h for h in expected_sha256 if h]
     hasher = hashlib.sha256()
     received = 0
@@ -223,11 +263,11 @@ def write_verified(
     def check_head() -> None:
         if sniff_checkpoint(head) is None:
             raise UnexpectedContentError(
-                f"{url} did not return a checkpoint but {_describe(head)}; nothing was cached. "
-                "Check the URL (a login, error or redirect page?) or that the file is a torch or "
-                "safetensors checkpoint",
+                f"{shown} did not return a checkpoint but {_describe(head)}; nothing was "
+                "cached. Check the URL (a login, error or redirect page?) or that the file is "
+                "a torch or safetensors checkpoint",
                 url=url,
-                head=head,
+                head=head[:16],
             )
 
     with (
@@ -251,9 +291,20 @@ def write_verified(
             check_head()
         if expected_length is not None and received != expected_length:
             raise IncompleteDownloadError(
-                f"download of {url} ended after {received} of {expected_length} bytes "
+                f"download of {shown} ended after {received} of {expected_length} bytes "
                 "(the connection dropped or the server sent a short body); nothing was cached. "
                 "Try again",
+                url=url,
+                received=received,
+                expected=expected_length,
+            )
+        out.flush()
+        with open_regular(out.name) as written:
+            reason = incomplete_reason(written, str(target))
+        if reason is not None:
+            raise IncompleteDownloadError(
+                f"download of {shown} is not a whole checkpoint after {received} bytes: "
+                f"{reason} (the connection closed early?); nothing was cached. Try again",
                 url=url,
                 received=received,
                 expected=expected_length,
@@ -262,16 +313,26 @@ def write_verified(
         for want in expected:
             if not actual.startswith(want):
                 raise ChecksumMismatchError(
-                    f"SHA-256 mismatch for {url}: expected a digest starting with {want}, got "
+                    f"SHA-256 mismatch for {shown}: expected a digest starting with {want}, got "
                     f"{actual}; nothing was cached. The file changed on the server or was "
                     "corrupted on the way: try again, or check the URL and the expected hash "
-                    "(a file name ending in -<8+ hex digits>.ext is taken as a hash prefix; "
-                    "pass check_hash=False if it is not one)",
+                    "(with check_hash=True a file name ending in -<8+ hex digits>.ext is taken "
+                    "as a hash prefix; pass check_hash=False if it is not one)",
                     url=url,
                     expected=want,
                     actual=actual,
                 )
+    if manifest:
+        _record(target, hasher.hexdigest())
     return target
+
+
+def _record(target: Path, digest: str) -> None:
+    """Writes the entry's manifest; a failure only costs a re-hash on the next reuse."""
+    try:
+        write_manifest(target, digest)
+    except OSError as err:
+        logger.warning("Could not write the checksum manifest of %s (%s)", target, err)
 
 
 class _Retry(Exception):
@@ -343,6 +404,79 @@ def _response_chunks(url: str, response: Any, length: int | None) -> Iterator[by
         yield chunk
 
 
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only, never from https down to http, and never carries
+    the caller's credentials to another host."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        old = urlsplit(req.full_url)
+        new = urlsplit(newurl)
+        scheme = new.scheme.lower()
+        problem = None
+        if scheme not in ("http", "https"):
+            problem = f"to a {scheme or 'relative'}:// URL, which is not http(s)"
+        elif old.scheme.lower() == "https" and scheme == "http":
+            problem = "from https down to plain http, which anyone on the way could read or alter"
+        if problem is not None:
+            fp.close()
+            shown = redact_url(newurl)
+            raise UnsafeRedirectError(
+                f"refusing the redirect of {redact_url(req.full_url)} (HTTP {code}) to "
+                f"{shown}: {problem}; nothing was cached. Use the final https URL directly if "
+                "you trust it",
+                url=req.full_url,
+                status=code,
+                location=shown,
+            )
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is not None and new.netloc.lower() != old.netloc.lower():
+            redirected.remove_header("Authorization")
+        return redirected
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_SafeRedirects())
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """`url` without ``user:password@``, and the basic-auth header value for them (or None)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), (
+        f"Basic {token}"
+    )
+
+
+def _content_length(url: str, headers: Any) -> int | None:
+    """The announced body size, or None when there is none (or the body is chunked).
+
+    Raises:
+        InvalidResponseError: a value that is not a non-negative decimal, or several values
+            that differ (RFC 9110: such a message can not be trusted).
+    """
+    if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
+        return None  # the chunked framing marks the end; a Content-Length must be ignored
+    values = [v.strip() for raw in headers.get_all("Content-Length") or [] for v in raw.split(",")]
+    if not values:
+        return None
+    if not all(_DIGITS.fullmatch(v) for v in values) or len({int(v) for v in values}) != 1:
+        raise InvalidResponseError(
+            f"{redact_url(url)} answered with an unusable Content-Length "
+            f"{', '.join(repr(v) for v in values)} (negative, not a number, or several that "
+            "differ), so a complete body can not be told from a cut one; nothing was cached. "
+            "Check the server or proxy",
+            url=url,
+            content_length=values,
+        )
+    return int(values[0])
+
+
 def _fetch_once(
     url: str,
     target: Path,
@@ -353,31 +487,33 @@ def _fetch_once(
     progress: bool | None,
     attempts: int,
 ) -> None:
+    shown = redact_url(url)
+    address, authorization = _split_credentials(url)
     request = urllib.request.Request(
-        url, headers={"User-Agent": "ckptmap", "Accept-Encoding": "identity"}
+        address, headers={"User-Agent": "ckptmap", "Accept-Encoding": "identity"}
     )
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        response = _opener().open(request, timeout=timeout_s)
+    except DownloadError:
+        raise  # a refused redirect
     except urllib.error.HTTPError as err:
         err.close()
         mapped = _http_error(url, err, attempts)
         raise mapped from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise _Retry(
             RemoteUnavailableError(
-                f"the connection to {url} failed ({reason}) on all {attempts} attempts; "
+                f"the connection to {shown} failed ({reason}) on all {attempts} attempts; "
                 "nothing was cached. Check the host name and your network or proxy settings, "
                 "or try again later",
                 url=url,
             )
-        ) from err
+        ) from None
     with response:
-        length_header = response.headers.get("Content-Length")
-        try:
-            length = int(length_header) if length_header is not None else None
-        except ValueError:
-            length = None
+        length = _content_length(url, response.headers)
         try:
             write_verified(
                 target,
@@ -392,13 +528,49 @@ def _fetch_once(
             raise _Retry(err) from err
 
 
+def _reusable(target: Path, url: str, wanted: list[str]) -> str | None:
+    """Re-verifies a cache entry before it is reused: None when it is good, else why not.
+
+    The manifest's digest is used when it provably still describes the file; otherwise the
+    entry's structure is checked and it is hashed again (and the manifest refreshed).
+
+    Raises:
+        ChecksumMismatchError: an intact entry whose digest does not match a wanted hash.
+    """
+    manifest = read_manifest(target)
+    st = target.stat()
+    if manifest is not None and manifest.fresh_for(st):
+        digest = manifest.sha256
+    else:
+        with open_regular(target, what="cache entry") as f:
+            reason = incomplete_reason(f, str(target))
+        if reason is not None:
+            return f"is not a whole checkpoint ({reason})"
+        from ckptmap.checksum import file_sha256
+
+        digest = file_sha256(target)
+        if manifest is not None and digest != manifest.sha256:
+            return f"changed after it was downloaded (SHA-256 {digest}, recorded {manifest.sha256})"
+        _record(target, digest)
+    for want in wanted:
+        if not digest.startswith(want):
+            raise ChecksumMismatchError(
+                f"the cached file {target} for {redact_url(url)} has SHA-256 {digest}, expected "
+                f"a digest starting with {want}: delete the file to download it again",
+                url=url,
+                expected=want,
+                actual=digest,
+            )
+    return None
+
+
 def cached_download(
     url: str,
     *,
     model_dir: str | os.PathLike[str] | None = None,
     file_name: str | None = None,
     sha256: str | None = None,
-    check_hash: bool = True,
+    check_hash: bool | None = None,
     progress: bool | None = None,
     retries: int = 3,
     backoff_s: float = 0.5,
@@ -410,13 +582,15 @@ def cached_download(
     """Returns the cached file for an http(s) URL, downloading it first if needed.
 
     Args:
-        url: an ``http://`` or ``https://`` URL.
+        url: an ``http://`` or ``https://`` URL (``user:password@`` is sent as basic auth).
         model_dir: put the file directly in this directory (as torch.hub's `model_dir`)
             instead of the per-URL directory under `checkpoints_dir()`.
         file_name: the cached file's name; defaults to the URL's last path component.
         sha256: a SHA-256 hex digest, or a prefix of 8+ digits, the file must have. Also
             checked against an entry already in the cache.
-        check_hash: check the hash in the file name (``name-<8+ hex digits>.ext``).
+        check_hash: take the hash in the file name (``name-<8+ hex digits>.ext``) as a
+            SHA-256 prefix the file must have. None: ``CKPTMAP_CHECK_HASH`` (default no, as in
+            mmengine: ``model-20240115.pth`` ends in a date, not a hash).
         progress: show a progress bar (None: only when stderr is a terminal).
         retries: how many times 5xx/429 answers, refused connections and dropped
             bodies are retried.
@@ -431,41 +605,53 @@ def cached_download(
 
     Raises:
         ValueError: not an http(s) URL, or a malformed `sha256`.
-        UnsafePathError: the file name would leave the cache directory.
+        UnsafePathError: the URL names no file (it ends in ``/``) or its file name would
+            leave the cache directory; the message names the URL.
+        NotARegularFileError: the cache entry is a FIFO, socket or device.
         RemoteNotFoundError: HTTP 404/410 (a FileNotFoundError).
         RemoteAccessDenied: HTTP 401/403 (a PermissionError).
+        UnsafeRedirectError: a redirect to a non-http(s) URL or from https to http.
         RemoteUnavailableError: 5xx/429 or connection failures on every attempt.
         IncompleteDownloadError: the body was short on every attempt.
+        InvalidResponseError: a malformed or contradictory Content-Length.
         ChecksumMismatchError: the content's SHA-256 does not match.
         UnexpectedContentError: the content is not a checkpoint.
         OSError: the cache could not be written (disk full, permissions); names the path.
     """
+    shown = redact_url(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise ValueError(f"cached_download needs an http:// or https:// URL, got {url!r}")
+        raise ValueError(f"cached_download needs an http:// or https:// URL, got {shown!r}")
     name = file_name if file_name is not None else url_basename(url)
     directory = Path(model_dir).expanduser() if model_dir is not None else url_cache_dir(url)
-    target = safe_join(directory, name, what="file name", allow_subdirs=False)
+    try:
+        target = safe_join(directory, name, what="file name", allow_subdirs=False)
+    except UnsafePathError as err:
+        what = "names no file (its path ends in '/')" if not name else f"ends in {name!r}"
+        raise UnsafePathError(
+            f"can not cache {shown}: the URL {what}, and {err.reason}. Pass the URL of the "
+            "file itself, or file_name=... to name the cached copy",
+            name=name,
+            root=str(directory),
+            reason=err.reason,
+            url=url,
+        ) from None
     wanted = _normalise_hash(sha256)
+    if check_hash is None:
+        check_hash = check_hash_default()
     expected = [h for h in (expected_hash_from_name(name) if check_hash else None, wanted) if h]
 
+    reject_special(target, what="cache entry")
     if target.is_file():
-        if wanted is not None:
-            actual = _file_sha256(target)
-            if not actual.startswith(wanted):
-                raise ChecksumMismatchError(
-                    f"the cached file {target} for {url} has SHA-256 {actual}, expected a digest "
-                    f"starting with {wanted}: delete the file to download it again",
-                    url=url,
-                    expected=wanted,
-                    actual=actual,
-                )
-        return target
+        problem = _reusable(target, url, expected)
+        if problem is None:
+            return target
+        logger.warning("The cached file %s %s; downloading it again", target, problem)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent, older_than_s=stale_temp_age_s)
     attempts = max(0, retries) + 1
-    logger.info("Downloading %s to %s", url, target)
+    logger.info("Downloading %s to %s", shown, target)
     for attempt in range(attempts):
         try:
             _fetch_once(
@@ -485,7 +671,7 @@ def cached_download(
             if transient.retry_after is not None:
                 wait = min(max_backoff_s, max(wait, transient.retry_after))
             logger.warning(
-                "Download of %s failed (%s); retrying in %.1f s", url, transient.error, wait
+                "Download of %s failed (%s); retrying in %.1f s", shown, transient.error, wait
             )
             time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover

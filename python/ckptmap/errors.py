@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ckptmap.redact import redact_text, redact_url
+
 if TYPE_CHECKING:
     from ckptmap.report import LoadResult, Mismatch
 
@@ -39,12 +41,16 @@ __all__ = [
     "IncompleteCheckpointError",
     "IncompleteDownloadError",
     "InvalidDcpCheckpointError",
+    "InvalidResponseError",
     "InvalidSafetensorsError",
     "InvalidShardIndexError",
     "InvalidStateDictError",
     "InvalidURIError",
     "LoadHookError",
+    "ManifestMismatchError",
+    "MapLocationError",
     "MissingDependencyError",
+    "MissingManifestError",
     "ModelSpecError",
     "ModelWrapperError",
     "NoStateDictError",
@@ -80,6 +86,7 @@ __all__ = [
     "UnsafeDcpPickleError",
     "UnsafeLoadWarning",
     "UnsafePathError",
+    "UnsafeRedirectError",
     "UnsafeShardPathError",
     "UnsupportedBackendError",
     "UnsupportedDcpFeatureError",
@@ -115,11 +122,17 @@ class CkptmapError(Exception):
 
 
 class _Detailed(CkptmapError):
-    """A message plus keyword attributes (the remote-store errors are built this way)."""
+    """A message plus keyword attributes (the remote-store errors are built this way).
+
+    Passwords and presigned-URL signatures in the message and in the `url` / `filename`
+    attributes are masked (`ckptmap.redact`): these errors quote URLs.
+    """
 
     def __init__(self, message: str, **attrs: Any) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))
         for key, value in attrs.items():
+            if key in ("url", "filename") and isinstance(value, str):
+                value = redact_url(value)
             setattr(self, key, value)
 
 
@@ -842,7 +855,7 @@ class DownloadError(_Detailed, OSError):
     def __init__(self, message: str, *, url: str = "", status: int | None = None, **attrs: Any):
         super().__init__(message, url=url, status=status, **attrs)
         # Set so that `atomic_write` keeps this error as it is instead of re-wrapping it.
-        self.filename = url or None
+        self.filename = self.url or None
 
 
 class RemoteNotFoundError(DownloadError, FileNotFoundError):
@@ -885,12 +898,84 @@ class ChecksumMismatchError(DownloadError, RuntimeError):
     """
 
 
+class InvalidResponseError(DownloadError, ValueError):
+    """The server's answer can not be trusted as it is (e.g. a malformed or contradictory
+    Content-Length); nothing was cached."""
+
+
+class UnsafeRedirectError(DownloadError, PermissionError):
+    """A redirect was refused: from https to plain http, or to a scheme other than http(s).
+
+    Attributes:
+        location: where the server redirected to (secrets masked).
+    """
+
+
 class UnexpectedContentError(DownloadError, ValueError):
     """The body is not a checkpoint (an HTML page, a JSON error, ...).
 
     Attributes:
         head: the first bytes that arrived.
     """
+
+
+class ManifestMismatchError(CorruptCheckpointError):
+    """A file does not match the SHA-256 recorded in its ``<file>.sha256`` manifest.
+
+    Attributes:
+        path: the file.
+        manifest: the manifest.
+        expected: the digest the manifest records.
+        actual: the file's digest now.
+    """
+
+    def __init__(self, path: str, size: int, manifest: str, expected: str, actual: str) -> None:
+        self.manifest = manifest
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            path,
+            size,
+            f"a file whose SHA-256 is {actual}, not the {expected} that {manifest!r} records",
+            "it was changed or damaged after it was written: copy or download it again (or, "
+            "if you changed it on purpose, write a new manifest with "
+            "ckptmap.checksum.write_manifest)",
+        )
+
+
+class MissingManifestError(CheckpointNotFoundError):
+    """A checksum was required (``CKPTMAP_CHECKSUM=require``) but the file has no manifest.
+
+    Attributes:
+        path: the checkpoint.
+        manifest: the manifest path that was looked for.
+    """
+
+    def __init__(self, path: str, manifest: str) -> None:
+        self.manifest = manifest
+        super().__init__(
+            manifest,
+            f"checkpoint {path!r} has no SHA-256 manifest {manifest!r}, and "
+            "CKPTMAP_CHECKSUM=require asks for one: save it with save_checkpoint(..., "
+            "checksum=True), write one with ckptmap.checksum.write_manifest, or unset "
+            "CKPTMAP_CHECKSUM",
+        )
+
+
+class MapLocationError(CkptmapError, TypeError):
+    """A `map_location` callable raised, or returned something that is not a storage.
+
+    Attributes:
+        path: the checkpoint being loaded.
+    """
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        super().__init__(
+            f"map_location {detail} while loading {path!r}: a map_location callable is called "
+            "as fn(storage, location) and must return a storage (e.g. storage.cuda(0)) or None "
+            "to keep it where it is, as for torch.load"
+        )
 
 
 class UnsafePathError(_Detailed, ValueError):

@@ -35,20 +35,20 @@ import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
-from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError
+from ckptmap._core import SafetensorsHeaderError
 from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
+from ckptmap.completeness import SNIFF_BYTES, incomplete_reason
 from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPointerWarning,
     IncompleteCheckpointError,
 )
 from ckptmap.formats.index import MAX_INDEX_BYTES
-from ckptmap.formats.zipdir import ZipDirectoryError, read_stored, read_zip_directory
 from ckptmap.magic import safetensors_header_length
 from ckptmap.paths import describe_file_type, open_regular
 from ckptmap.save import INDEX_SUFFIX, is_shard_file
+from ckptmap.zipdir import ZipDirectoryError
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -72,12 +72,6 @@ LAST_CHECKPOINT = "last_checkpoint"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", INDEX_SUFFIX)
 
 _STEP_RE = re.compile(r"^(?:epoch|iter)_(\d+)(?!\d)")
-#: Bytes read from the start of a candidate to tell its format (whitespace may precede a
-#: safetensors header's JSON).
-SNIFF_BYTES = 4096
-#: A stored ``data.pkl`` up to this size has its CRC checked (torch's pickles take about 100
-#: bytes per tensor); a larger or compressed one is judged by the central directory alone.
-MAX_CRC_CHECKED_PICKLE = 16 * 1024 * 1024
 
 
 # --- is this file a whole checkpoint? ----------------------------------------------------------
@@ -103,34 +97,14 @@ def _complete(path: Path, depth: int) -> bool:
     if path.name.endswith(INDEX_SUFFIX):
         return depth == 0 and _index_complete(path)
     with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
+        if incomplete_reason(f, str(path)) is not None:
+            return False
+        f.seek(0)
         head = f.read(SNIFF_BYTES)
-        if head.startswith(b"PK\x03\x04"):
-            return _zip_complete(f)
-        if safetensors_header_length(head) is not None:
-            # The Rust reader checks the header and that the data ends exactly at the end of
-            # the file; it maps the header only, and no tensor byte is read.
-            SafetensorsHeader.from_fd(f.fileno(), str(path))
-            return True
+    if head.startswith(b"PK\x03\x04") or safetensors_header_length(head) is not None:
+        return True
     # A legacy torch pickle starts with a pickled magic number; nothing cheap proves its end.
-    return size > 0 and head[:1] == b"\x80"
-
-
-def _zip_complete(f: BinaryIO) -> bool:
-    """A torch zip is complete when its end records end the file, its central directory is
-    consistent with them, and it names one ``data.pkl`` whose local header is in place."""
-    directory = read_zip_directory(f, strict=True)
-    pickles = [e for e in directory.entries if e.name == "data.pkl" or e.name.endswith("/data.pkl")]
-    if len(pickles) != 1:
-        return False
-    pickle = pickles[0]
-    if pickle.compressed or pickle.compressed_size > MAX_CRC_CHECKED_PICKLE:
-        f.seek(pickle.header_offset)
-        return f.read(4) == b"PK\x03\x04"
-    # The pickle is small (a few bytes per tensor) and stored as it is: its CRC catches zeros
-    # that a crash left in place of it. Nothing is inflated; tensor data is not read.
-    read_stored(f, pickle)
-    return True
+    return head[:1] == b"\x80"
 
 
 def _shards_of(index: Path) -> list[Path] | None:

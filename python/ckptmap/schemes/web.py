@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptmap.cache import cached_download
+from ckptmap.redact import redact_url
 from ckptmap.schemes.local import read_checkpoint_file
 from ckptmap.schemes.ranks import fetch_on_local_leader
 from ckptmap.schemes.registry import CheckpointLoader
@@ -20,7 +21,9 @@ def load_cached_file(path: Path, source: str, map_location: Any = None) -> Any:
         return read_checkpoint_file(path, map_location)
     except Exception as err:
         if hasattr(err, "add_note"):
-            err.add_note(f"(cached copy of {source}: delete {path} to download it again)")
+            err.add_note(
+                f"(cached copy of {redact_url(source)}: delete {path} to download it again)"
+            )
         raise
 
 
@@ -32,7 +35,7 @@ def load_from_http(
     progress: bool | None = None,
     *,
     sha256: str | None = None,
-    check_hash: bool = True,
+    check_hash: bool | None = None,
 ) -> Any:
     """Loads a checkpoint from an http(s) URL through the download cache.
 
@@ -45,7 +48,9 @@ def load_from_http(
         model_dir: download into this directory instead of the cache (as torch.hub).
         progress: show a progress bar (None: only when stderr is a terminal).
         sha256: a SHA-256 digest (or 8+ digit prefix) the file must have.
-        check_hash: check the hash in the file name (``resnet50-0676ba61.pth``).
+        check_hash: take the hash in the file name (``resnet50-0676ba61.pth``) as a SHA-256
+            prefix the file must have. None (the default): only when ``CKPTMAP_CHECK_HASH=1``
+            (mmengine does not check; ``model-20240115.pth`` ends in a date, not a hash).
 
     Returns:
         The checkpoint.
