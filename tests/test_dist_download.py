@@ -2,7 +2,9 @@
 
 Local rank 0 downloads while rank 1 waits; rank 1 then reads the cache, so the server sees one
 download. When rank 0's download fails, both ranks raise the same error promptly instead of
-rank 1 hanging in a barrier. Both scenarios run in one process group to spawn torch once.
+rank 1 hanging in a barrier. A download slower than the process group's timeout (3 s here)
+succeeds on both ranks: the waiting goes through the store with its own deadline, not a
+collective. The scenarios run in one process group to spawn torch once.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import checkpoint_bytes, checkpoint_server, free_port
 
 WORLD_SIZE = 2
-JOIN_TIMEOUT_S = 120
+JOIN_TIMEOUT_S = 180
+#: The process group's timeout: shorter than the slow download below.
+GROUP_TIMEOUT_S = 3
+SLOW_CHUNKS, SLOW_DELAY_S = 10, 0.7
 
 
-def _rank_main(rank: int, port: int, urls: list[str], home: str, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, urls: list[str], home: str, out_dir: str, ready: Any) -> None:
     os.environ.update(
         CKPTMAP_HOME=home,
         LOCAL_RANK=str(rank),
@@ -33,7 +39,11 @@ def _rank_main(rank: int, port: int, urls: list[str], home: str, out_dir: str) -
 
     from ckptmap.schemes import CheckpointLoader
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    # Both ranks have imported torch before either starts the short-timeout rendezvous.
+    ready.wait(JOIN_TIMEOUT_S)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=GROUP_TIMEOUT_S)
+    )
     results = []
     try:
         for url in urls:
@@ -62,12 +72,20 @@ def runs(tmp_path_factory):
     with checkpoint_server() as server:
         good = server.add("/dist/model.pth", body, kind="slow", chunks=4, delay_s=0.05)
         missing = server.add("/dist/missing.pth", kind="status", status=404)
+        slow = server.add(
+            "/dist/slow.pth",
+            checkpoint_bytes(8),
+            kind="slow",
+            chunks=SLOW_CHUNKS,
+            delay_s=SLOW_DELAY_S,
+        )
         ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Barrier(WORLD_SIZE)
         port = free_port()
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(rank, port, [good, missing], str(root / "home"), str(root)),
+                args=(rank, port, [good, missing, slow], str(root / "home"), str(root), ready),
             )
             for rank in range(WORLD_SIZE)
         ]
@@ -91,8 +109,8 @@ def test_one_download_for_the_whole_group(runs):
     assert all(r["ok"] for r in first), first
     assert first[0]["sum"] == first[1]["sum"]
     assert runs["hits"]["/dist/model.pth"] == 1
-    cached = [p for p in runs["home"].rglob("*") if p.is_file()]
-    assert [p.name for p in cached] == ["model.pth"]
+    cached = sorted(p.name for p in runs["home"].rglob("*") if p.is_file())
+    assert cached == ["model.pth", "model.pth.sha256", "slow.pth", "slow.pth.sha256"]
 
 
 def test_a_failed_download_raises_on_every_rank_promptly(runs):
@@ -104,3 +122,12 @@ def test_a_failed_download_raises_on_every_rank_promptly(runs):
         assert "/dist/missing.pth" in result["message"]
         assert result["elapsed"] < 15
     assert runs["hits"]["/dist/missing.pth"] == 1  # only rank 0 asked
+
+
+def test_a_download_slower_than_the_group_timeout_succeeds_on_every_rank(runs):
+    third = [rank_results[2] for rank_results in runs["results"]]
+    assert all(r["ok"] for r in third), third  # rank 0 included: no failure after success
+    assert third[0]["sum"] == third[1]["sum"]
+    # The download really outlasted the group's timeout, on both ranks.
+    assert all(r["elapsed"] > GROUP_TIMEOUT_S for r in third), third
+    assert runs["hits"]["/dist/slow.pth"] == 1
