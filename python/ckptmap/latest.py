@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ckptmap._core import SafetensorsHeaderError
 from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
+from ckptmap.checksum import manifest_path
 from ckptmap.completeness import SNIFF_BYTES, incomplete_reason
 from ckptmap.errors import (
     CheckpointNotFoundError,
@@ -314,15 +315,18 @@ def _remove_checkpoint(path: str, keep_shards: set[str]) -> list[str]:
         with contextlib.suppress(OSError, ValueError):
             shards = _shards_of(Path(path))
     removed = []
-    # The index goes first: once it is gone, no one loads the shards through it.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-        removed.append(path)
+    # The index goes first: once it is gone, no one loads the shards through it. Each file's
+    # SHA-256 manifest (`ckptmap.checksum`) goes after it.
+    for name in (path, str(manifest_path(path))):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+            removed.append(name)
     for shard in shards or []:
         if os.path.realpath(shard) not in keep_shards:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(shard)
-                removed.append(str(shard))
+            for name in (str(shard), str(manifest_path(shard))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+                    removed.append(name)
     return removed
 
 

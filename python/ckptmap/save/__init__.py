@@ -22,6 +22,7 @@ from typing import Any, overload
 from torch import nn
 from torch.optim import Optimizer
 
+from ckptmap.checksum import with_checksum_option
 from ckptmap.errors import SaveArgumentError
 from ckptmap.formats.codec import encode
 from ckptmap.formats.safetensors_write import write_safetensors
@@ -72,6 +73,7 @@ def save_checkpoint(
 ) -> str: ...
 
 
+@with_checksum_option  # checksum=True: also write <file>.sha256 (see ckptmap.checksum)
 def save_checkpoint(
     checkpoint: Any,
     filename: PathLike,

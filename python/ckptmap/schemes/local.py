@@ -1,13 +1,16 @@
-"""Local files: the fallback scheme, and the one place a file becomes a checkpoint."""
+"""Local files: the fallback scheme, ``file://`` URIs, and the one place a file becomes a
+checkpoint."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
 
 from ckptmap.schemes.registry import CheckpointLoader
 
-__all__ = ["load_from_local", "read_checkpoint_file"]
+__all__ = ["file_uri_path", "load_from_file_uri", "load_from_local", "read_checkpoint_file"]
 
 
 def read_checkpoint_file(path: str | os.PathLike[str], map_location: Any = None) -> Any:
@@ -26,10 +29,43 @@ def read_checkpoint_file(path: str | os.PathLike[str], map_location: Any = None)
 def load_from_local(filename: str | os.PathLike[str], map_location: Any = None) -> Any:
     """Loads a checkpoint from a local path (``~`` is expanded).
 
+    When the checkpoint has a ``<file>.sha256`` manifest (``save_checkpoint(...,
+    checksum=True)``), the file is hashed and checked against it first; ``CKPTMAP_CHECKSUM``
+    says when (`ckptmap.checksum`: ``auto``, the default, ``require`` or ``off``).
+
     Raises:
         CheckpointNotFoundError: no such file (`DanglingSymlinkError` for a broken symlink).
         CheckpointIsADirectoryError: a directory without a sharded-checkpoint index.
         CheckpointPermissionError: the file can not be read.
+        NotARegularFileError: a FIFO, socket or device.
         CorruptCheckpointError: the file is not a (complete) checkpoint.
+        ManifestMismatchError: the file does not match its manifest.
+        MissingManifestError: ``CKPTMAP_CHECKSUM=require`` and the file has no manifest.
     """
-    return read_checkpoint_file(os.path.expanduser(os.fspath(filename)), map_location)
+    from ckptmap.checksum import verify_checkpoint
+    from ckptmap.paths import check_path
+
+    path = check_path(filename)
+    verify_checkpoint(path)
+    return read_checkpoint_file(path, map_location)
+
+
+def file_uri_path(uri: str) -> str:
+    """The local path of a ``file://`` URI (``file:///abs/path``, ``file://localhost/...``).
+
+    Raises:
+        ValueError: a ``file://`` URI naming another host.
+    """
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(
+            f"{uri!r} names a file on the host {parts.netloc!r}: file:// URIs load local files "
+            "only (file:///path/to/ckpt.pth); mount the file or use its http(s):// URL"
+        )
+    return url2pathname(unquote(parts.path))
+
+
+@CheckpointLoader.register_scheme(prefixes="file://")
+def load_from_file_uri(filename: str, map_location: Any = None) -> Any:
+    """Loads a ``file://`` URI as the local file it names (see `load_from_local`)."""
+    return load_from_local(file_uri_path(filename), map_location)

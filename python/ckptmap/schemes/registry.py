@@ -6,6 +6,15 @@ prefixes are tried first. The empty prefix is the local-file fallback, but only 
 that look like paths: ``foo://x`` with no loader for ``foo://`` is an error that lists the
 registered schemes, while Windows paths such as ``C:\\x.pth`` or ``D:/x.pth`` stay local.
 
+URI schemes are case-insensitive (RFC 3986): ``HTTPS://host/x`` and ``S3://b/k`` reach the
+loaders of ``https://`` and ``s3://``, with the scheme written in lower case. ``file://`` URIs
+are local files.
+
+Precedence between a local path and a prefix: a string that starts with a URI scheme
+(``s3://...``, ``https://...``) or with petrel's ``cluster:scheme://`` form always goes to that
+scheme's loader. Anything else that matches a prefix somewhere but exists on the local
+filesystem (``runs/a:s3://b/ckpt.pth``) is the local file.
+
 The built-in loaders (local, http(s), model zoos, s3, petrel, pavi) register themselves when
 `ckptmap.schemes` is imported.
 """
@@ -24,6 +33,7 @@ from ckptmap.errors import (
     SchemeRegistrationError,
     UnknownSchemeError,
 )
+from ckptmap.redact import redact_url
 from ckptmap.report import log_message
 
 __all__ = ["CheckpointLoader", "LoaderFunc"]
@@ -33,6 +43,8 @@ _F = TypeVar("_F", bound=LoaderFunc)
 
 # A URI scheme of two or more characters followed by `://`; one letter is a drive (`C://x`).
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+://")
+# The same, optionally after petrel's `cluster:` prefix (no `/` in the cluster name).
+_SCHEME = re.compile(r"^(?P<cluster>[^/\\\s:]+:)?(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]+)://")
 
 
 def _compile(prefix: str) -> re.Pattern[str]:
@@ -127,17 +139,31 @@ class CheckpointLoader:
             UnknownSchemeError: `path` is a URI whose scheme no loader handles, or no prefix
                 matches and there is no local loader.
         """
-        for prefix, loader in cls._schemes.items():
-            if prefix and cls._patterns[prefix].match(path) is not None:
-                return loader
+        return cls._resolve(path)[0]
+
+    @classmethod
+    def _resolve(cls, path: str) -> tuple[LoaderFunc, str]:
+        """The loader for `path`, and the path to hand it (its URI scheme in lower case)."""
+        uri = _SCHEME.match(path)
+        normal = path
+        if uri is not None:
+            start, end = uri.span("scheme")
+            normal = path[:start] + path[start:end].lower() + path[end:]
+        elif "" in cls._schemes and os.path.lexists(path):
+            # Not a URI but it exists here: a local path, whatever prefix it also matches.
+            return cls._schemes[""], path
+        for candidate in dict.fromkeys((path, normal)):
+            for prefix, loader in cls._schemes.items():
+                if prefix and cls._patterns[prefix].match(candidate) is not None:
+                    return loader, candidate
         if "" in cls._schemes and _URI.match(path) is None:
-            return cls._schemes[""]
+            return cls._schemes[""], path
         scheme = path.split("://", 1)[0] + "://" if "://" in path else path
         shown = ", ".join(repr(p) for p in cls._schemes if p) or "none"
         raise UnknownSchemeError(
-            f"no checkpoint loader is registered for {scheme!r} (in {path!r}). Registered "
-            f"schemes: {shown}, and local paths. Check the spelling, or register one with "
-            "CheckpointLoader.register_scheme",
+            f"no checkpoint loader is registered for {redact_url(scheme)!r} (in "
+            f"{redact_url(path)!r}). Registered schemes: {shown}, and local paths. Check the "
+            "spelling, or register one with CheckpointLoader.register_scheme",
             filename=path,
             schemes=list(cls._schemes),
         )
@@ -177,7 +203,7 @@ class CheckpointLoader:
 
     @classmethod
     def _load(cls, path: str, map_location: Any, logger: Any) -> Any:
-        loader = cls._get_checkpoint_loader(path)
+        loader, path = cls._resolve(path)
         cls.log_backend(path, loader, logger)
         return loader(path, map_location)
 
@@ -187,7 +213,7 @@ class CheckpointLoader:
         name = getattr(loader, "__name__", type(loader).__name__)
         backend = name[len("load_from_") :] if name.startswith("load_from_") else name
         log_message(
-            f"Loads checkpoint by {backend} backend from path: {path}",
+            f"Loads checkpoint by {backend} backend from path: {redact_url(path)}",
             logger=logger,
             level=logging.INFO,
         )
