@@ -68,7 +68,10 @@ def load_file(
             in ``.metadata`` and in object entries). Pass the objects, or
             ``(object, "module.name")`` pairs; names alone are never imported.
         mmap: memory-map the file (None: wherever the format allows it). Tensors of a mapped
-            file are views of its pages: the file must not change while they are in use.
+            file are views of its pages: the file must not change while they are in use (a
+            file truncated under them kills the process with SIGBUS, the OS's answer to a
+            read past the end of a map). False reads every format into memory, safetensors
+            and sharded checkpoints included, and leaves no map of the file.
 
     Returns:
         For pickles, what `torch.load` returns (any object: the caller looks for the state
@@ -155,10 +158,10 @@ def validate_state_dict(state_dict: Any, path: str | os.PathLike[str]) -> Mappin
 
 
 def _load_safetensors(sniffed: Sniffed, map_location: Any, mmap: bool | None) -> Any:
-    # Imported on use: a pickle-only load never pays for it. Always mapped (mmap is moot).
+    # Imported on use: a pickle-only load never pays for it.
     from ckptmap.formats import safetensors
 
-    tensors, metadata = safetensors.load_safetensors(sniffed.path, map_location)
+    tensors, metadata = safetensors.load_safetensors(sniffed.path, map_location, mmap=mmap)
     return codec.decode(tensors, metadata)
 
 

@@ -104,7 +104,7 @@ def parse_index(raw: bytes, path: str) -> tuple[dict[str, str], dict[str, Any]]:
     except _DuplicateKey as err:
         raise InvalidShardIndexError(path, f"it has the key {err.args[0]!r} twice") from None
     except RecursionError:
-        raise InvalidShardIndexError(path, "its JSON is nested too deeply") from None
+        raise InvalidShardIndexError(path, "it is not valid JSON (nested too deeply)") from None
     except ValueError as err:  # UnicodeDecodeError is a ValueError
         raise InvalidShardIndexError(path, f"it is not valid JSON ({err})") from None
     if not isinstance(doc, dict):

@@ -39,13 +39,16 @@ from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
     CorruptCheckpointError,
+    MapLocationError,
     UnsafeCheckpointError,
     UnsafeLoadWarning,
 )
 from ckptmap.formats import allowlist
+from ckptmap.formats.map_location import checked_map_location
 from ckptmap.formats.safe_mmengine import HISTORY_BUFFER, explicitly_allowed
 from ckptmap.formats.safe_numpy import recipes_made, resolve
 from ckptmap.formats.sniff import Format, Sniffed
+from ckptmap.formats.torch_zip_check import check_torch_zip
 
 __all__ = [
     "AllowedGlobal",
@@ -141,6 +144,10 @@ _CORRUPT_MARKERS = (
     "Invalid magic number",
     "Invalid protocol version",
     "truncated",
+    # A storage record smaller than its tensors need (read into memory / mapped).
+    "does not match expected size",
+    "Trying to resize storage that is not resizable",
+    "out of bounds for storage",
 )
 
 # Exceptions torch's unpickler lets through on damaged pickles.
@@ -257,6 +264,7 @@ def _load_any(
     if sniffed.format is not Format.TORCH_ZIP:
         raise ValueError(f"load_pickle can not load {sniffed.format.value} files")
     use_mmap = True if mmap is None else bool(mmap)
+    check_torch_zip(path, sniffed.size, mmap=use_mmap)  # inflation cap, record sizes
     try:
         return _torch_load(sniffed, map_location, weights_only, allowed, mmap=use_mmap)
     except _MmapFailed as err:
@@ -286,12 +294,17 @@ def _torch_load(
             try:
                 # weights_only is always passed explicitly; see the module docstring.
                 return torch.load(
-                    source, map_location=map_location, weights_only=weights_only, mmap=mmap
+                    source,
+                    map_location=checked_map_location(map_location, path),
+                    weights_only=weights_only,
+                    mmap=mmap,
                 )
             except RuntimeError as err:
                 if mmap and "mmap" in str(err).lower():
                     raise _MmapFailed(str(err)) from err
                 raise
+    except MapLocationError:
+        raise
     except pickle.UnpicklingError as err:
         raise _explain_failure(sniffed, allowed, str(err)) from None
     except EOFError as err:

@@ -14,7 +14,9 @@ Views, not copies:
     use**: pages not yet read then show the new content, and reading past a truncated end
     kills the process with SIGBUS (as with any memory-mapped file, torch's included). Save to
     a new file and rename it over the old one instead (`ckptmap.atomic`): the old file's
-    inode stays valid for as long as it is mapped.
+    inode stays valid for as long as it is mapped. ``mmap=False`` reads the file into memory
+    when it is opened instead: slower and as large as the file, but then nothing that happens
+    to the file later can reach the tensors.
 
     A tensor whose bytes are not aligned for its dtype (files written with a header length
     that is not a multiple of 8, or with small tensors before large ones) is copied into
@@ -30,7 +32,7 @@ has no one-element-per-value type for them).
 from __future__ import annotations
 
 import functools
-import mmap
+import mmap as _mmap
 import os
 import stat
 import sys
@@ -48,6 +50,7 @@ from ckptmap.errors import (
     CheckpointPermissionError,
     CorruptCheckpointError,
     InvalidSafetensorsError,
+    MapLocationError,
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
@@ -97,21 +100,29 @@ def _torch_dtype(name: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def map_location_fn(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def map_location_fn(
+    map_location: Any, source: str = "<safetensors>"
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Turns a `torch.load`-style `map_location` into a function on CPU tensors.
 
     Args:
         map_location: None or "cpu" (keep), a device or device string, a dict mapping
             location tags (``"cpu"``) to devices, or a callable ``(storage, location)``
             returning a storage or None, as `torch.load` calls it (location ``"cpu"``).
+        source: the file, for messages.
 
     Returns:
         A function moving one tensor, or None when tensors stay where they are.
+
+    Raises:
+        MapLocationError: (a TypeError) `map_location` is none of the above. The returned
+            function raises it when the callable raises or returns something that is not a
+            storage.
     """
     if map_location is None:
         return None
     if isinstance(map_location, dict):
-        return map_location_fn(map_location.get("cpu"))
+        return map_location_fn(map_location.get("cpu"), source)
     if isinstance(map_location, (str, torch.device, int)):
         device = torch.device(map_location)
         if device.type == "cpu":
@@ -122,16 +133,26 @@ def map_location_fn(map_location: Any) -> Callable[[torch.Tensor], torch.Tensor]
 
         def call(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
-            moved = fn(storage, "cpu")
+            try:
+                moved = fn(storage, "cpu")
+            except Exception as err:
+                raise MapLocationError(source, f"raised {type(err).__name__}: {err}") from err
             if moved is None or moved is storage:
                 return t
+            if isinstance(moved, torch.TypedStorage):
+                moved = moved.untyped()
+            if not isinstance(moved, torch.UntypedStorage):
+                raise MapLocationError(
+                    source,
+                    f"returned an object of type {type(moved).__name__}, not a storage or None",
+                )
             out = torch.empty(0, dtype=t.dtype, device=moved.device)
             return out.set_(moved, t.storage_offset(), t.shape, t.stride())
 
         return call
-    raise TypeError(
-        "map_location must be None, a device, a str, a dict or a callable (as for torch.load), "
-        f"not {type(map_location).__name__}"
+    raise MapLocationError(
+        source,
+        f"is a {type(map_location).__name__}, not None, a device, a str, a dict or a callable,",
     )
 
 
@@ -170,23 +191,31 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     ``file[name]`` builds the tensor anew: a zero-copy view of the map (a copy for misaligned
     data), moved by `map_location` if one was given. Iteration follows the header's order.
     The map lives as long as this object or any tensor taken from it; `close()` only drops
-    this object's reference. See the module docstring for what must not happen to the file
-    meanwhile.
+    this object's reference. With ``mmap=False`` the file is read into memory instead and
+    the tensors are views of that copy. See the module docstring for what must not happen to
+    the file meanwhile.
 
     Args:
         path: the safetensors file.
         map_location: as for `torch.load` (see `map_location_fn`).
+        mmap: map the file (None or True, the default) or, with False, read it whole into
+            memory now: the tensors are then views of that private copy and no map of the
+            file remains (the header is read through a map that is gone when this returns).
 
     Raises:
         CheckpointNotFoundError / DanglingSymlinkError / CheckpointIsADirectoryError /
             CheckpointPermissionError: the path can not be opened as a file.
+        NotARegularFileError: a FIFO, socket or device (refused before it is opened).
         InvalidSafetensorsError: the header fails validation.
-        CorruptCheckpointError: not a regular file.
+        CorruptCheckpointError: the file changed while it was being opened.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, map_location: Any = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, map_location: Any = None, mmap: bool | None = None
+    ) -> None:
         self.path = check_path(path)
-        self._move = map_location_fn(map_location)
+        self._move = map_location_fn(map_location, self.path)
+        self.mapped = mmap is None or bool(mmap)
         fd = _open_fd(self.path)
         try:
             try:
@@ -195,22 +224,44 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                 size = os.fstat(fd).st_size
                 raise InvalidSafetensorsError(self.path, size, err.kind, err.detail) from None
             size = self.header.file_size
-            try:
-                # Private copy-on-write: writable for torch.frombuffer, never written back.
-                self._map: mmap.mmap | None = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-            except ValueError as err:  # shorter now than when the header was read
-                raise CorruptCheckpointError(
-                    self.path,
-                    os.fstat(fd).st_size,
-                    f"a safetensors file that changed while it was being opened ({err})",
-                    "make sure nothing rewrites the file while it is loaded, then retry",
-                ) from None
+            self._map: _mmap.mmap | None = None
+            if self.mapped:
+                try:
+                    # Private copy-on-write: writable for torch.frombuffer, never written back.
+                    self._map = _mmap.mmap(fd, size, access=_mmap.ACCESS_COPY)
+                except ValueError as err:  # shorter now than when the header was read
+                    raise self._changed(fd, str(err)) from None
+                buffer: _mmap.mmap | bytearray = self._map
+            else:
+                buffer = self._read_whole(fd, size)
         finally:
             os.close(fd)
         # Tensors hold this view, not the map: while one is alive the map can not be closed.
-        self._view: memoryview | None = memoryview(self._map)
+        self._view: memoryview | None = memoryview(buffer)
         self._names: list[str] = self.header.names
         self._index = {name: i for i, name in enumerate(self._names)}
+
+    def _changed(self, fd: int, detail: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            self.path,
+            os.fstat(fd).st_size,
+            f"a safetensors file that changed while it was being opened ({detail})",
+            "make sure nothing rewrites the file while it is loaded, then retry",
+        )
+
+    def _read_whole(self, fd: int, size: int) -> bytearray:
+        """The file's `size` bytes, read into memory (malloc'd, so aligned for every dtype)."""
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        with open(fd, "rb", buffering=0, closefd=False) as raw:
+            raw.seek(0)
+            while done < size:
+                count = raw.readinto(view[done:])
+                if not count:
+                    raise self._changed(fd, f"it ended after {done:,} of {size:,} bytes")
+                done += count
+        return buffer
 
     # --- the plan: header only ---
 
@@ -337,7 +388,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
 
     def _prefetch(self, positions: Iterable[int]) -> None:
         advise = getattr(self._map, "madvise", None)
-        willneed = getattr(mmap, "MADV_WILLNEED", None)
+        willneed = getattr(_mmap, "MADV_WILLNEED", None)
         if advise is None or willneed is None:
             return
         ranges = self._columns[2]
@@ -351,7 +402,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             else:
                 merged.append([start, end])
         for start, end in merged:
-            aligned = start - start % mmap.PAGESIZE
+            aligned = start - start % _mmap.PAGESIZE
             try:
                 advise(willneed, aligned, end - aligned)
             except OSError:  # pragma: no cover - advice only
@@ -403,29 +454,33 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         return tensor if self._move is None else self._move(tensor)
 
 
-def open_safetensors(path: str | os.PathLike[str], map_location: Any = None) -> SafetensorsFile:
+def open_safetensors(
+    path: str | os.PathLike[str], map_location: Any = None, *, mmap: bool | None = None
+) -> SafetensorsFile:
     """Opens `path` as a lazy `SafetensorsFile` (header validated, data mapped, none read)."""
-    return SafetensorsFile(path, map_location=map_location)
+    return SafetensorsFile(path, map_location=map_location, mmap=mmap)
 
 
 def load_file(
-    path: str | os.PathLike[str], map_location: Any = None
+    path: str | os.PathLike[str], map_location: Any = None, *, mmap: bool | None = None
 ) -> OrderedDict[str, torch.Tensor]:
-    """Loads every tensor of a safetensors file as zero-copy views (what the dispatcher calls).
+    """Loads every tensor of a safetensors file (what the dispatcher calls).
 
     Args:
         path: the safetensors file.
         map_location: as for `torch.load`.
+        mmap: None or True: zero-copy views of the mapped file, whose pages are read when the
+            tensors are used. False: the file is read into memory now and not mapped.
 
     Returns:
-        The tensors in header order. Data pages are read when the tensors are used.
+        The tensors in header order.
     """
-    return SafetensorsFile(path, map_location=map_location).load()
+    return SafetensorsFile(path, map_location=map_location, mmap=mmap).load()
 
 
 def load_safetensors(
-    path: str | os.PathLike[str], map_location: Any = None
+    path: str | os.PathLike[str], map_location: Any = None, *, mmap: bool | None = None
 ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, str]]:
     """Like `load_file`, also returning the header's ``__metadata__`` (empty if none)."""
-    with SafetensorsFile(path, map_location=map_location) as f:
+    with SafetensorsFile(path, map_location=map_location, mmap=mmap) as f:
         return f.load(), f.metadata

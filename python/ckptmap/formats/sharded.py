@@ -81,8 +81,10 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
     Args:
         path: the ``*.index.json``, or a directory holding it (see `find_index`).
         map_location: as for `torch.load`.
-        weights_only, allowed_globals, mmap: for torch (pickle) shards, as for
+        weights_only, allowed_globals: for torch (pickle) shards, as for
             `ckptmap.formats.load_file`.
+        mmap: map the shards (None: wherever the format allows); False reads every shard
+            into memory, safetensors shards included.
 
     Raises:
         InvalidShardIndexError: the index is not JSON, lacks a ``weight_map``, repeats a key,
@@ -127,7 +129,7 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
             sniffed = sniff(file)
             sniffed.raise_if_corrupt()
             if sniffed.format is Format.SAFETENSORS:
-                opened = SafetensorsFile(file, map_location=map_location)
+                opened = SafetensorsFile(file, map_location=map_location, mmap=mmap)
                 self._opened[shard] = opened
             elif sniffed.format in _PICKLES:
                 self._pending[shard] = sniffed
