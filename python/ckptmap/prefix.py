@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from ckptmap._core import filter_prefix_keys
+from ckptmap.state_metadata import check_state_metadata
 
 V = TypeVar("V")
 
@@ -49,7 +50,7 @@ def filter_prefix(
         # would load every value: look up only the kept keys.
         kept_values = map(state_dict.__getitem__, map(keys.__getitem__, positions))
     kept: OrderedDict[str, V] = OrderedDict(zip(names, kept_values, strict=True))
-    metadata = getattr(state_dict, "_metadata", None)
+    metadata = check_state_metadata(getattr(state_dict, "_metadata", None))
     if metadata is not None:
         kept._metadata = filter_prefix_metadata(metadata, prefix, strip)  # type: ignore[attr-defined]
     return kept

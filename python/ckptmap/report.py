@@ -28,6 +28,7 @@ __all__ = [
     "log_message",
     "nothing_loaded_line",
     "parse_size_mismatch",
+    "printable",
 ]
 
 ReportStyle = Literal["folded", "flat"]
@@ -36,6 +37,17 @@ LoggerLike = logging.Logger | logging.LoggerAdapter | str | None
 HEADER = "The model and loaded state dict do not match exactly"
 UNEXPECTED = "unexpected key in source state_dict"
 MISSING = "missing keys in source state_dict"
+
+#: Names longer than this are shortened in reports (the JSON outputs keep them whole).
+MAX_SHOWN = 240
+#: Error messages (which quote keys) are shortened past this.
+_MAX_MESSAGE = 2000
+# What a terminal would act on instead of showing: C0/C1 controls (ESC starts ANSI
+# sequences), bidirectional overrides and isolates (they reorder what is shown), zero-width
+# characters, line/paragraph separators, a BOM, and lone surrogates (they can not be printed).
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
 
 # torch's message for a shape mismatch in `Module._load_from_state_dict`.
 _SIZE_MISMATCH = re.compile(
@@ -141,6 +153,30 @@ class LoadResult:
 
     def __str__(self) -> str:
         return self.report() or f"<All keys matched successfully ({self.num_source_keys} keys)>"
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, limit: int = MAX_SHOWN) -> str:
+    """`text` made safe to show on a terminal: one line, no control sequences, bounded.
+
+    Checkpoint keys (and messages quoting them) come from files that may come from anyone:
+    control characters (ANSI escape sequences included), bidirectional overrides, zero-width
+    characters and lone surrogates are shown as ``\\x1b`` / ``\\u202e`` escapes, and text longer
+    than `limit` keeps its start and end around ``...`` and says how long it was. Ordinary
+    names come back unchanged.
+    """
+    shown = str(text)
+    length = len(shown)
+    if _UNSAFE.search(shown):
+        shown = _UNSAFE.sub(lambda m: _escape(m[0]), shown)
+    if len(shown) > limit:
+        tail = limit // 4
+        shown = f"{shown[: limit - tail]}...{shown[-tail:]} [{length:,} chars]"
+    return shown
 
 
 def parse_size_mismatch(message: str) -> Mismatch | None:
@@ -267,12 +303,12 @@ def nothing_loaded_line(result: LoadResult) -> str:
 
 
 def _format_flat(result: LoadResult) -> str:
-    msgs = list(result.error_msgs)
+    msgs = [printable(m, _MAX_MESSAGE) for m in result.error_msgs]
     if result.unexpected_keys:
-        msgs.append(f"{UNEXPECTED}: {', '.join(result.unexpected_keys)}\n")
+        msgs.append(f"{UNEXPECTED}: {', '.join(map(printable, result.unexpected_keys))}\n")
     missing = result.reported_missing_keys
     if missing:
-        msgs.append(f"{MISSING}: {', '.join(missing)}\n")
+        msgs.append(f"{MISSING}: {', '.join(map(printable, missing))}\n")
     if result.collisions:
         described = "; ".join(_describe_collision(c) for c in result.collisions)
         msgs.append(f"key collisions after revise_keys: {described}\n")
@@ -301,8 +337,8 @@ def _format_folded(result: LoadResult) -> str:
         for (src, dst), names in groups.items():
             for pattern, count in fold_keys(names):
                 lines.append(
-                    f"    {pattern}: checkpoint {_fmt_shape(src)}, model {_fmt_shape(dst)}"
-                    + _count(count)
+                    f"    {printable(pattern)}: checkpoint {_fmt_shape(src)}, model "
+                    f"{_fmt_shape(dst)}" + _count(count)
                 )
     if result.collisions:
         lines.append(
@@ -311,7 +347,7 @@ def _format_folded(result: LoadResult) -> str:
         lines.extend(f"    {_describe_collision(c)}" for c in result.collisions)
     if result.other_errors:
         lines.append(f"other load errors ({len(result.other_errors)}):")
-        lines.extend(f"    {msg.strip()}" for msg in result.other_errors)
+        lines.extend(f"    {printable(msg.strip(), _MAX_MESSAGE)}" for msg in result.other_errors)
     return "\n".join(lines)
 
 
@@ -319,7 +355,7 @@ def _section(lines: list[str], title: str, keys: Sequence[str]) -> None:
     if not keys:
         return
     lines.append(f"{title} ({len(keys)}):")
-    lines.extend(f"    {pattern}{_count(count)}" for pattern, count in fold_keys(keys))
+    lines.extend(f"    {printable(pattern)}{_count(count)}" for pattern, count in fold_keys(keys))
 
 
 def _count(n: int) -> str:
@@ -331,8 +367,8 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 
 def _describe_collision(collision: Any) -> str:
-    sources = ", ".join(collision.sources)
-    return f"{collision.key} <- {sources} (kept {collision.kept})"
+    sources = ", ".join(map(printable, collision.sources))
+    return f"{printable(collision.key)} <- {sources} (kept {printable(collision.kept)})"
 
 
 def log_message(message: str, logger: LoggerLike = None, level: int = logging.WARNING) -> None:

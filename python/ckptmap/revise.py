@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from ckptmap._core import KeyRules, find_collisions
+from ckptmap.state_metadata import check_state_metadata
 
 RuleSpec = KeyRules | Iterable[tuple[Any, Any]]
 
@@ -71,7 +72,7 @@ def revise_keys(state_dict: Mapping[str, Any], rules: RuleSpec) -> Revised:
             collisions.append(
                 Collision(new_keys[kept], tuple(keys[i] for i in members), keys[kept])
             )
-    metadata = getattr(state_dict, "_metadata", None)
+    metadata = check_state_metadata(getattr(state_dict, "_metadata", None))
     if metadata is not None:
         revised._metadata = revise_metadata(metadata, key_rules)  # type: ignore[attr-defined]
     return Revised(revised, collisions)

@@ -32,7 +32,7 @@ from ckptmap.cli.common import add_allow_argument, allowed_globals_for, rule_arg
 from ckptmap.errors import ModelSpecError
 from ckptmap.opened import open_checkpoint
 from ckptmap.plan import DEFAULT_REVISE_KEYS, plan_load
-from ckptmap.report import fold_keys
+from ckptmap.report import fold_keys, printable
 from ckptmap.shapes import (
     DiffResult,
     checkpoint_shapes,
@@ -141,7 +141,7 @@ def format_diff(result: DiffResult, *, source: str, expected: str, notes: Sequen
     def section(title: str, keys: Sequence[str]) -> None:
         if keys:
             lines.append(f"{title} ({len(keys):,}):")
-            lines.extend(f"    {p}{_count(n)}" for p, n in fold_keys(keys))
+            lines.extend(f"    {printable(p)}{_count(n)}" for p, n in fold_keys(keys))
 
     section("missing from the checkpoint", result.missing)
     section("unexpected in the checkpoint", result.unexpected)
@@ -152,11 +152,12 @@ def format_diff(result: DiffResult, *, source: str, expected: str, notes: Sequen
             groups.setdefault((a, b), []).append(key)
         for (a, b), names in groups.items():
             for pattern, n in fold_keys(names):
-                lines.append(f"    {pattern}: checkpoint {a}, expected {b}{_count(n)}")
+                lines.append(f"    {printable(pattern)}: checkpoint {a}, expected {b}{_count(n)}")
     if result.collisions:
         lines.append(f"collisions after the rules ({len(result.collisions):,}), last one kept:")
         for key, sources, kept in result.collisions:
-            lines.append(f"    {key} <- {', '.join(sources)} (kept {kept})")
+            shown = ", ".join(map(printable, sources))
+            lines.append(f"    {printable(key)} <- {shown} (kept {printable(kept)})")
     if result.match:
         lines.append("result: keys and shapes match exactly")
     else:

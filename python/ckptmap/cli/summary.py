@@ -23,6 +23,7 @@ from typing import Any
 
 from ckptmap.cli.common import add_allow_argument, format_size
 from ckptmap.opened import open_checkpoint
+from ckptmap.report import printable
 
 __all__ = ["add_inspect_parser", "format_inspect", "inspect_checkpoint", "run_inspect"]
 
@@ -83,7 +84,8 @@ def inspect_checkpoint(
 def format_inspect(summary: Mapping[str, Any]) -> str:
     """Renders `inspect_checkpoint`'s summary as text for a terminal."""
     lines = [
-        f"{summary['path']}: {summary['looks_like']}, {format_size(summary['file_bytes'])} on disk"
+        f"{printable(summary['path'], 1000)}: {summary['looks_like']}, "
+        f"{format_size(summary['file_bytes'])} on disk"
         + ("" if summary["header_only"] else " (read in full: this format has no header)"),
         f"tensors: {summary['tensor_count']:,}   bytes: {format_size(summary['total_bytes'])}"
         + (f"   shards: {summary['shards']}" if summary.get("shards") else ""),
@@ -98,8 +100,7 @@ def format_inspect(summary: Mapping[str, Any]) -> str:
     if summary.get("metadata"):
         lines.append("metadata:")
         for key, value in summary["metadata"].items():
-            text = str(value)
-            lines.append(f"  {key}: {text[:70] + '...' if len(text) > 73 else text}")
+            lines.append(f"  {printable(key, 60)}: {printable(value, 73)}")
     children = summary["tree"]["children"]
     if children:
         rows = list(_tree_rows(children, 0))
@@ -238,7 +239,7 @@ def _cap_children(node: dict[str, Any], limit: int) -> dict[str, Any]:
 
 def _tree_rows(children: list[dict[str, Any]], level: int) -> Iterator[tuple[str, int, int]]:
     for child in children:
-        name = child["name"]
+        name = printable(child["name"])
         if "repeat" in child:
             name = f"[{name}] x{child['repeat']}"
         yield "  " * level + name, child["count"], child["bytes"]
