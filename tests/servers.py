@@ -39,6 +39,8 @@ class Route:
         "slow": as "ok", in `chunks` pieces `delay_s` apart.
         "hang_once": the first request gets the headers and half the body, then waits for
             `release` (or HANDLER_WAIT_S) and closes; later requests as "ok".
+        "raw": `body` is the whole response (status line, headers and body) sent as it is,
+            then the connection closes: malformed headers, cut chunked bodies, ...
 
     ranges (for "ok" routes; the others ignore Range headers):
         "none": Range headers are ignored: 200 and the whole body, no Accept-Ranges.
@@ -102,8 +104,10 @@ class CheckpointServer:
     the body bytes sent per path (`bytes_sent`), and every request's Range header
     (`requests`, as ``(path, range or None)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.routes: dict[str, Route] = {}
+        #: Every request's path and headers, in arrival order.
+        self.received: list[dict[str, str]] = []
         self.hits: Counter[str] = Counter()
         self.bytes_sent: Counter[str] = Counter()
         self.requests: list[tuple[str, str | None]] = []
@@ -119,6 +123,14 @@ class CheckpointServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            self.scheme = "https"
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -128,7 +140,7 @@ class CheckpointServer:
         return self._httpd.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def add(self, path: str, body: bytes = b"", kind: str = "ok", **options: Any) -> str:
         """Serves `path`; returns its URL."""
@@ -168,6 +180,8 @@ class CheckpointServer:
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         path = handler.path.split("?", 1)[0]
         range_header = handler.headers.get("Range")
+        with self._lock:
+            self.received.append({"path": handler.path, **dict(handler.headers.items())})
         nth = self._count(path, range_header)
         route = self.routes.get(path)
         if route is None:
@@ -180,6 +194,12 @@ class CheckpointServer:
         body = route.body
         if kind == "status":
             return self._status(handler, route.status, route.headers)
+        if kind == "raw":
+            with contextlib.suppress(OSError):
+                handler.wfile.write(body)
+                handler.wfile.flush()
+            handler.close_connection = True
+            return None
         if kind == "drop":
             handler.close_connection = True
             with contextlib.suppress(OSError):
@@ -284,8 +304,9 @@ class CheckpointServer:
 
 
 @contextlib.contextmanager
-def checkpoint_server() -> Iterator[CheckpointServer]:
-    server = CheckpointServer().start()
+def checkpoint_server(tls: tuple[str, str] | None = None) -> Iterator[CheckpointServer]:
+    """A running `CheckpointServer` (https when `tls` is a (certificate, key) file pair)."""
+    server = CheckpointServer(tls).start()
     try:
         yield server
     finally:
@@ -448,3 +469,49 @@ def random_checkpoint(path: str | os.PathLike[str], total_bytes: int, seed: int 
     with open(path, "rb") as f:
         prefix = f.read(8)
         return prefix + f.read(int.from_bytes(prefix, "little"))
+
+
+def self_signed_certificate(directory: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in `directory`.
+
+    Trust it in a client by pointing ``SSL_CERT_FILE`` at the certificate.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(directory, "cert.pem")
+    key_path = os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_path, key_path
