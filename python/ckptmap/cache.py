@@ -57,7 +57,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from ckptmap.atomic import atomic_write, remove_stale_temps
 from ckptmap.checksum import read_manifest, write_manifest
@@ -408,30 +408,45 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
     """Follows redirects to http(s) only, never from https down to http, and never carries
     the caller's credentials to another host."""
 
+    def http_error_302(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any
+    ) -> Any:
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            self._check(req, fp, code, urljoin(req.full_url, location))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    @staticmethod
+    def _check(req: urllib.request.Request, fp: Any, code: int, newurl: str) -> None:
+        old = urlsplit(req.full_url)
+        scheme = urlsplit(newurl).scheme.lower()
+        problem = None
+        if scheme not in ("http", "https"):
+            problem = f"to a {scheme}: URL, which is not http(s)"
+        elif old.scheme.lower() == "https" and scheme == "http":
+            problem = "from https down to plain http, which anyone on the way could read or alter"
+        if problem is None:
+            return
+        fp.close()
+        shown = redact_url(newurl)
+        raise UnsafeRedirectError(
+            f"refusing the redirect of {redact_url(req.full_url)} (HTTP {code}) to {shown}: "
+            f"{problem}; nothing was cached. Use the final https URL directly if you trust it",
+            url=req.full_url,
+            status=code,
+            location=shown,
+        )
+
     def redirect_request(
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> urllib.request.Request | None:
-        old = urlsplit(req.full_url)
-        new = urlsplit(newurl)
-        scheme = new.scheme.lower()
-        problem = None
-        if scheme not in ("http", "https"):
-            problem = f"to a {scheme or 'relative'}:// URL, which is not http(s)"
-        elif old.scheme.lower() == "https" and scheme == "http":
-            problem = "from https down to plain http, which anyone on the way could read or alter"
-        if problem is not None:
-            fp.close()
-            shown = redact_url(newurl)
-            raise UnsafeRedirectError(
-                f"refusing the redirect of {redact_url(req.full_url)} (HTTP {code}) to "
-                f"{shown}: {problem}; nothing was cached. Use the final https URL directly if "
-                "you trust it",
-                url=req.full_url,
-                status=code,
-                location=shown,
-            )
+        self._check(req, fp, code, newurl)
         redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if redirected is not None and new.netloc.lower() != old.netloc.lower():
+        if redirected is not None and (
+            urlsplit(newurl).netloc.lower() != urlsplit(req.full_url).netloc.lower()
+        ):
             redirected.remove_header("Authorization")
         return redirected
 
