@@ -74,7 +74,7 @@ from ckptmap.errors import (
     UnsafePathError,
     UnsafeRedirectError,
 )
-from ckptmap.magic import safetensors_header_length
+from ckptmap.magic import only_whitespace_so_far, safetensors_header_length
 from ckptmap.paths import open_regular, reject_special, safe_join
 from ckptmap.redact import redact_url
 
@@ -103,6 +103,8 @@ CHUNK_SIZE = 1 << 20
 #: Bytes looked at to decide whether a body is a checkpoint (whitespace may precede a
 #: safetensors header's JSON).
 SNIFF_SIZE = 4096
+#: A safetensors header may start with more whitespace than that: up to this much is read.
+MAX_SNIFF_SIZE = 1 << 20
 
 # Like torch.hub's names (`resnet50-0676ba61.pth`), but fewer than 8 digits are not a hash:
 # torch.hub treats `name-.pth` as an empty hash that every file matches.
@@ -278,8 +280,10 @@ def write_verified(
             if not chunk:
                 continue
             if not sniffed:
-                head += chunk[: SNIFF_SIZE - len(head)]
-                if len(head) >= SNIFF_SIZE:
+                head += chunk[: MAX_SNIFF_SIZE - len(head)]
+                if len(head) >= MAX_SNIFF_SIZE or (
+                    len(head) >= SNIFF_SIZE and not only_whitespace_so_far(head)
+                ):
                     check_head()
                     sniffed = True
             hasher.update(chunk)

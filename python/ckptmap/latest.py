@@ -39,7 +39,7 @@ from pathlib import Path
 from ckptmap._core import SafetensorsHeaderError
 from ckptmap.atomic import atomic_write, fsync_directory, is_temp_file
 from ckptmap.checksum import manifest_path
-from ckptmap.completeness import SNIFF_BYTES, incomplete_reason
+from ckptmap.completeness import incomplete_reason, read_head
 from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPointerWarning,
@@ -100,8 +100,7 @@ def _complete(path: Path, depth: int) -> bool:
     with open_regular(path) as f:
         if incomplete_reason(f, str(path)) is not None:
             return False
-        f.seek(0)
-        head = f.read(SNIFF_BYTES)
+        head = read_head(f)
     if head.startswith(b"PK\x03\x04") or safetensors_header_length(head) is not None:
         return True
     # A legacy torch pickle starts with a pickled magic number; nothing cheap proves its end.

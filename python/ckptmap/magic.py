@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 
-__all__ = ["JSON_WHITESPACE", "MAX_SAFETENSORS_HEADER", "safetensors_header_length"]
+__all__ = [
+    "JSON_WHITESPACE",
+    "MAX_SAFETENSORS_HEADER",
+    "only_whitespace_so_far",
+    "safetensors_header_length",
+]
 
 #: The safetensors reference implementation's cap on the JSON header (the Rust reader's).
 MAX_SAFETENSORS_HEADER = MAX_SAFETENSORS_HEADER_LEN
@@ -32,3 +37,11 @@ def safetensors_header_length(head: bytes) -> int | None:
         return None
     json_start = head[8 : 8 + header_len].lstrip(JSON_WHITESPACE)
     return header_len if json_start[:1] == b"{" else None
+
+
+def only_whitespace_so_far(head: bytes) -> bool:
+    """Whether `head` is a plausible header length followed by nothing but whitespace: more
+    bytes are needed to tell whether it is a safetensors file."""
+    if len(head) < 9 or head[8:].lstrip(JSON_WHITESPACE):
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER

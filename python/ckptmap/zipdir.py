@@ -23,6 +23,8 @@ from typing import BinaryIO, NamedTuple
 
 __all__ = [
     "MAX_DIRECTORY_BYTES",
+    "MAX_INFLATED_BYTES",
+    "MAX_INFLATE_RATIO",
     "ZipDirectory",
     "ZipDirectoryError",
     "ZipEntry",
@@ -32,6 +34,11 @@ __all__ = [
 
 #: A central directory larger than this is refused (a million members take about 80 MB).
 MAX_DIRECTORY_BYTES = 512 * 1024 * 1024
+#: A compressed member may always declare this many inflated bytes...
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
+#: ...or this many times its compressed size, whichever is larger (``torch.save`` never
+#: compresses; deflate can reach about 1000:1, which is how zip bombs are made).
+MAX_INFLATE_RATIO = 16
 
 _EOCD = struct.Struct(
     "<4s4H2LH"
@@ -74,6 +81,16 @@ class ZipEntry(NamedTuple):
     def compressed(self) -> bool:
         """Whether reading the member means inflating it."""
         return self.method != 0
+
+    @property
+    def inflation_limit(self) -> int:
+        """The most bytes this member may declare (see `MAX_INFLATED_BYTES`)."""
+        return max(MAX_INFLATED_BYTES, MAX_INFLATE_RATIO * self.compressed_size)
+
+    @property
+    def too_inflated(self) -> bool:
+        """Compressed, and declaring more than `inflation_limit` bytes: a zip bomb."""
+        return self.compressed and self.size > self.inflation_limit
 
 
 @dataclass(frozen=True)

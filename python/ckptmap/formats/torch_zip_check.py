@@ -3,8 +3,8 @@
 `torch.load` trusts the archive in two ways that a damaged or hostile file can abuse:
 
 - it inflates compressed members (``data.pkl`` deflated into a zip bomb) into memory with no
-  cap. Here a compressed member may declare at most `MAX_INFLATED_BYTES` or
-  `MAX_INFLATE_RATIO` times its compressed size, whichever is larger (``torch.save`` never
+  cap. Here a compressed member may declare at most 64 MiB or 16 times its compressed size,
+  whichever is larger (`ckptmap.zipdir.ZipEntry.too_inflated`; ``torch.save`` never
   compresses, so real checkpoints are far below either), and torch's reader never writes
   more than a member declares;
 - with ``mmap=True`` it builds each storage from its record's offset and the size the
@@ -33,12 +33,7 @@ from ckptmap.errors import CorruptCheckpointError
 from ckptmap.paths import open_regular
 from ckptmap.zipdir import ZipDirectoryError, ZipEntry, read_stored, read_zip_directory
 
-__all__ = ["MAX_INFLATED_BYTES", "MAX_INFLATE_RATIO", "check_torch_zip"]
-
-#: A compressed member may always inflate to this many bytes...
-MAX_INFLATED_BYTES = 64 * 1024 * 1024
-#: ...or to this many times its compressed size, whichever is larger.
-MAX_INFLATE_RATIO = 16
+__all__ = ["check_torch_zip"]
 
 _REBUILDERS = frozenset(
     {
@@ -166,8 +161,8 @@ class _Replay(pickle.Unpickler):
 
 
 def _bomb_check(path: str, size: int, entry: ZipEntry) -> None:
-    limit = max(MAX_INFLATED_BYTES, MAX_INFLATE_RATIO * entry.compressed_size)
-    if entry.compressed and entry.size > limit:
+    limit = entry.inflation_limit
+    if entry.too_inflated:
         raise CorruptCheckpointError(
             path,
             size,
