@@ -299,7 +299,10 @@ def test_https_redirects_never_go_down_to_http(home, server, tls):
         assert cached_download(moved, **FAST).read_bytes() == BODY
         up = server.add("/up.pth", kind="status", status=307, headers={"Location": target})
         assert cached_download(up, **FAST).read_bytes() == BODY
-    assert [p.name for p in cached_files(home) if p.suffix == ".pth"] == ["moved.pth", "up.pth"]
+    assert sorted(p.name for p in cached_files(home) if p.suffix == ".pth") == [
+        "moved.pth",
+        "up.pth",
+    ]
 
 
 # --- local checksums --------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def write_verified(
     expected_sha256: Iterable[str] = (),
     sniff: bool = True,
     progress: bool | None = None,
-    manifest: bool = True,
+    manifest: bool = False,
 ) -> Path:
     """Streams `chunks` into `target` atomically, after checking length, hashes and content.
 
@@ -336,7 +336,7 @@ def _record(target: Path, digest: str) -> None:
     try:
         write_manifest(target, digest)
     except OSError as err:
-        logger.warning("Could not write the checksum manifest of %s (%s)", target, err)
+        logger.info("Could not write the checksum manifest of %s (%s)", target, err)
 
 
 class _Retry(Exception):
@@ -542,6 +542,7 @@ def _fetch_once(
                 expected_sha256=expected,
                 sniff=sniff,
                 progress=progress,
+                manifest=True,
             )
         except IncompleteDownloadError as err:
             raise _Retry(err) from err

@@ -94,6 +94,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedSaveTargetError",
     "WrongSchemeError",
+    "ZipDirectoryError",
     "ZooTableError",
 ]
 
@@ -620,6 +621,14 @@ _SAFETENSORS_HINTS = {
         "dtype listed above, or save it again with safetensors.torch.save_file"
     ),
 }
+
+
+class ZipDirectoryError(CkptmapError, ValueError):
+    """A zip archive's end records or central directory are missing or inconsistent.
+
+    Raised by `ckptmap.zipdir.read_zip_directory`; the loaders turn it into a
+    `CorruptCheckpointError` naming the file.
+    """
 
 
 class InvalidSafetensorsError(CorruptCheckpointError, ValueError):

@@ -21,6 +21,8 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
+from ckptmap.errors import ZipDirectoryError
+
 __all__ = [
     "MAX_DIRECTORY_BYTES",
     "MAX_INFLATED_BYTES",
@@ -52,10 +54,6 @@ _EOCD64_SIG = b"PK\x06\x06"
 _ENTRY_SIG = b"PK\x01\x02"
 _MAX_COMMENT = 0xFFFF
 _ZIP64_EXTRA = 0x0001
-
-
-class ZipDirectoryError(ValueError):
-    """The archive's end records or central directory are missing or inconsistent."""
 
 
 class ZipEntry(NamedTuple):
