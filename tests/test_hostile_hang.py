@@ -16,10 +16,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 from safetensors.torch import save_file
 
 CHILD_TIMEOUT_S = 240
@@ -166,11 +168,20 @@ def test_a_shard_named_by_an_index_and_the_index_itself(tmp_path, specials):
     index = directory / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"a": "good.safetensors", "b": "bad.safetensors"}}))
     os.mkfifo(directory / "fifo.index.json")
+    # A torch.distributed.checkpoint directory names its data files in .metadata.
+    dcp_dir = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        torch.distributed.checkpoint.save({"w": torch.ones(3)}, checkpoint_id=str(dcp_dir))
+    (data_file,) = dcp_dir.glob("*.distcp")
+    data_file.unlink()
+    os.mkfifo(data_file)
     cases = [
         ("shard-load", "load_file", str(index)),
         ("shard-open", "sharded", str(index)),
         ("shard-dir", "load_file", str(directory)),
         ("index-fifo", "load_file", str(directory / "fifo.index.json")),
+        ("dcp-data", "load_file", str(dcp_dir)),
     ]
     results = run_cases(cases)
     for name in ("shard-load", "shard-open"):
@@ -179,6 +190,8 @@ def test_a_shard_named_by_an_index_and_the_index_itself(tmp_path, specials):
     # A directory with a FIFO named like an index and a real index: the real one is used.
     assert_refused(results["shard-dir"], directory / "bad.safetensors", "a FIFO")
     assert_refused(results["index-fifo"], directory / "fifo.index.json", "a FIFO")
+    assert_refused(results["dcp-data"], data_file, "a FIFO")
+    assert ".metadata" in results["dcp-data"]["message"]
 
 
 def test_work_dir_pointer_targets_candidates_and_the_pointer_itself(tmp_path, specials):

@@ -389,11 +389,14 @@ class NotARegularFileError(_FileError, CorruptCheckpointError):
 
     _errno = errno.EINVAL
 
-    def __init__(self, path: str, kind: str, what: str = "checkpoint path") -> None:
+    def __init__(
+        self, path: str, kind: str, what: str = "checkpoint path", named_by: str | None = None
+    ) -> None:
+        where = f" (named by {named_by!r})" if named_by else ""
         message = (
-            f"{what} {path!r} is {kind}, not a regular file: reading it could block or never "
-            "end, so it was not opened. Pass the path of a checkpoint file (copy the data into "
-            "a regular file first)"
+            f"{what} {path!r}{where} is {kind}, not a regular file: reading it could block or "
+            "never end, so it was not opened. Pass the path of a checkpoint file (copy the "
+            "data into a regular file first)"
         )
         # Not super(): CorruptCheckpointError.__init__ takes other arguments.
         OSError.__init__(self, message)

@@ -148,11 +148,11 @@ def describe_file_type(mode: int) -> str:
     return "a special file"
 
 
-def _special(path: str, mode: int, what: str) -> NotARegularFileError:
+def _special(path: str, mode: int, what: str, named_by: str | None = None) -> NotARegularFileError:
     kind = describe_file_type(mode)
     if os.path.islink(path):
         kind = f"a symlink to {os.path.realpath(path)!r}, {kind}"
-    return NotARegularFileError(path, kind, what)
+    return NotARegularFileError(path, kind, what, named_by)
 
 
 def _stat(path: str) -> os.stat_result:
@@ -166,10 +166,17 @@ def _stat(path: str) -> os.stat_result:
         raise CheckpointNotFoundError(path) from None
 
 
-def reject_special(path: str | os.PathLike[str], *, what: str = "checkpoint path") -> None:
+def reject_special(
+    path: str | os.PathLike[str], *, what: str = "checkpoint path", named_by: str | None = None
+) -> None:
     """Raises `NotARegularFileError` when `path` is a FIFO, socket or device (or links to one).
 
     A missing path, a regular file or a directory pass: this only keeps special files out.
+
+    Args:
+        path: the path.
+        what: what it is, for the message ("shard", "cache entry").
+        named_by: the file that named it (an index), for the message.
     """
     path = os.fspath(path)
     try:
@@ -177,7 +184,7 @@ def reject_special(path: str | os.PathLike[str], *, what: str = "checkpoint path
     except OSError:
         return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise _special(path, mode, what)
+        raise _special(path, mode, what, named_by)
 
 
 def check_path(path: str | os.PathLike[str], *, what: str = "checkpoint path") -> str:

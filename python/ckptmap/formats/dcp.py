@@ -81,7 +81,7 @@ from ckptmap.errors import (
 )
 from ckptmap.formats.safetensors import map_location_fn
 from ckptmap.formats.sniff import DCP_METADATA
-from ckptmap.paths import check_path, check_relative_name
+from ckptmap.paths import check_path, check_relative_name, reject_special
 
 __all__ = [
     "MAX_METADATA_BYTES",
@@ -582,6 +582,7 @@ class _Checker:
                 raise UnsafeDcpPathError(
                     self.directory, name, f"it resolves to {str(resolved)!r}, outside the directory"
                 )
+            reject_special(joined, what="DCP data file", named_by=self.metadata_path)
             if not joined.is_file():
                 missing.append(name)
             out[name] = str(joined)

@@ -146,5 +146,5 @@ def shard_path(index: str, directory: Path, name: str) -> Path:
         raise UnsafeShardPathError(
             index, name, f"resolves to {str(resolved)!r}, outside {str(directory)!r}"
         )
-    reject_special(joined, what=f"shard {name!r} of {index!r}")
+    reject_special(joined, what="shard", named_by=index)
     return joined
