@@ -513,3 +513,28 @@ def test_torch_zip_checks_leave_real_checkpoints_alone(tmp_path):
         assert torch.equal(loaded["tied"], reference["tied"])
         for key, value in reference["state_dict"].items():
             assert torch.equal(loaded["state_dict"][key], value)
+
+
+def test_dcp_directories_are_verified_file_by_file(tmp_path, monkeypatch):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptmap.checksum import write_manifest
+
+    monkeypatch.delenv("CKPTMAP_CHECKSUM", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"w": torch.arange(8.0)}, checkpoint_id=str(tmp_path))
+    files = [tmp_path / ".metadata", *tmp_path.glob("*.distcp")]
+    assert verify_checkpoint(tmp_path) == 0  # no manifests: nothing to check
+    monkeypatch.setenv("CKPTMAP_CHECKSUM", "require")
+    with pytest.raises(MissingManifestError):
+        CheckpointLoader.load_checkpoint(str(tmp_path))
+    for f in files:
+        write_manifest(f)
+    assert torch.equal(CheckpointLoader.load_checkpoint(str(tmp_path))["w"], torch.arange(8.0))
+    with open(files[-1], "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(ManifestMismatchError, match=files[-1].name):
+        CheckpointLoader.load_checkpoint(str(tmp_path))

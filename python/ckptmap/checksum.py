@@ -157,7 +157,7 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest | None:
     found: Manifest | None = None
     for line in text.splitlines():
         match = _LINE.match(line.strip())
-        if match and match["name"].lstrip("./") == name:
+        if match and match["name"].removeprefix("./") == name:
             found = Manifest(match["sha"].lower(), name)
         elif line.startswith("# ckptmap ") and found is not None:
             fields = {k: int(v) for k, v in _FIELD.findall(line)}
@@ -256,7 +256,8 @@ def verify_checkpoint(path: str | os.PathLike[str], *, mode: str | None = None) 
     """Checks a local checkpoint (and, for a shard index, each shard) against its manifests.
 
     Args:
-        path: a checkpoint file or a ``*.index.json`` (a directory is resolved to its index).
+        path: a checkpoint file, a ``*.index.json``, or a directory holding an index or a
+            DCP checkpoint (``.metadata`` and ``*.distcp`` files).
         mode: ``"auto"``, ``"require"`` or ``"off"``; default `checksum_mode()`.
 
     Returns:
@@ -269,11 +270,22 @@ def verify_checkpoint(path: str | os.PathLike[str], *, mode: str | None = None) 
     if mode == "off":
         return 0
     target = Path(path)
-    if target.is_dir():
-        from ckptmap.formats.index import find_index
+    files = _directory_files(target) if target.is_dir() else _files_of(target)
+    return sum(verify_file(f, required=mode == "require") for f in files)
 
-        target = Path(find_index(target))
-    return sum(verify_file(f, required=mode == "require") for f in _files_of(target))
+
+def _directory_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint directory: a shard index and its shards, or a DCP
+    checkpoint's ``.metadata`` and ``*.distcp`` files."""
+    from ckptmap.errors import CheckpointIsADirectoryError
+    from ckptmap.formats.index import find_index
+
+    if (directory / ".metadata").is_file():
+        return [directory / ".metadata", *sorted(directory.glob("*.distcp"))]
+    try:
+        return _files_of(Path(find_index(directory)))
+    except CheckpointIsADirectoryError:
+        return []  # not a checkpoint directory: the loader says so
 
 
 def write_manifests(path: str | os.PathLike[str]) -> list[Path]:
