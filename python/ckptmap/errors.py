@@ -1103,7 +1103,8 @@ class SaveTargetIsADirectoryError(_FileError, IsADirectoryError):
 
 
 class SaveArgumentError(CkptmapError, ValueError):
-    """An argument of `save_checkpoint` that can not work (a bad size, clashing options...).
+    """An argument of `save_checkpoint` (or `rotate_checkpoints`) that can not work (a bad
+    size, clashing options, ``keep_last=0``...).
 
     A `ValueError`, as the OpenMMLab functions raise for these.
     """

@@ -44,6 +44,7 @@ from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPointerWarning,
     IncompleteCheckpointError,
+    SaveArgumentError,
 )
 from ckptmap.formats.index import MAX_INDEX_BYTES
 from ckptmap.magic import safetensors_header_length
@@ -358,7 +359,10 @@ def rotate_checkpoints(
         The paths deleted.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        raise SaveArgumentError(
+            f"rotate_checkpoints(keep_last={keep_last!r}): keep_last must be an int >= 1 (the "
+            f"newest checkpoint in {os.fspath(directory)!r} is always kept)"
+        )
     directory = os.fspath(directory)
     found = list_checkpoints(directory, pattern)
     if pattern is None:
