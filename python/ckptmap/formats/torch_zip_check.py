@@ -58,7 +58,7 @@ class _Stub:
         pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
-        return _Stub()
+        return _STUB
 
     def __setstate__(self, state: Any) -> None:
         pass
@@ -87,6 +87,10 @@ def _itemsize(name: str) -> int:
     return dtype.itemsize if isinstance(dtype, torch.dtype) else 0
 
 
+#: Every stand-in is alike: one shared instance where none has to be created.
+_STUB = _Stub()
+
+
 class _StorageType:
     """A ``torch.<Name>Storage`` global, by name: its element size, nothing imported."""
 
@@ -111,7 +115,6 @@ class _Replay(pickle.Unpickler):
     def __init__(self, data: bytes, record_sizes: dict[str, int]) -> None:
         super().__init__(io.BytesIO(data))
         self.record_sizes = record_sizes
-        self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _REBUILDERS:
@@ -121,12 +124,12 @@ class _Replay(pickle.Unpickler):
         return _Stub
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            return _Stub()
+        if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage":
+            return _STUB
         _, storage_type, key, _location, numel = pid
-        if not (isinstance(storage_type, _StorageType) and isinstance(key, str)):
-            return _Stub()
-        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        if type(storage_type) is not _StorageType or type(key) is not str:
+            return _STUB
+        if type(numel) is not int or numel < 0:
             raise _Finding(key, f"declares {numel!r} elements")
         declared = numel * storage_type.itemsize
         actual = self.record_sizes.get(key)
@@ -137,27 +140,31 @@ class _Replay(pickle.Unpickler):
                 f"{storage_type.itemsize} = {declared:,} bytes ({storage_type.name}): reading "
                 "it would return bytes of the records after it",
             )
-        storage = _Storage(key, numel)
-        self.storages.setdefault(key, storage)
-        return storage
+        return _Storage(key, numel)
 
     def _rebuild(self, storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> _Stub:
-        if not isinstance(storage, _Storage):
-            return _Stub()
-        ints = (offset, *tuple(size or ()), *tuple(stride or ()))
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
-            return _Stub()  # not what torch.save writes; torch decides
-        if offset < 0 or any(s < 0 for s in size) or len(size) != len(stride):
-            raise _Finding(storage.key, f"has a tensor with offset {offset}, shape {tuple(size)}")
-        if all(size):
-            end = offset + sum((s - 1) * abs(st) for s, st in zip(size, stride, strict=True)) + 1
-            if end > storage.numel:
-                raise _Finding(
-                    storage.key,
-                    f"holds {storage.numel:,} elements, but a tensor of shape {tuple(size)} "
-                    f"(offset {offset}, strides {tuple(stride)}) reaches element {end:,}",
-                )
-        return _Stub()
+        if type(storage) is not _Storage:
+            return _STUB
+        if type(offset) is not int or type(size) is not tuple or type(stride) is not tuple:
+            return _STUB  # not what torch.save writes; torch decides
+        if offset < 0 or len(size) != len(stride):
+            raise _Finding(storage.key, f"has a tensor with offset {offset}, shape {size}")
+        end = offset + 1
+        for extent, step in zip(size, stride):  # noqa: B905 - lengths checked above
+            if type(extent) is not int or type(step) is not int:
+                return _STUB
+            if extent <= 0:
+                if extent < 0:
+                    raise _Finding(storage.key, f"has a tensor of shape {size}")
+                return _STUB  # an empty tensor needs no element
+            end += (extent - 1) * abs(step)
+        if end > storage.numel:
+            raise _Finding(
+                storage.key,
+                f"holds {storage.numel:,} elements, but a tensor of shape {size} (offset "
+                f"{offset}, strides {stride}) reaches element {end:,}",
+            )
+        return _STUB
 
 
 def _bomb_check(path: str, size: int, entry: ZipEntry) -> None:
