@@ -180,7 +180,7 @@ def test_passwords_become_basic_auth_and_stay_out_of_logs(home, server, caplog, 
         checkpoint = CheckpointLoader.load_checkpoint(url, map_location="cpu")
         cached_download(url, progress=True, **FAST)  # a cache hit
     assert set(checkpoint["state_dict"]) == {"weight", "bias"}
-    (request,) = [r for r in server.requests if r["path"] == "/auth.pth"]
+    (request,) = [r for r in server.received if r["path"] == "/auth.pth"]
     expected = base64.b64encode(f"alice:{SECRET}".encode()).decode()
     assert request["Authorization"] == f"Basic {expected}"
     assert "Loads checkpoint by http backend" in caplog.text and "alice:***@" in caplog.text
@@ -194,8 +194,8 @@ def test_credentials_are_not_carried_to_another_host(home, server):
             server.add("/hop.pth", kind="status", status=302, headers={"Location": target})
         )
         assert cached_download(url, **FAST).read_bytes() == BODY
-        (first,) = server.requests
-        (second,) = other.requests
+        (first,) = server.received
+        (second,) = other.received
     assert first["Authorization"].startswith("Basic ")
     assert "Authorization" not in second
 

@@ -81,7 +81,10 @@ def fast_retries(monkeypatch):
 
 
 def cached(home: Path) -> list[Path]:
-    return sorted(p for p in home.rglob("*") if p.is_file()) if home.exists() else []
+    """Cache entries under `home` (each entry's ``.sha256`` manifest aside)."""
+    if not home.exists():
+        return []
+    return sorted(p for p in home.rglob("*") if p.is_file() and p.suffix != ".sha256")
 
 
 def model_for(path: Path, names: list[str] | None = None) -> nn.Module:

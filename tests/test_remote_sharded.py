@@ -84,7 +84,10 @@ def weight_map(directory: Path) -> dict[str, str]:
 
 
 def cached(home: Path) -> list[Path]:
-    return sorted(p for p in home.rglob("*") if p.is_file()) if home.exists() else []
+    """Cache entries under `home` (each entry's ``.sha256`` manifest aside)."""
+    if not home.exists():
+        return []
+    return sorted(p for p in home.rglob("*") if p.is_file() and p.suffix != ".sha256")
 
 
 def test_a_prefix_load_reads_only_the_shards_it_needs(shards, server, home):

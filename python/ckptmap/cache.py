@@ -86,6 +86,7 @@ __all__ = [
     "check_hash_default",
     "checkpoints_dir",
     "expected_hash_from_name",
+    "open_url",
     "sniff_checkpoint",
     "url_basename",
     "url_cache_dir",
@@ -100,10 +101,10 @@ ENV_XDG_CACHE_HOME = "XDG_CACHE_HOME"
 ENV_CHECK_HASH = "CKPTMAP_CHECK_HASH"
 
 CHUNK_SIZE = 1 << 20
-#: Bytes looked at to decide whether a body is a checkpoint (whitespace may precede a
-#: safetensors header's JSON).
-SNIFF_SIZE = 4096
-#: A safetensors header may start with more whitespace than that: up to this much is read.
+#: Bytes looked at to decide whether a body is a checkpoint...
+SNIFF_SIZE = 16
+#: ...unless they are a safetensors header length followed by whitespace only (which may
+#: precede its JSON): then up to this many.
 MAX_SNIFF_SIZE = 1 << 20
 
 # Like torch.hub's names (`resnet50-0676ba61.pth`), but fewer than 8 digits are not a hash:
@@ -472,6 +473,30 @@ def _split_credentials(url: str) -> tuple[str, str | None]:
     )
 
 
+def open_url(url: str, headers: dict[str, str], timeout_s: float) -> Any:
+    """Opens an http(s) URL as every download does: ``user:password@`` sent as basic
+    authentication (to that host only), redirects followed only to http(s) and never from
+    https down to http.
+
+    Args:
+        url: the URL (credentials in it are never sent in clear text in a message).
+        headers: request headers (a ``User-Agent`` is added).
+        timeout_s: socket timeout for connecting and for each read.
+
+    Returns:
+        The response, as `urllib.request.urlopen` returns it.
+
+    Raises:
+        UnsafeRedirectError: a refused redirect.
+        urllib.error.HTTPError, urllib.error.URLError, OSError: as `urlopen` raises them.
+    """
+    address, authorization = _split_credentials(url)
+    request = urllib.request.Request(address, headers={"User-Agent": "ckptmap", **headers})
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    return _opener().open(request, timeout=timeout_s)
+
+
 def _content_length(url: str, headers: Any) -> int | None:
     """The announced body size, or None when there is none (or the body is chunked).
 
@@ -507,14 +532,8 @@ def _fetch_once(
     attempts: int,
 ) -> None:
     shown = redact_url(url)
-    address, authorization = _split_credentials(url)
-    request = urllib.request.Request(
-        address, headers={"User-Agent": "ckptmap", "Accept-Encoding": "identity"}
-    )
-    if authorization is not None:
-        request.add_header("Authorization", authorization)
     try:
-        response = _opener().open(request, timeout=timeout_s)
+        response = open_url(url, {"Accept-Encoding": "identity"}, timeout_s)
     except DownloadError:
         raise  # a refused redirect
     except urllib.error.HTTPError as err:

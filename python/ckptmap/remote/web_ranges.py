@@ -14,8 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ckptmap.cache import _http_error, _Retry, cached_download
-from ckptmap.errors import RemoteUnavailableError
+from ckptmap.cache import _http_error, _Retry, cached_download, open_url
+from ckptmap.errors import DownloadError, RemoteUnavailableError
 from ckptmap.remote.reader import VALIDATORS, Answer, RangeReader, _NoRangeSupport, _Transient
 
 __all__ = ["HttpRangeReader"]
@@ -40,9 +40,11 @@ class HttpRangeReader(RangeReader):
         etag = self._strong_etag()
         if etag is not None and not probe:
             headers["If-Match"] = etag
-        request = urllib.request.Request(self.uri, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+            # The cache's opener: credentials as basic auth, no unsafe redirect.
+            response = open_url(self.uri, headers, self.timeout_s)
+        except DownloadError:
+            raise  # a refused redirect
         except urllib.error.HTTPError as err:
             err.close()
             if err.code == 412:
