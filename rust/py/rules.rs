@@ -103,29 +103,6 @@ impl KeyRules {
     }
 }
 
-/// A new `str`; ASCII text (nearly every state-dict key) is copied straight into a fresh
-/// compact string instead of going through the UTF-8 decoder.
-fn new_string<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
-    if !text.is_ascii() {
-        return Ok(PyString::new(py, text).into_any());
-    }
-    let len = pyo3::ffi::Py_ssize_t::try_from(text.len())
-        .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("key too long"))?;
-    // SAFETY: PyUnicode_New(len, 127) returns a new compact ASCII string (or NULL with an
-    // exception set) whose data buffer holds `len` one-byte characters plus a NUL; we fill
-    // exactly `len` bytes with ASCII before anyone else can see the object.
-    unsafe {
-        let ptr = pyo3::ffi::PyUnicode_New(len, 127);
-        let obj = Bound::from_owned_ptr_or_err(py, ptr)?;
-        std::ptr::copy_nonoverlapping(
-            text.as_ptr(),
-            pyo3::ffi::PyUnicode_DATA(ptr).cast::<u8>(),
-            text.len(),
-        );
-        Ok(obj)
-    }
-}
-
 fn extract_keys<'py>(keys: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyString>>> {
     if keys.is_instance_of::<PyString>() {
         return Err(PyTypeError::new_err(
@@ -244,7 +221,7 @@ impl KeyRules {
                 }
                 // Rewritten (or sent through Python's `re`) yet equal: keep the caller's object.
                 Value::Text(s) if text.is_some_and(|t| t == s.as_ref()) => key.clone().into_any(),
-                Value::Text(s) => new_string(py, &s)?,
+                Value::Text(s) => PyString::new(py, &s).into_any(),
                 Value::Object(obj) if obj.eq(key)? => key.clone().into_any(),
                 Value::Object(obj) => obj,
             });
