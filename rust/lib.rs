@@ -4,6 +4,7 @@
 //! `cargo bench` run without an interpreter. The PyO3 layer lives in [`py`] behind the
 //! `python` feature, which maturin turns on.
 
+pub mod dialect;
 pub mod error;
 pub mod header;
 pub mod index;

@@ -116,6 +116,9 @@ pub struct Translation {
     pub empty_sensitive: bool,
     /// Can match the empty string.
     pub nullable: bool,
+    /// Has a capture group inside a repeat (where CPython 3.10 can report other captures,
+    /// see [`crate::dialect::Dialect`]).
+    pub captures_in_repeat: bool,
 }
 
 fn unsupported<T>(what: impl Into<String>) -> CoreResult<T> {
@@ -135,6 +138,7 @@ pub fn translate(pattern: &str, initial_flags: u32) -> CoreResult<Translation> {
         dollar_sensitive: false,
         empty_sensitive: false,
         nullable: nullable(&node),
+        captures_in_repeat: captures_in_repeat(&node, false),
     };
     emit(&node, &mut out)?;
     Ok(out)
@@ -694,6 +698,20 @@ pub fn nullable(node: &Node) -> bool {
         Node::Concat(items) => items.iter().all(nullable),
         Node::Alt(branches) => branches.iter().any(nullable),
         Node::Repeat { node, min, .. } => *min == 0 || nullable(node),
+    }
+}
+
+/// Whether a capture group lies inside a repeat (`in_repeat`: `node` itself does).
+fn captures_in_repeat(node: &Node, in_repeat: bool) -> bool {
+    match node {
+        Node::Group { capture, node } => {
+            (*capture && in_repeat) || captures_in_repeat(node, in_repeat)
+        }
+        Node::Concat(items) | Node::Alt(items) => {
+            items.iter().any(|n| captures_in_repeat(n, in_repeat))
+        }
+        Node::Repeat { node, .. } => captures_in_repeat(node, true),
+        _ => false,
     }
 }
 

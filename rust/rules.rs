@@ -7,6 +7,7 @@ use regex_automata::meta::{self, Regex};
 use regex_automata::util::captures::Captures;
 use regex_automata::Input;
 
+use crate::dialect::Dialect;
 use crate::error::{CoreError, CoreResult};
 use crate::pattern::{self, Translation};
 use crate::template::Template;
@@ -30,11 +31,32 @@ pub struct Scratch {
 }
 
 impl NativeRule {
-    /// Compiles a Python pattern (with `re` flag bits) and replacement template.
-    /// [`CoreError::Unsupported`] means the rule must run on Python's `re`.
+    /// Compiles a Python pattern (with `re` flag bits) and replacement template for
+    /// CPython 3.11 and later. [`CoreError::Unsupported`] means the rule must run on
+    /// Python's `re`.
     pub fn compile(pattern: &str, flags: u32, repl: &str) -> CoreResult<Self> {
+        Self::compile_for(pattern, flags, repl, Dialect::default())
+    }
+
+    /// [`NativeRule::compile`] for the `re` of a given CPython.
+    pub fn compile_for(
+        pattern: &str,
+        flags: u32,
+        repl: &str,
+        dialect: Dialect,
+    ) -> CoreResult<Self> {
         let translation = pattern::translate(pattern, flags)?;
         let template = Template::parse(repl, translation.groups, &translation.names)?;
+        if !dialect.restores_captures_in_repeats
+            && translation.captures_in_repeat
+            && template.uses_groups()
+        {
+            return Err(CoreError::Unsupported(
+                "a group inside a repeat used in the replacement: CPython 3.10's re can \
+                 report other captures there (bpo-35859)"
+                    .into(),
+            ));
+        }
         let regex = Regex::builder()
             .configure(Regex::config().nfa_size_limit(Some(REGEX_SIZE_LIMIT)))
             .build(&translation.regex)
@@ -133,8 +155,14 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// Native where [`NativeRule::compile`] succeeds, else Python's `re` with the reason.
     pub fn compile(pattern: &str, flags: u32, repl: &str) -> Self {
-        match NativeRule::compile(pattern, flags, repl) {
+        Self::compile_for(pattern, flags, repl, Dialect::default())
+    }
+
+    /// [`Engine::compile`] for the `re` of a given CPython.
+    pub fn compile_for(pattern: &str, flags: u32, repl: &str, dialect: Dialect) -> Self {
+        match NativeRule::compile_for(pattern, flags, repl, dialect) {
             Ok(rule) => Engine::Native(Box::new(rule)),
             Err(e) => Engine::Python(match e {
                 CoreError::Unsupported(why) | CoreError::Invalid(why) => why,
@@ -286,6 +314,30 @@ mod tests {
     #[test]
     fn named_groups_in_templates() {
         assert_eq!(sub(r"(?P<n>\d+)", r"<\g<n>>", "x1y22"), "x<1>y<22>");
+    }
+
+    #[test]
+    fn groups_inside_repeats_run_on_python_for_cpython_3_10() {
+        let old = Dialect::cpython(3, 10);
+        for (pattern, repl) in [(r"(ab|a)*?b", r"[\1]"), (r"(?:(a)|b)+", r"\g<1>")] {
+            assert!(
+                NativeRule::compile_for(pattern, 0, repl, old).is_err(),
+                "{pattern}"
+            );
+            assert!(NativeRule::compile(pattern, 0, repl).is_ok(), "{pattern}");
+        }
+        // The overall match is the same on every version; so are groups outside repeats.
+        for (pattern, repl) in [
+            (r"(ab|a)*?b", "x"),
+            (r"(ab|a)*?b", r"\g<0>"),
+            (r"(a|b)c*", r"\1"),
+        ] {
+            assert!(
+                NativeRule::compile_for(pattern, 0, repl, old).is_ok(),
+                "{pattern}"
+            );
+        }
+        assert_eq!(sub(r"(ab|a)*?b", r"[\1]", "ab"), "[a]");
     }
 
     #[test]

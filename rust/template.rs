@@ -130,6 +130,13 @@ impl Template {
         Ok(Self { pieces })
     }
 
+    /// Whether the replacement refers to a capture group (`\g<0>`, the whole match, aside).
+    pub fn uses_groups(&self) -> bool {
+        self.pieces
+            .iter()
+            .any(|p| matches!(p, Piece::Group(index) if *index > 0))
+    }
+
     /// The replacement when it refers to no group.
     pub fn as_literal(&self) -> Option<&str> {
         match self.pieces.as_slice() {

@@ -6,8 +6,10 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the torch-free tests (tests/core/) use ran_meanwhile too
+    import torch
 
 
 def ran_meanwhile(call: Callable[[], object]) -> bool:

@@ -1,22 +1,19 @@
-"""safetensors files: header validation, zero-copy views, every dtype, partial reads.
+"""safetensors files: typed header errors, zero-copy views, every dtype, partial reads.
 
-The bad-header cases are those of RELIABILITY.md ("Safetensors headers"); each one is also a
-seed of the fuzz target (`fuzz/corpus/header/`, checked below to stay in step). Files are
-written by hand here so that header lengths and data layouts can misalign the data, which
-`safetensors.torch.save_file` never does.
+The bad-header cases are those of RELIABILITY.md ("Safetensors headers"), in
+tests/safetensors_cases.py; the core's own header tests, which need no torch, are in
+tests/core/test_safetensors_header.py. Files are written by hand here so that header lengths
+and data layouts can misalign the data, which `safetensors.torch.save_file` never does.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import mmap
 import os
 import pickle
 import resource
-import struct
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +21,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from probes import ran_meanwhile
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
+from safetensors_cases import BAD_FILES, GOOD_SEEDS, encode, entry, one, raw
 
-import ckptmap._core
-from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError
+from ckptmap._core import SafetensorsHeader
 from ckptmap.errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
@@ -48,8 +44,6 @@ from ckptmap.formats.safetensors import (
     map_location_fn,
     open_safetensors,
 )
-
-CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus" / "header"
 
 # safetensors dtype -> torch dtype, for every one this torch has.
 DTYPES: dict[str, torch.dtype] = {
@@ -96,122 +90,11 @@ def build(
 ) -> bytes:
     """A safetensors file: header in `tensors` order, data in `layout` order, `pad` spaces."""
     inverse = {v: k for k, v in DTYPES.items()}
-    offsets: dict[str, tuple[int, int]] = {}
-    data = bytearray()
-    for name in layout if layout is not None else list(tensors):
-        b = raw_bytes(tensors[name])
-        offsets[name] = (len(data), len(data) + len(b))
-        data += b
-    header: dict[str, object] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    for name, t in tensors.items():
-        header[name] = {
-            "dtype": inverse[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": list(offsets[name]),
-        }
-    text = json.dumps(header).encode() + b" " * pad
-    return struct.pack("<Q", len(text)) + text + bytes(data)
-
-
-def raw(header: str | bytes, data: bytes = b"", length: int | None = None) -> bytes:
-    """A file with exactly this header text and data (and optionally a lying length)."""
-    text = header.encode() if isinstance(header, str) else header
-    return struct.pack("<Q", len(text) if length is None else length) + text + data
-
-
-def entry(dtype: str = "U8", shape: object = (4,), offsets: object = (0, 4)) -> str:
-    return json.dumps(
-        {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape}
-        | {"data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
-    )
-
-
-def one(**kw: object) -> str:
-    return '{"t":' + entry(**kw) + "}"  # type: ignore[arg-type]
+    encoded = {n: (inverse[t.dtype], list(t.shape), raw_bytes(t)) for n, t in tensors.items()}
+    return encode(encoded, layout=layout, pad=pad, metadata=metadata)
 
 
 # --- the RELIABILITY.md cases ----------------------------------------------------------------
-
-# (id, file bytes, expected kind)
-BAD_FILES: list[tuple[str, bytes, str]] = [
-    ("empty_file", b"", "file_too_small"),
-    ("seven_bytes", b"\x08\x00\x00\x00\x00\x00\x00", "file_too_small"),
-    ("header_len_zero", raw(b"", b"{}"), "empty_header"),
-    ("header_len_zero_only", struct.pack("<Q", 0), "empty_header"),
-    ("header_len_u64_max", raw("{}", length=2**64 - 1), "header_too_large"),
-    ("header_len_over_cap", raw("{}", length=100_000_001), "header_too_large"),
-    ("header_len_past_eof", raw("{}", length=3), "header_past_eof"),
-    ("header_len_just_under_cap_past_eof", raw("{}", length=100_000_000), "header_past_eof"),
-    ("not_utf8", raw(b'{"\xff\xfe":1}'), "not_utf8"),
-    ("not_json", raw("{not json"), "not_json"),
-    ("json_trailing_text", raw("{} {}"), "not_json"),
-    ("json_list", raw("[]"), "not_an_object"),
-    ("json_number", raw("42"), "not_an_object"),
-    ("json_string", raw('"x"'), "not_an_object"),
-    ("metadata_int_value", raw('{"__metadata__":{"a":1}}'), "invalid_metadata"),
-    ("metadata_nested_value", raw('{"__metadata__":{"a":{"b":"c"}}}'), "invalid_metadata"),
-    ("metadata_list", raw('{"__metadata__":["a"]}'), "invalid_metadata"),
-    ("unknown_dtype", raw(one(dtype="F128")), "unknown_dtype"),
-    ("lowercase_dtype", raw(one(dtype="f32", shape=(1,)), bytes(4)), "unknown_dtype"),
-    ("missing_dtype", raw('{"t":{"shape":[1],"data_offsets":[0,1]}}', b"\0"), "missing_field"),
-    ("missing_shape", raw('{"t":{"dtype":"U8","data_offsets":[0,1]}}', b"\0"), "missing_field"),
-    ("missing_offsets", raw('{"t":{"dtype":"U8","shape":[1]}}', b"\0"), "missing_field"),
-    ("entry_not_object", raw('{"t":[1,2]}'), "invalid_entry"),
-    ("offsets_length_1", raw(one(offsets=[0]), bytes(4)), "invalid_offsets"),
-    ("offsets_length_3", raw(one(offsets=[0, 4, 8]), bytes(4)), "invalid_offsets"),
-    ("offsets_negative", raw(one(offsets=[-4, 0]), bytes(4)), "invalid_offsets"),
-    ("offsets_float", raw(one(offsets=[0, 4.0]), bytes(4)), "invalid_offsets"),
-    ("offsets_huge", raw(one(offsets=[0, 2**64]), bytes(4)), "invalid_offsets"),
-    ("offsets_string", raw(one(offsets=["0", "4"]), bytes(4)), "invalid_offsets"),
-    ("shape_negative", raw(one(shape=[-4]), bytes(4)), "invalid_shape"),
-    ("shape_float", raw(one(shape=[4.0]), bytes(4)), "invalid_shape"),
-    ("shape_huge", raw(one(shape=[2**64]), bytes(4)), "invalid_shape"),
-    ("shape_overflow", raw(one(shape=[2**32, 2**32], offsets=[0, 4])), "size_overflow"),
-    ("shape_times_dtype_overflow", raw(one(dtype="F64", shape=[2**61])), "size_overflow"),
-    ("end_before_begin", raw(one(shape=[0], offsets=[4, 0]), bytes(4)), "offsets_reversed"),
-    ("size_mismatch", raw(one(dtype="F32", shape=[2], offsets=[0, 4]), bytes(4)), "size_mismatch"),
-    (
-        "overlap",
-        raw('{"a":' + entry() + ',"b":' + entry(offsets=(2, 6)) + "}", bytes(6)),
-        "overlap",
-    ),
-    (
-        "same_bytes_twice",
-        raw('{"a":' + entry() + ',"b":' + entry() + "}", bytes(4)),
-        "overlap",
-    ),
-    ("hole", raw('{"a":' + entry() + ',"b":' + entry(offsets=(8, 12)) + "}", bytes(12)), "hole"),
-    ("hole_at_start", raw(one(offsets=(2, 6)), bytes(6)), "hole"),
-    ("data_truncated", raw(one(), bytes(3)), "data_truncated"),
-    ("data_missing", raw(one()), "data_truncated"),
-    ("trailing_bytes", raw(one(), bytes(5)), "trailing_bytes"),
-    ("trailing_bytes_no_tensors", raw("{}", b"junk"), "trailing_bytes"),
-    (
-        "duplicate_name",
-        raw('{"t":' + entry() + ',"t":' + entry() + "}", bytes(4)),
-        "duplicate_name",
-    ),
-    (
-        "duplicate_name_escaped",
-        raw('{"t":' + entry() + ',"\\u0074":' + entry() + "}", bytes(4)),
-        "duplicate_name",
-    ),
-    ("duplicate_metadata", raw('{"__metadata__":{},"__metadata__":{}}'), "duplicate_name"),
-    ("deep_nesting", raw("[" * 10_000 + "]" * 10_000), "not_an_object"),
-]
-
-# Valid files that are also seeds: the fuzzer mutates these into near misses.
-GOOD_SEEDS: list[tuple[str, bytes]] = [
-    ("good_empty", raw("{}")),
-    (
-        "good_two_dtypes",
-        build({"w": torch.ones(2, 2), "b": torch.zeros(3, dtype=torch.bfloat16)}, pad=5),
-    ),
-    ("good_metadata", build({"x": torch.arange(3, dtype=torch.int8)}, metadata={"format": "pt"})),
-    ("good_scalar_and_empty", build({"s": torch.tensor(1.5), "e": torch.zeros(0, 3)})),
-]
 
 NEXT_STEP = ("re-download", "save it again", "save the weights again", "convert it")
 
@@ -240,12 +123,6 @@ def test_bad_header_is_a_typed_error_naming_the_file(
     # Nothing created, nothing changed.
     assert sorted(os.listdir(tmp_path)) == before
     assert Path(path).read_bytes() == data
-    # The same through the binding alone (bytes and file), with the same kind.
-    with pytest.raises(SafetensorsHeaderError) as low:
-        SafetensorsHeader.parse(data, "x")
-    assert low.value.kind == kind
-    with pytest.raises(SafetensorsHeaderError):
-        SafetensorsHeader.open(path)
 
 
 @pytest.mark.parametrize("length", [2**64 - 1, 100_000_001, 100_000_000, 2**63])
@@ -258,21 +135,6 @@ def test_huge_header_length_is_rejected_before_allocating(tmp_path: Path, length
     assert time.perf_counter() - start < 0.5
     # ru_maxrss is in KiB: far less than the 100 MB a trusted length would allocate.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 20_000
-
-
-def test_every_kind_the_core_knows_is_covered() -> None:
-    kinds = {kind for _, _, kind in BAD_FILES}
-    core = set(ckptmap._core.SAFETENSORS_HEADER_ERROR_KINDS)
-    assert len(core) == 21
-    assert kinds == core
-
-
-def test_fuzz_seed_corpus_matches_the_cases() -> None:
-    """`python tests/test_safetensors.py fuzz/corpus/header` rewrites the corpus."""
-    expected = {f"{name}.safetensors": data for name, data, _ in BAD_FILES}
-    expected |= {f"{name}.safetensors": data for name, data in GOOD_SEEDS}
-    found = {p.name: p.read_bytes() for p in CORPUS.iterdir() if not p.name.startswith(".")}
-    assert found == expected
 
 
 def test_errors_survive_pickling(tmp_path: Path) -> None:
@@ -719,26 +581,3 @@ def test_the_dispatcher_routes_safetensors_here(tmp_path: Path) -> None:
     path = str(tmp_path / "named.pth")  # the name never decides
     st_save_file({"w": torch.arange(3.0)}, path)
     assert dispatch(path)["w"].tolist() == [0.0, 1.0, 2.0]
-
-
-# --- the GIL -----------------------------------------------------------------------------------
-
-
-def test_header_parsing_releases_the_gil() -> None:
-    n = 200_000
-    header = {f"layers.{i}.weight": entry(offsets=(4 * i, 4 * i + 4)) for i in range(n)}
-    text = "{" + ",".join(f'"{k}":{v}' for k, v in header.items()) + "}"
-    data = raw(text, bytes(4 * n))
-    parsed = SafetensorsHeader.parse(data)
-    assert len(parsed) == n
-    assert ran_meanwhile(lambda: SafetensorsHeader.parse(data))
-
-
-if __name__ == "__main__":
-    # Rewrites the fuzz seed corpus from the cases above: python tests/test_safetensors.py DIR
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():
-        stale.unlink()
-    for name, data in [(n, d) for n, d, _ in BAD_FILES] + GOOD_SEEDS:
-        (out / f"{name}.safetensors").write_bytes(data)

@@ -12,6 +12,7 @@ use pyo3::types::{PyList, PyString, PyTuple};
 use pyo3::{intern, IntoPyObjectExt};
 use rayon::prelude::*;
 
+use crate::dialect::Dialect;
 use crate::rules::{self, Engine, Pending, Scratch};
 
 /// Below this many keys, threads cost more than they save.
@@ -26,7 +27,8 @@ const PARALLEL_MIN_KEYS: usize = 16_384;
 /// `native` and `fallback_reasons`) run on Python's `re`. Patterns may be strings or
 /// compiled `re.Pattern` objects (their flags are honoured); replacements are strings or
 /// callables (callables run on Python's `re`). Invalid patterns and templates raise what
-/// `re.sub` raises, at construction.
+/// `re.sub` raises, at construction. "Python's `re`" is the running interpreter's: where
+/// CPython versions differ, so do the results, exactly as `re.sub`'s do.
 #[pyclass(frozen, module = "ckptmap._core")]
 pub struct KeyRules {
     core: rules::KeyRules,
@@ -130,6 +132,9 @@ impl KeyRules {
     #[new]
     fn new(py: Python<'_>, rules: &Bound<'_, PyAny>) -> PyResult<Self> {
         let re = py.import(intern!(py, "re"))?;
+        // The native engine reproduces the `re` of the interpreter it runs in.
+        let version = py.version_info();
+        let dialect = Dialect::cpython(version.major, version.minor);
         let mut engines = Vec::new();
         let (mut compiled, mut repls, mut patterns) = (Vec::new(), Vec::new(), Vec::new());
         for (i, rule) in rules.try_iter()?.enumerate() {
@@ -154,7 +159,7 @@ impl KeyRules {
                 // Parses the template as re.sub does, raising its errors now.
                 regex.call_method1(intern!(py, "sub"), (&repl, ""))?;
                 match (source.to_str(), template.to_str()) {
-                    (Ok(p), Ok(t)) => Engine::compile(p, flags, t),
+                    (Ok(p), Ok(t)) => Engine::compile_for(p, flags, t, dialect),
                     _ => Engine::Python("pattern or replacement is not valid UTF-8".into()),
                 }
             } else if repl.is_callable() {

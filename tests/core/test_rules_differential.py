@@ -1,8 +1,8 @@
 """Differential tests: `ckptmap.KeyRules` must give exactly what chained `re.sub` calls give
 (DESIGN.md, contract 1), on generated patterns, templates and keys.
 
-A known engine mismatch may be excluded (in tests/strategies.py or here) only with the name
-of the strict xfail test in tests/test_rules.py that pins it; there are none at present.
+A known engine mismatch may be excluded (in tests/core/strategies.py or here) only with the name
+of the strict xfail test in tests/core/test_rules.py that pins it; there are none at present.
 """
 
 from __future__ import annotations

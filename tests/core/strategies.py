@@ -13,7 +13,7 @@ Two grammars:
   conditionals, atomic groups, possessive repeats, verbose mode, `\\N{...}`, ...).
 
 A known engine mismatch may be kept out of a generator only with the name of the strict
-xfail test in tests/test_rules.py that pins it (none at present).
+xfail test in tests/core/test_rules.py that pins it (none at present).
 """
 
 from __future__ import annotations
