@@ -3,40 +3,83 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= dev-opt
+# The other CPythons the torch-free tests (tests/core/) run under, against the abi3 wheel;
+# their small venvs (pytest and hypothesis only) live in PYVENVS/<version>.
+PYTHONS ?= 3.10 3.12 3.13
+PYVENVS ?= .venv-pythons
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+SHELL := bash
+# Each stage prints one line; a tool's own output appears only when it fails.
+stage = @printf '==> %s\n'
+quiet = out=$$($(1) 2>&1) || { printf '%s\n' "$$out"; exit 1; }
 
-.PHONY: help venv build test test-rust test-py lint fmt bench demo fuzz
+.PHONY: help venv build wheel test test-rust test-py test-pythons lint fmt bench demo fuzz
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(VENV)/.deps-stamp: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	@if [ ! -x $(PY) ]; then \
+	  printf '==> venv: %s (%s)\n' "$(VENV)" "$$(python3 -V)"; \
+	  python3 -m venv $(VENV); \
+	fi
+	$(stage) "dependencies: torch and the rest, from pyproject.toml (the first time takes minutes)"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  o = p['optional-dependencies']; \
 	  print('\n'.join(p['dependencies'] + o['s3'] + o['test'][1:] + o['bench'] + ['maturin>=1.8,<2', 'ruff>=0.8', 'mypy>=1.10']))" \
 	  > $(VENV)/requirements.txt
-	$(PY) -m pip install -q -r $(VENV)/requirements.txt
-	touch $@
+	@$(PY) tools/pip_install.py -r $(VENV)/requirements.txt
+	@rm -f $(VENV)/lib/python3*/site-packages/ckptmap.pth  # the next build reinstalls the package
+	@touch $@
 
 venv: $(VENV)/.deps-stamp  ## create the virtual environment with every dependency
 
+# `maturin develop` installs the package in editable mode (and pip-installs its dependencies,
+# which the venv stage already did): once per venv and checkout. Later builds only rebuild the
+# extension in place (--skip-install). A stale extension of another ABI would shadow it.
 build: venv  ## build the Rust extension into the venv (PROFILE=release for benchmarks)
-	$(VENV)/bin/maturin develop -q --profile $(PROFILE)
+	$(stage) "build: the Rust extension ($(PROFILE) profile)"
+	@rm -f python/ckptmap/_core.cpython-*.so
+	@if grep -qsx '$(CURDIR)/python' $(VENV)/lib/python3*/site-packages/ckptmap.pth; then \
+	  $(call quiet,maturin develop --skip-install --profile $(PROFILE)); \
+	else \
+	  $(call quiet,env PIP_QUIET=1 maturin develop --profile $(PROFILE)); \
+	fi
+
+wheel: venv  ## the release wheel into dist/: one abi3 wheel for CPython 3.10 and later
+	$(stage) "wheel: release build (abi3, CPython >= 3.10)"
+	@rm -f dist/ckptmap-*.whl
+	@$(call quiet,maturin build --release --out dist)
+	@ls dist/ckptmap-*.whl
 
 test: build test-rust test-py  ## the whole test suite: Rust unit tests, then pytest
 
 test-rust:  ## Rust unit tests and proptests (no Python needed)
+	$(stage) "Rust tests"
 	cargo test -q
 
 test-py: build  ## pytest + hypothesis
+	$(stage) "Python tests"
 	$(PY) -m pytest -q
 
+# pytest and hypothesis, at the versions pyproject.toml asks for.
+$(PYVENVS)/requirements.txt: pyproject.toml | venv
+	@mkdir -p $(PYVENVS)
+	@$(PY) -c "import tomllib; t = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  print('\n'.join(r for r in t['optional-dependencies']['test'] \
+	                  if r.split('>')[0].split('<')[0] in ('pytest', 'hypothesis')))" > $@
+
+test-pythons: wheel $(PYVENVS)/requirements.txt  ## the torch-free tests (tests/core/) under each of PYTHONS, against the wheel
+	@for v in $(PYTHONS); do \
+	  tools/test_core_python.sh $$v $(PYVENVS)/$$v "$$(ls dist/ckptmap-*.whl)" $(PYVENVS)/requirements.txt || exit 1; \
+	done
+
 lint: venv  ## ruff, rustfmt and clippy
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+	$(stage) "lint: ruff, stubtest, rustfmt, clippy"
+	$(VENV)/bin/ruff check python tests benches tools
+	$(VENV)/bin/ruff format --check python tests benches tools
 	$(PY) -m mypy.stubtest ckptmap._core
 	cargo fmt --check
 	cargo clippy -q --all-targets -- -D warnings
@@ -44,16 +87,17 @@ lint: venv  ## ruff, rustfmt and clippy
 
 fmt:  ## format Rust and Python
 	cargo fmt
-	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff format python tests benches tools
 
 demo:  ## the main job on its built-in default
-	$(MAKE) -s build
-	$(VENV)/bin/ckptmap demo
+	@$(MAKE) -s build
+	$(stage) "demo"
+	@$(VENV)/bin/ckptmap demo
 
 fuzz:  ## a bounded (60 s) libFuzzer run of the safetensors header parser (nightly + cargo-fuzz)
 	cd fuzz && mkdir -p target/corpus && cargo +nightly fuzz run header target/corpus corpus/header -- -max_total_time=60 -max_len=4096
 
 bench:  ## benchmarks side by side (release build); writes benches/results/latest.md + ratios.png
-	$(MAKE) -s build PROFILE=release
+	@$(MAKE) -s build PROFILE=release
 	cargo bench
 	$(PY) benches/report.py

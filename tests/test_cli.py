@@ -158,12 +158,40 @@ def test_allow_takes_named_allowlists_and_dotted_names():
     assert allowlist.globals_for(["numpy"]) == list(allowlist.numpy_globals())
 
 
-def test_bench_renders_the_last_results_of_the_checkout(capsys, monkeypatch, tmp_path):
+def test_bench_runs_the_checkouts_report(capsys, monkeypatch, tmp_path):
     from ckptmap.cli import bench
 
-    script = bench.find_report_script()
-    assert script is not None and script.name == "report.py"
-    # Without a checkout the command says what to do instead of failing obscurely.
-    monkeypatch.setattr(bench, "find_report_script", lambda: None)
+    root = bench.find_checkout()
+    assert root is not None and (root / "benches" / "report.py").is_file()
+    # A checkout of our own whose report script records how it was called.
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "benches" / "results").mkdir(parents=True)
+    calls = tmp_path / "calls.txt"
+    (tmp_path / "benches" / "report.py").write_text(
+        f"import sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+    )
+    monkeypatch.setattr(bench, "find_checkout", lambda: tmp_path)
+    # --no-run before any run: a clear message, nothing run.
     assert main(["bench", "--no-run"]) == 1
-    assert "needs a source checkout" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no benchmark results to render yet" in err and "Traceback" not in err
+    assert not calls.exists()
+    (tmp_path / "benches" / "results" / "raw.json").write_text("{}")
+    assert main(["bench", "--no-run"]) == 0
+    assert main(["bench", "--", "-k", "keys"]) == 0
+    assert calls.read_text().splitlines() == ["--no-run", "-- -k keys"]
+
+
+def test_bench_is_not_offered_without_a_checkout(capsys, monkeypatch):
+    # Installed from a wheel there is no benches/ folder to run.
+    from ckptmap.cli import bench
+
+    monkeypatch.setattr(bench, "find_checkout", lambda: None)
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "bench" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["bench"])
+    assert info.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err

@@ -568,6 +568,36 @@ def test_permission_denied_is_its_own_error(
         SafetensorsFile(path)
 
 
+def test_without_descriptor_support_the_header_is_read_by_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the core cannot map a descriptor (SafetensorsHeader.from_fd is POSIX-only), the
+    # header is read by path, and the path must still be the file that was opened.
+    import ckptmap.formats.safetensors as module
+
+    replace_with: list[str] = []
+
+    class PathOnly:
+        @staticmethod
+        def open(path: str) -> SafetensorsHeader:
+            for other in replace_with:
+                os.replace(other, path)
+            return SafetensorsHeader.open(path)
+
+    monkeypatch.setattr(module, "SafetensorsHeader", PathOnly)
+    tensors = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    path = write(tmp_path, build(tensors))
+    f = SafetensorsFile(path)
+    assert all(same(f[k], t) for k, t in tensors.items())
+    with pytest.raises(InvalidSafetensorsError) as info:
+        SafetensorsFile(write(tmp_path, raw("[]"), "bad.safetensors"))
+    assert info.value.kind == "not_an_object"
+    # Replaced between the open and the read: refused, not a header of one file over another.
+    replace_with.append(write(tmp_path, build({"w": torch.zeros(7)}), "other.safetensors"))
+    with pytest.raises(CorruptCheckpointError, match="replaced while it was being opened"):
+        SafetensorsFile(path)
+
+
 def test_pathlike_and_user_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st_save_file({"w": torch.ones(2)}, str(tmp_path / "m.safetensors"))
     monkeypatch.setenv("HOME", str(tmp_path))

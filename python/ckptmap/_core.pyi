@@ -2,6 +2,7 @@
 
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import final
 
@@ -128,9 +129,10 @@ class SafetensorsHeader:
     @staticmethod
     def open(path: str | os.PathLike[str]) -> SafetensorsHeader:
         """Maps the file at `path` read-only and validates its header."""
-    @staticmethod
-    def from_fd(fd: int, path: str | os.PathLike[str]) -> SafetensorsHeader:
-        """Maps the open descriptor `fd` (duplicated, never closed) and validates its header."""
+    if sys.platform != "win32":
+        @staticmethod
+        def from_fd(fd: int, path: str | os.PathLike[str]) -> SafetensorsHeader:
+            """Maps the open descriptor `fd` (duplicated, never closed) and validates its header."""
     @staticmethod
     def parse(data: bytes, path: str = "<bytes>") -> SafetensorsHeader:
         """Validates the header of a whole safetensors file held in `data`."""

@@ -120,7 +120,9 @@ def cache_home() -> Path:
     """The root of ckptmap's cache (created on first use by the functions that write to it).
 
     ``$CKPTMAP_HOME``, else ``$XDG_CACHE_HOME/ckptmap``, else ``~/.cache/ckptmap``; empty
-    variables count as unset.
+    variables count as unset. The same rule on every platform (on Windows ``~`` is
+    ``%USERPROFILE%``), as torch.hub's ``~/.cache/torch`` and Hugging Face's caches use, so
+    downloaded checkpoints sit beside theirs.
     """
     home = os.environ.get(ENV_CKPTMAP_HOME)
     if not home:

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -248,7 +249,11 @@ def find_latest_checkpoint(path: PathLike) -> str | None:
 
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    if sys.platform == "win32":
+        # Windows flushes only handles open for writing (FlushFileBuffers needs GENERIC_WRITE).
+        fd = os.open(path, os.O_RDWR | os.O_BINARY)
+    else:
+        fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

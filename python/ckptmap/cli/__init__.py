@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ckptmap import __version__
-from ckptmap.cli.bench import add_bench_parser
+from ckptmap.cli import bench
 from ckptmap.cli.convert import add_convert_parser
 from ckptmap.cli.demo import DEMO_RULES, add_demo_parser, synthetic_keys
 from ckptmap.cli.diff import add_diff_parser
@@ -28,8 +28,7 @@ commands:
   inspect   summarise a checkpoint from its header
   diff      what loading a checkpoint into a model would report (exit 0 match, 1 differ)
   convert   .pth <-> (sharded) safetensors, with key rules, a prefix and a dtype
-  bench     the side-by-side benchmarks of a source checkout (as `make bench`)
-
+{bench}
 Run `ckptmap COMMAND --help` for a command's options. Errors are one line; --debug (before or
 after the command) shows the traceback.
 """
@@ -42,25 +41,31 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
     )
 
 
+BENCH_LINE = "  bench     the side-by-side benchmarks of this source checkout (as `make bench`)\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # `bench` runs the checkout's benches/: offered only where there is one (not from a wheel).
+    has_checkout = bench.find_checkout() is not None
     parser = argparse.ArgumentParser(
         prog="ckptmap",
         description="Load, inspect, compare and convert PyTorch checkpoints fast and safely.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(bench=BENCH_LINE if has_checkout else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ckptmap {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    adders = (
+    adders = [
         add_demo_parser,
         add_inspect_parser,
         add_diff_parser,
         add_suggest_parser,
         add_convert_parser,
-        add_bench_parser,
-    )
+    ]
+    if has_checkout:
+        adders.append(bench.add_bench_parser)
     for add in adders:
         _add_debug(add(commands))
     return parser

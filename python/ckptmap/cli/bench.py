@@ -2,7 +2,8 @@
 
 The benchmark suites live in the repository's ``benches/`` folder, which is not installed with
 the package; this command finds it beside an editable install (``make build``) and runs
-``benches/report.py``, which writes ``benches/results/latest.md`` and ``ratios.png``.
+``benches/report.py``, which writes ``benches/results/latest.md`` and ``ratios.png``. Installed
+from a wheel, ``ckptmap`` has no checkout and does not offer the command.
 """
 
 from __future__ import annotations
@@ -14,22 +15,28 @@ from pathlib import Path
 from typing import Any
 
 
-def find_report_script() -> Path | None:
-    """``benches/report.py`` of the checkout this package runs from, if there is one."""
-    checkout = Path(__file__).resolve().parents[3]  # <checkout>/python/ckptmap/cli/bench.py
-    script = checkout / "benches" / "report.py"
-    return script if script.is_file() else None
+def find_checkout() -> Path | None:
+    """The source checkout this package runs from (an editable install), if there is one."""
+    root = Path(__file__).resolve().parents[3]  # <checkout>/python/ckptmap/cli/bench.py
+    if (root / "pyproject.toml").is_file() and (root / "benches" / "report.py").is_file():
+        return root
+    return None
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Runs the benchmarks (or re-renders the last results with ``--no-run``)."""
-    script = find_report_script()
-    if script is None:
+    root = find_checkout()
+    if root is None:
         raise FileNotFoundError(
             "ckptmap bench needs a source checkout (benches/ is not installed with the "
             "package): clone the repository and run `make bench` there"
         )
-    command = [sys.executable, str(script)]
+    if args.no_run and not (root / "benches" / "results" / "raw.json").is_file():
+        raise FileNotFoundError(
+            f"no benchmark results to render yet ({root / 'benches' / 'results' / 'raw.json'} "
+            "is missing): run `ckptmap bench` without --no-run, or `make bench`, first"
+        )
+    command = [sys.executable, str(root / "benches" / "report.py")]
     if args.no_run:
         command.append("--no-run")
     if args.pytest_args:
@@ -38,7 +45,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds the ``bench`` subcommand to `ckptmap`'s argument parser."""
+    """Adds the ``bench`` subcommand to `ckptmap`'s argument parser (only offered where
+    `find_checkout` finds a checkout)."""
     parser = subparsers.add_parser(
         "bench",
         help="run the benchmarks side by side with mmengine, torch and safetensors",

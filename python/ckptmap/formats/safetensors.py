@@ -162,7 +162,9 @@ def _open_fd(path: str) -> int:
         raise CheckpointIsADirectoryError(path)
     try:
         # O_NONBLOCK: a FIFO must not block the open; it is rejected just below.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        # O_BINARY: Windows' text mode must not touch the bytes (0 elsewhere).
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as err:
         raise CheckpointNotFoundError(path) from err
     except PermissionError as err:
@@ -182,6 +184,26 @@ def _open_fd(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _read_header(fd: int, path: str) -> SafetensorsHeader:
+    """The validated header of the file open as `fd`.
+
+    The core maps the descriptor itself where it can (POSIX); elsewhere it reads `path`,
+    which must still be the open file, so that the header describes the bytes mapped later.
+    """
+    from_fd = getattr(SafetensorsHeader, "from_fd", None)
+    if from_fd is not None:
+        return from_fd(fd, path)
+    header = SafetensorsHeader.open(path)
+    if not os.path.samestat(os.fstat(fd), os.stat(path)):
+        raise CorruptCheckpointError(
+            path,
+            header.file_size,
+            "a safetensors file that was replaced while it was being opened",
+            "make sure nothing rewrites the file while it is loaded, then retry",
+        )
+    return header
 
 
 class SafetensorsFile(Mapping[str, torch.Tensor]):
@@ -219,7 +241,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         fd = _open_fd(self.path)
         try:
             try:
-                self.header = SafetensorsHeader.from_fd(fd, self.path)
+                self.header = _read_header(fd, self.path)
             except SafetensorsHeaderError as err:
                 size = os.fstat(fd).st_size
                 raise InvalidSafetensorsError(self.path, size, err.kind, err.detail) from None
