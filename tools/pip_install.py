@@ -4,8 +4,8 @@ full output only when it fails.
 Used by the Makefile's dependency stage. pip's own `-q` hides download progress too, which
 leaves a first setup silent for minutes while torch (several GB) downloads; pip's default
 output prints a line or more for every requirement on every run. This keeps the useful part:
-warnings and errors as pip prints them, and progress lines for downloads over 10 MB (a live
-line on a terminal, a line per fifth elsewhere).
+warnings and errors as pip prints them, and progress for downloads over 10 MB: a live line on
+a terminal; elsewhere (CI logs) a line when a download starts and one every 15 s while it runs.
 
 Usage: python tools/pip_install.py -r requirements.txt
 """
@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections import deque
 
 BIG = 10 * 1024 * 1024
+EVERY = 15.0  # seconds between progress lines in a log
 # pip's informational lines, shown only if pip fails.
 CHATTER = re.compile(
     r"^\s*(Requirement already satisfied|Collecting|Using cached|Looking in|Ignoring|"
@@ -29,6 +31,7 @@ CHATTER = re.compile(
 )
 DOWNLOAD = re.compile(r"^\s*Downloading (\S+)(?: \(([\d.]+) (kB|MB|GB)\))?")
 PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
+INSTALLING = re.compile(r"^Installing collected packages: (.*)$")
 INSTALLED = re.compile(r"^Successfully installed (.*)$")
 
 
@@ -36,7 +39,7 @@ def main(args: list[str]) -> int:
     command = [sys.executable, "-m", "pip", "install", "--progress-bar", "raw", *args]
     tty = sys.stdout.isatty()
     recent: deque[str] = deque(maxlen=200)  # the lines not shown
-    name, total, shown = "", 0, -1
+    name, total, last = "", 0, 0.0
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as pip:
@@ -47,25 +50,32 @@ def main(args: list[str]) -> int:
                 done, total = int(match[1]), int(match[2])
                 if total < BIG:
                     continue
-                fifth = 5 * done // total
                 mb = f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MB"
                 if tty:
                     end = "\n" if done == total else ""
                     print(f"\r    downloading {name}: {mb}", end=end, flush=True)
-                elif fifth != shown:
+                elif done == 0:
+                    print(f"    downloading {name} ({total / 2**20:,.0f} MB)", flush=True)
+                    last = time.monotonic()
+                elif done < total and time.monotonic() - last > EVERY:
                     print(f"    downloading {name}: {mb}", flush=True)
-                    shown = fifth
+                    last = time.monotonic()
                 continue
+            if match := INSTALLING.match(line):
+                count = len(match[1].split(","))
+                if count > 5:  # unpacking several GB takes a minute or more
+                    print(f"    installing {count} packages", flush=True)
             if match := INSTALLED.match(line):
                 packages = match[1].split()
-                print(f"    installed {len(packages)} packages", flush=True)
+                plural = "" if len(packages) == 1 else "s"
+                print(f"    installed {len(packages)} package{plural}", flush=True)
             elif line.strip() and not CHATTER.match(line):
                 print(line, flush=True)
             else:
                 recent.append(line)
                 if match := DOWNLOAD.match(line):
                     # "torch-2.10.0-cp311-...whl" -> "torch 2.10.0"
-                    name, shown = " ".join(match[1].rsplit("/", 1)[-1].split("-")[:2]), -1
+                    name = " ".join(match[1].rsplit("/", 1)[-1].split("-")[:2])
     if pip.returncode != 0:
         print(f"pip failed ({' '.join(command)}); its other output:", file=sys.stderr)
         print("\n".join(recent), file=sys.stderr)
