@@ -19,22 +19,24 @@ quiet = out=$$($(1) 2>&1) || { printf '%s\n' "$$out"; exit 1; }
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(VENV)/.deps-stamp: pyproject.toml
+# Installs what pyproject.toml asks for when that list changed since the last install (by
+# content, not by date: a fresh clone reusing a venv installs nothing).
+venv:  ## create the virtual environment with every dependency
 	@if [ ! -x $(PY) ]; then \
 	  printf '==> venv: %s (%s)\n' "$(VENV)" "$$(python3 -V)"; \
 	  python3 -m venv $(VENV); \
 	fi
-	$(stage) "dependencies: torch and the rest, from pyproject.toml (the first time takes minutes)"
-	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  o = p['optional-dependencies']; \
 	  print('\n'.join(p['dependencies'] + o['s3'] + o['test'][1:] + o['bench'] + ['maturin>=1.8,<2', 'ruff>=0.8', 'mypy>=1.10']))" \
-	  > $(VENV)/requirements.txt
-	@$(PY) tools/pip_install.py -r $(VENV)/requirements.txt
-	@rm -f $(VENV)/lib/python3*/site-packages/ckptmap.pth  # the next build reinstalls the package
-	@touch $@
-
-venv: $(VENV)/.deps-stamp  ## create the virtual environment with every dependency
+	  > $(VENV)/requirements.new
+	@if ! cmp -s $(VENV)/requirements.new $(VENV)/requirements.txt; then \
+	  printf '==> %s\n' "dependencies: torch and the rest, from pyproject.toml (the first time takes minutes)"; \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) tools/pip_install.py -r $(VENV)/requirements.new && \
+	  mv $(VENV)/requirements.new $(VENV)/requirements.txt && \
+	  rm -f $(VENV)/lib/python3*/site-packages/ckptmap.pth; \
+	fi
 
 # `maturin develop` installs the package in editable mode (and pip-installs its dependencies,
 # which the venv stage already did): once per venv and checkout. Later builds only rebuild the
