@@ -264,7 +264,7 @@ pub fn suggest(source: &[Entry<'_>], target: &[Entry<'_>]) -> Suggestion {
             Some((_, t)) => revised == tgt_names[t as usize],
             None => {
                 revised == src_names[s]
-                    || tgt_index.get(revised).map_or(true, |&t| {
+                    || tgt_index.get(revised).is_none_or(|&t| {
                         src.sig[s] != tgt.sig[t]
                             && !matches!(found.target[t], Claim::Mapped { mapping, .. } if levels[mapping as usize].is_some())
                     })
