@@ -32,6 +32,7 @@ import itertools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import IntEnum
 from typing import Any, NamedTuple
 
 import torch
@@ -55,6 +56,7 @@ from ckptmap.report import (
     log_message,
     nothing_loaded_line,
 )
+from ckptmap.transfer import COPY_DTYPES, PLAIN_TENSORS, copy_tensors
 from ckptmap.wrappers import LoadWrapperTypes as _wrapper_types
 from ckptmap.wrappers import is_model_wrapper, register_model_wrapper, unwrap_model
 
@@ -181,34 +183,56 @@ def finish_load(
 
 # --- the recursion --------------------------------------------------------------------------
 
-# Node kinds. _FAST: the stock `_load_from_state_dict`, no pre-hooks, the stock
-# `set_extra_state`: loaded by `_Loader` itself. _PLAIN: stock loading code otherwise (called
-# with the module's own keys). _CUSTOM: an override or pre-hooks (called with its subtree).
-_FAST, _PLAIN, _CUSTOM = 0, 1, 2
-# Event types, in torch's visiting order: a module's load, a fast module's outcome (its missing,
-# unexpected and error entries), a module's post-hooks.
-_LOAD, _COMMIT, _POST = 0, 1, 2
-_TOP = -1
+
+class NodeKind(IntEnum):
+    """How a module of the tree is loaded."""
+
+    #: The stock `_load_from_state_dict`, no load pre-hooks, the stock `set_extra_state`:
+    #: matched by the loader itself, its copies batched.
+    FAST = 0
+    #: Stock loading code otherwise (a `set_extra_state` of its own, a tensor the batch does
+    #: not take): its `_load_from_state_dict` is called with its own keys.
+    PLAIN = 1
+    #: An override of `_load_from_state_dict`, or load pre-hooks: called with its whole
+    #: subtree, which it may change for its descendants.
+    CUSTOM = 2
+
+
+class EventKind(IntEnum):
+    """What happens at one point of torch's visiting order."""
+
+    #: A module's `_load_from_state_dict` is called (the copies queued before it are done).
+    LOAD = 0
+    #: A fast module's outcome (missing, unexpected and error entries) joins the lists.
+    COMMIT = 1
+    #: A module's load post-hooks run, after its subtree (the queued copies are done).
+    POST = 2
+
+
+class Event(NamedTuple):
+    """One step of the replay.
+
+    Attributes:
+        order: where it happens: ``2 * i`` at module ``i`` (modules numbered in pre-order),
+            ``2 * n - 1`` for the post-hooks of a subtree whose last module is ``n - 1``.
+        node: the module it concerns.
+        kind: what happens.
+        queued: how many copies of the top region were queued before it; they are done
+            before a LOAD or POST runs any module code.
+    """
+
+    order: int
+    node: int
+    kind: EventKind
+    queued: int
+
+
+_FAST, _PLAIN, _CUSTOM = NodeKind.FAST, NodeKind.PLAIN, NodeKind.CUSTOM
+_LOAD, _COMMIT, _POST = EventKind.LOAD, EventKind.COMMIT, EventKind.POST
+_TOP = -1  # the region of modules not below a custom module
 _BASE_LOAD = nn.Module._load_from_state_dict
 _BASE_SET_EXTRA = nn.Module.set_extra_state
 _EXTRA = "_extra_state"
-_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
-_STRIDED = torch.strided
-# dtypes whose CPU copies (with casting) cannot fail or warn.
-_COPY_DTYPES = frozenset(
-    {
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.bool,
-    }
-)
 _MISS = object()
 
 
@@ -243,6 +267,106 @@ class _Region(NamedTuple):
     state: Mapping[str, Any]
 
 
+class _Match(NamedTuple):
+    """A fast module's outcome when there is something to record.
+
+    Attributes:
+        missing: its missing keys, or None.
+        errors: its error messages (shape mismatches), or None.
+        device: whether one of its copies involves a device (not only CPU memory).
+    """
+
+    missing: list[str] | None
+    errors: list[str] | None
+    device: bool
+
+
+#: `_match`'s outcome for a module with nothing to record: every tensor found, in CPU memory.
+_CLEAN = _Match(None, None, False)
+
+
+def _matcher(
+    state: Mapping[str, Any],
+    dst: list[torch.Tensor],
+    src: list[torch.Tensor],
+    matched: list[str],
+) -> Callable[[Iterable[tuple[str, Any]], str], _Match | None]:
+    """`match(entries, prefix)`: the parameter and buffer half of torch's
+    `Module._load_from_state_dict` for one module, copies deferred.
+
+    `entries` are the module's (name, tensor) pairs in torch's order, `prefix` its path with
+    a trailing dot; keys are looked up in `state`. Each copy is appended to `dst`/`src` and
+    each key found to `matched`. Returns `_CLEAN` or a `_Match`, or None when a tensor needs
+    torch's own code: the module is then loaded by its `_load_from_state_dict`, and the
+    caller removes what was appended.
+
+    A tensor joins the batch only if its copy cannot fail or warn, and needs nothing of
+    torch's beyond the copy: plain strided tensors in CPU memory or on a CUDA device, a
+    `COPY_DTYPES` dtype each, a contiguous parameter outside inference mode (not lazy, not
+    meta). This is the one statement of the fast path's rule; `ckptmap.transfer.copy_tensors`
+    takes the pairs it admits. A closure, so that the hot loop (once per module, the inner
+    loop once per tensor) reads everything from fast locals.
+    """
+    miss = _MISS
+    plain = PLAIN_TENSORS
+    strided = torch.strided
+    dtypes = COPY_DTYPES
+    get = state.get
+    add_dst = dst.append
+    add_src = src.append
+    add_matched = matched.append
+    clean = _CLEAN
+
+    def match(entries: Iterable[tuple[str, Any]], prefix: str) -> _Match | None:
+        missing: list[str] | None = None
+        errors: list[str] | None = None
+        device = False
+        for name, param in entries:
+            if param is None:
+                continue
+            key = prefix + name
+            value = get(key, miss)
+            if value is miss:
+                if missing is None:
+                    missing = []
+                missing.append(key)
+                continue
+            dtype = param.dtype
+            if not (
+                type(value) in plain
+                and type(param) in plain
+                and value.layout is strided
+                and param.layout is strided
+                and dtype in dtypes
+                and (value.dtype is dtype or value.dtype in dtypes)
+                and param.is_contiguous()
+                and not param.is_inference()
+            ):
+                return None
+            if not (value.is_cpu and param.is_cpu):
+                if not ((value.is_cpu or value.is_cuda) and (param.is_cpu or param.is_cuda)):
+                    return None
+                device = True
+            add_matched(key)
+            shape = param.shape
+            # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into a 0-dim
+            # parameter.
+            if not shape and value.dim() == 1 and value.shape[0] == 1:
+                value = value[0]
+            if value.shape != shape:
+                if errors is None:
+                    errors = []
+                errors.append(_size_mismatch(key, value, param))
+                continue
+            add_dst(param)
+            add_src(value)
+        if missing is None and errors is None and not device:
+            return clean
+        return _Match(missing, errors, device)
+
+    return match
+
+
 class _Loader:
     """One load of a module tree.
 
@@ -250,7 +374,7 @@ class _Loader:
     custom module) are matched against the source while walking; their copies are queued in
     `top_dst`/`top_src` and their outcome recorded per module. Everything that must happen in
     order (custom and plain modules' loads, post-hooks, the fast modules' outcomes) becomes an
-    event; `run` replays the events, doing the queued copies before anything that could look
+    `Event`; `run` replays the events, doing the queued copies before anything that could look
     at the weights. Modules below a custom module are loaded one by one when their turn comes,
     from the dict that custom module leaves behind.
     """
@@ -274,12 +398,11 @@ class _Loader:
         # The tree in pre-order (torch's `_load_from_state_dict` order).
         self.modules: list[nn.Module] = []
         self.prefixes: list[str] = []
-        self.kinds: list[int] = []
+        self.kinds: list[NodeKind] = []
         self.regions: list[int] = []
         # Members of each custom module's region: they get their keys from its dict.
         self.members: dict[int, list[int]] = {}
-        # (order, node, type, copies queued before it), sorted by order.
-        self.events: list[tuple[float, int, int, int]] = []
+        self.events: list[Event] = []
         # The top region's fast modules: queued copies, matched keys, outcomes.
         self.top_dst: list[torch.Tensor] = []
         self.top_src: list[torch.Tensor] = []
@@ -291,20 +414,22 @@ class _Loader:
         # Copies queued by fast modules below custom ones, in visiting order.
         self.dst: list[torch.Tensor] = []
         self.src: list[torch.Tensor] = []
+        # Whether a queued copy involves a device (else all copies are in CPU memory).
+        self.device_copies = False
         # Keys of the modules loaded through their own `_load_from_state_dict`.
         self.views: dict[int, _Region] = {}
         self.owned: dict[int, list[int]] = {}
-        self.class_traits: dict[type, tuple[bool, int]] = {}
+        self.class_traits: dict[type, tuple[bool, NodeKind]] = {}
         self._walk(root)
         self._assign_leftovers()
 
     # -- the walk --
 
-    def _class_traits(self, cls: type) -> tuple[bool, int]:
+    def _class_traits(self, cls: type) -> tuple[bool, NodeKind]:
         """(is a model wrapper, kind by the class alone), cached for this load."""
         traits = self.class_traits.get(cls)
         if traits is None:
-            kind: int
+            kind: NodeKind
             if cls._load_from_state_dict is not _BASE_LOAD:  # type: ignore[attr-defined]
                 kind = _CUSTOM
             elif self.fast and getattr(cls, "set_extra_state", _BASE_SET_EXTRA) is _BASE_SET_EXTRA:
@@ -317,11 +442,9 @@ class _Loader:
     def _walk(self, root: nn.Module) -> None:
         """Flattens the tree in torch's order, loading the top region's fast modules on the way.
 
-        The hot loop of a load (once per module and tensor), hence written out with locals.
-        For a fast module of the top region it does what torch's `_load_from_state_dict` does
-        for the parameters and buffers, copies deferred; anything unusual about a tensor sends
-        the module to torch's code instead (see `_match`). A module's post-hooks run after its
-        subtree: a marker is pushed before its children.
+        Once per module, hence written out with locals. A fast module of the top region is
+        matched by `_match`; a tensor it cannot take sends the module to torch's code. A
+        module's post-hooks run after its subtree: a marker is pushed before its children.
         """
         traits = self.class_traits
         class_traits = self._class_traits
@@ -336,29 +459,26 @@ class _Loader:
         matched = self.matched
         fast_missing = self.fast_missing
         fast_errors = self.fast_errors
-        state = self.source
-        plain_tensors = _PLAIN_TENSORS
-        copy_dtypes = _COPY_DTYPES
-        strided = _STRIDED
-        missing_value = _MISS
+        match = _matcher(self.source, top_dst, top_src, matched)
         stack: list[tuple[Any, Any, int]] = [(root, "", _TOP)]
+        push = stack.append
         module: Any = root
         prefix: Any = ""
         try:
             while stack:
                 module, prefix, region = stack.pop()
                 if module is None:  # the end of a subtree whose root has post-hooks
-                    events.append((len(modules) - 0.5, prefix, _POST, len(top_dst)))
+                    events.append(Event(2 * len(modules) - 1, prefix, _POST, len(top_dst)))
                     continue
                 wrapper, kind = traits.get(type(module)) or class_traits(type(module))
                 while wrapper:
                     module = module.module
                     wrapper, kind = traits.get(type(module)) or class_traits(type(module))
                 i = len(modules)
-                # The module's own attributes, read from its __dict__ (where nn.Module keeps them)
-                # rather than through attribute lookup: this runs once per module.
+                # The module's own attributes, read from its __dict__ (where nn.Module keeps
+                # them) rather than through attribute lookup: this runs once per module.
                 attrs = module.__dict__
-                if kind != _CUSTOM and (
+                if kind is not _CUSTOM and (
                     attrs["_load_state_dict_pre_hooks"] or "_load_from_state_dict" in attrs
                 ):
                     kind = _CUSTOM
@@ -369,81 +489,43 @@ class _Loader:
                 buffers = attrs["_buffers"]
                 if region != _TOP:
                     members[region].append(i)
-                    events.append((i, i, _LOAD, len(top_dst)))
-                elif kind != _FAST:
-                    events.append((i, i, _LOAD, len(top_dst)))
+                    events.append(Event(2 * i, i, _LOAD, len(top_dst)))
+                elif kind is not _FAST:
+                    events.append(Event(2 * i, i, _LOAD, len(top_dst)))
                 elif params or buffers:
                     entries: Iterable[tuple[str, Any]] = params.items()
                     if buffers:
                         entries = _with_persistent_buffers(module, entries)
                     start = len(top_dst)
                     start_matched = len(matched)
-                    missing: list[str] | None = None
-                    errors: list[str] | None = None
-                    for name, param in entries:
-                        if param is None:
-                            continue
-                        key = prefix + name
-                        value = state.get(key, missing_value)
-                        if value is missing_value:
-                            if missing is None:
-                                missing = []
-                            missing.append(key)
-                            continue
-                        if not (
-                            type(value) in plain_tensors
-                            and type(param) in plain_tensors
-                            and value.is_cpu
-                            and param.is_cpu
-                            and value.layout is strided
-                            and param.layout is strided
-                            and param.dtype in copy_dtypes
-                            and (value.dtype is param.dtype or value.dtype in copy_dtypes)
-                            and param.is_contiguous()
-                            and not param.is_inference()
-                        ):
-                            # `copy_` might fail or warn: torch's own code reports it its way.
-                            del top_dst[start:], top_src[start:], matched[start_matched:]
-                            kind = _PLAIN
-                            events.append((i, i, _LOAD, len(top_dst)))
-                            break
-                        matched.append(key)
-                        shape = param.shape
-                        # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into
-                        # a 0-dim parameter.
-                        if not shape and value.dim() == 1 and value.shape[0] == 1:
-                            value = value[0]
-                        if value.shape != shape:
-                            if errors is None:
-                                errors = []
-                            errors.append(_size_mismatch(key, value, param))
-                            continue
-                        top_dst.append(param)
-                        top_src.append(value)
-                    else:
+                    outcome = match(entries, prefix)
+                    if outcome is None:
+                        del top_dst[start:], top_src[start:], matched[start_matched:]
+                        kind = _PLAIN
+                        events.append(Event(2 * i, i, _LOAD, len(top_dst)))
+                    elif outcome is not _CLEAN:
+                        missing, errors, device = outcome
+                        if device:
+                            self.device_copies = True
                         if missing is not None or errors is not None:
                             if missing is not None:
                                 fast_missing[i] = missing
                             if errors is not None:
                                 fast_errors[i] = errors
-                            events.append((i, i, _COMMIT, 0))
+                            events.append(Event(2 * i, i, _COMMIT, 0))
                 kinds.append(kind)
-                if kind == _CUSTOM:
+                if kind is _CUSTOM:
                     region = i
                     members[i] = []
                 if attrs["_load_state_dict_post_hooks"]:
                     stack.append((None, i, 0))
                 children = attrs["_modules"]
                 if children:
-                    stack.extend(
-                        reversed(
-                            [
-                                (child, f"{prefix}{name}.", region)
-                                for name, child in children.items()
-                                if child is not None
-                            ]
-                        )
-                    )
+                    # Pushed last to first, so that the first child is visited next. A loop,
+                    # not a list comprehension: no extra frame per module.
+                    for name, child in reversed(children.items()):
+                        if child is not None:
+                            push((child, f"{prefix}{name}.", region))
         except KeyError as err:  # a module whose nn.Module.__init__ never ran
             raise AttributeError(
                 f"{type(module).__name__} at {prefix[:-1] or '<root>'!r} has no {err.args[0]} "
@@ -480,7 +562,7 @@ class _Loader:
         for n, group in zip(nodes, groups, strict=False):
             if not group:
                 continue
-            if self.kinds[n] != _FAST:
+            if self.kinds[n] is not _FAST:
                 self.views[n] = view
                 self.owned[n] = group
                 continue
@@ -488,7 +570,7 @@ class _Loader:
             if unexpected:
                 self.fast_unexpected[n] = unexpected
                 if n not in self.fast_missing and n not in self.fast_errors:
-                    self.events.append((n, n, _COMMIT, 0))
+                    self.events.append(Event(2 * n, n, _COMMIT, 0))
                     added = True
         if added:
             self.events.sort(key=_order)
@@ -496,31 +578,31 @@ class _Loader:
     # -- replaying the events --
 
     def run(self) -> None:
-        marker = 0
+        queued = 0
         try:
-            for _, i, kind, marker in self.events:
-                if kind == _COMMIT:
+            for _, i, kind, queued in self.events:
+                if kind is _COMMIT:
                     self.missing.extend(self.fast_missing.get(i, ()))
                     self.errors.extend(self.fast_errors.get(i, ()))
                     self.unexpected.extend(self.fast_unexpected.get(i, ()))
-                elif kind == _LOAD:
-                    self._load(i, marker)
+                elif kind is _LOAD:
+                    self._load(i, queued)
                 else:
-                    self._flush(marker)
+                    self._flush(queued)
                     self._post_hooks(i)
-            marker = len(self.top_dst)
+            queued = len(self.top_dst)
         finally:
             # What was visited is copied even when a module's code raises, as in torch.
-            self._flush(marker)
+            self._flush(queued)
 
-    def _load(self, i: int, marker: int) -> None:
+    def _load(self, i: int, queued: int) -> None:
         kind = self.kinds[i]
-        if kind == _FAST:  # below a custom module
+        if kind is _FAST:  # below a custom module
             if self._load_fast(i):
                 return
             kind = _PLAIN
-        self._flush(marker)
-        if kind == _PLAIN:
+        self._flush(queued)
+        if kind is _PLAIN:
             self._call(i, self._own_dict(i))
             return
         if i == 0:
@@ -589,40 +671,46 @@ class _Loader:
             self.errors,
         )
 
-    def _flush(self, marker: int) -> None:
-        """Does every queued copy of the modules visited so far, in visiting order.
+    def _flush(self, queued: int) -> None:
+        """Does every queued copy of the modules visited so far (see `copy_tensors`).
 
         The copies queued below custom modules come first: every top-region copy not yet done
-        belongs to a module visited after them.
+        belongs to a module visited after them. Within a batch, a weight tied to two keys ends
+        with the later one, as in torch.
         """
-        batches = []
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         if self.dst:
-            batches.append((self.dst, self.src))
+            dst, src = self.dst, self.src
             self.dst, self.src = [], []
-        if marker > self.top_done:
-            batches.append(
-                (self.top_dst[self.top_done : marker], self.top_src[self.top_done : marker])
-            )
-            self.top_done = marker
-        if batches:
-            with torch.no_grad():
-                for dst, src in batches:
-                    # On CPU this is `copy_` tensor by tensor, in order: a weight tied to two
-                    # keys ends with the later one, as in torch.
-                    torch._foreach_copy_(dst, src)
+        if queued > self.top_done:
+            dst += self.top_dst[self.top_done : queued]
+            src += self.top_src[self.top_done : queued]
+            self.top_done = queued
+        if dst:
+            copy_tensors(dst, src, host_only=not self.device_copies)
 
     def _load_fast(self, i: int) -> bool:
-        """`_match_top` for a fast module below a custom one, copies queued in `dst`/`src`."""
+        """A fast module below a custom one: matched like the top region's, copies queued in
+        `dst`/`src`. False when a tensor needs torch's code (nothing queued then)."""
         module = self.modules[i]
         prefix = self.prefixes[i]
         view = self.views.get(i)
         state: Mapping[str, Any] = {} if view is None else view.state
-        outcome = _match(module, prefix, state, module._parameters, module._buffers)
+        entries: Iterable[tuple[str, Any]] = module._parameters.items()
+        if module._buffers:
+            entries = _with_persistent_buffers(module, entries)
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        outcome = _matcher(state, dst, src, [])(entries, prefix)
         if outcome is None:
             return False
-        missing, errors, dst, src, _ = outcome
-        self.missing += missing
-        self.errors += errors
+        if outcome.missing:
+            self.missing += outcome.missing
+        if outcome.errors:
+            self.errors += outcome.errors
+        if outcome.device:
+            self.device_copies = True
         if view is not None:
             self.unexpected += _unexpected(module, prefix, view.keys, self.owned[i])
         self.dst += dst
@@ -630,65 +718,8 @@ class _Loader:
         return True
 
 
-def _match(
-    module: nn.Module,
-    prefix: str,
-    state: Mapping[str, Any],
-    params: Mapping[str, Any],
-    buffers: Mapping[str, Any],
-) -> tuple[list[str], list[str], list[torch.Tensor], list[torch.Tensor], list[str]] | None:
-    """The parameter and buffer half of torch's `Module._load_from_state_dict`, copies deferred.
-
-    Returns `(missing, errors, dst, src, matched keys)`, or None when a tensor needs torch's
-    own code (not a plain CPU tensor, an unusual dtype or layout, a lazy or inference-mode
-    parameter).
-    """
-    missing: list[str] = []
-    errors: list[str] = []
-    dst: list[torch.Tensor] = []
-    src: list[torch.Tensor] = []
-    matched: list[str] = []
-    entries: Iterable[tuple[str, Any]] = params.items()
-    if buffers:
-        entries = _with_persistent_buffers(module, entries)
-    for name, param in entries:
-        if param is None:
-            continue
-        key = prefix + name
-        value = state.get(key, _MISS)
-        if value is _MISS:
-            missing.append(key)
-            continue
-        if not (
-            type(value) in _PLAIN_TENSORS
-            and type(param) in _PLAIN_TENSORS
-            and value.is_cpu
-            and param.is_cpu
-            and value.layout is _STRIDED
-            and param.layout is _STRIDED
-            and param.dtype in _COPY_DTYPES
-            and (value.dtype is param.dtype or value.dtype in _COPY_DTYPES)
-            and param.is_contiguous()
-            and not param.is_inference()
-        ):
-            # `param.copy_(value)` might fail or warn: torch's code reports it its way.
-            return None
-        matched.append(key)
-        shape = param.shape
-        # Kept by torch for 0.3 checkpoints: a 1-element 1-dim tensor loads into a 0-dim
-        # parameter.
-        if not shape and value.dim() == 1 and value.shape[0] == 1:
-            value = value[0]
-        if value.shape != shape:
-            errors.append(_size_mismatch(key, value, param))
-            continue
-        dst.append(param)
-        src.append(value)
-    return missing, errors, dst, src, matched
-
-
-def _order(event: tuple[float, int, int, int]) -> float:
-    return event[0]
+def _order(event: Event) -> int:
+    return event.order
 
 
 def _with_persistent_buffers(
