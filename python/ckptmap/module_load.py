@@ -11,8 +11,9 @@ One walk over the tree, in torch's order, does the work:
 
 - Modules with the stock `_load_from_state_dict`, no load pre-hooks and the stock
   `set_extra_state` ("fast" modules) look their tensors up directly, with torch's checks and
-  messages; their copies are batched into `torch._foreach_copy_` (CPU tensors: anything else,
-  or anything unusual about a tensor, sends the module to its own `_load_from_state_dict`).
+  messages; their copies are queued and done in batches by `ckptmap.transfer.copy_tensors`
+  (CPU and CUDA tensors alike; anything unusual about a tensor, see `_matcher`, sends the
+  module to its own `_load_from_state_dict`).
 - The keys no fast module took are grouped by owner once, in the Rust key index: the fast
   modules' unexpected keys, and the keys of every other module.
 - Modules that override `_load_from_state_dict` or carry pre-hooks may read, rename or delete
