@@ -239,16 +239,22 @@ def _independent(
 ) -> list[int] | None:
     """The pairs to copy when order cannot matter; None when it might.
 
-    A destination written again later is dropped (the later copy wins, as in order); so is a
-    copy of a tensor onto itself. Then every remaining destination must be disjoint from every
-    other destination and from every source (memory compared per device).
+    A copy of a tensor onto itself is dropped (it changes nothing); so is a copy into a
+    tensor that a later pair writes again, whole and as the same view (the later copy wins, as
+    in order). Then the destinations must be disjoint from one another and from every source
+    (memory compared per device), the dropped copies' sources included: torch would still
+    read them, and refuse one that partly overlaps its own destination.
     """
     n = len(dst)
     dptr = [t.data_ptr() for t in dst]
     sptr = [t.data_ptr() for t in src]
+    reads: list[int] = []
     keep: list[int] = []
     seen: dict[tuple[int, int], int] = {}
     for i in range(n - 1, -1, -1):  # from the end: the last copy into a tensor is kept
+        if ps[i] == pd[i] and sptr[i] == dptr[i] and _same_view(dst[i], src[i]):
+            continue  # onto itself: changes nothing, and hides no earlier copy
+        reads.append(i)
         key = (pd[i], dptr[i])
         j = seen.get(key)
         if j is not None:
@@ -256,14 +262,11 @@ def _independent(
                 return None  # two views of the same memory: order decides
             continue
         seen[key] = i
-        if ps[i] == pd[i] and sptr[i] == dptr[i] and _same_view(dst[i], src[i]):
-            continue  # onto itself: nothing to do
         keep.append(i)
     keep.reverse()
-    places = {pd[i] for i in keep}
-    for p in places:
+    for p in {pd[i] for i in keep}:
         d = [i for i in keep if pd[i] == p]
-        s = [i for i in keep if ps[i] == p]
+        s = [i for i in reads if ps[i] == p]
         d_start = np.array([dptr[i] for i in d], dtype=np.int64)
         d_end = d_start + np.array([_span(dst[i]) for i in d], dtype=np.int64)
         s_start = np.array([sptr[i] for i in s], dtype=np.int64)
