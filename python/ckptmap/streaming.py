@@ -38,7 +38,14 @@ from typing import NamedTuple
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ckptmap.engines import SLOT_BYTES, SLOTS, CopyEngine, HostEngine, current_engine
+from ckptmap.engines import (
+    SLOT_BYTES,
+    SLOTS,
+    CopyEngine,
+    HostEngine,
+    current_engine,
+    engine_override,
+)
 from ckptmap.errors import CheckpointNotFoundError, CheckpointPermissionError
 from ckptmap.formats.errors import CorruptCheckpointError
 
@@ -53,6 +60,8 @@ __all__ = [
     "ReadItem",
     "SourceFile",
     "chunk_tensor",
+    "engine_for",
+    "named_device",
     "pack_tensors",
     "read_tensors",
     "run_ring",
@@ -606,3 +615,29 @@ def _file_pieces(
             pieces.append(Piece((stop - start) * itemsize, reader, deliver))
     close_run()
     return pieces
+
+
+def named_device(map_location: object) -> torch.device | None:
+    """The device a plain `map_location` names (a device, a str, an int, or a dict mapping
+    ``"cpu"`` to one of those), else None (None itself, other dicts, callables)."""
+    if isinstance(map_location, dict):
+        map_location = map_location.get("cpu")
+    if isinstance(map_location, (str, torch.device, int)) and not isinstance(map_location, bool):
+        return torch.device(map_location)
+    return None
+
+
+def engine_for(device: torch.device | None) -> CopyEngine | None:
+    """The engine that fills new tensors on `device` through the ring, or None.
+
+    CPU targets stream only under a test engine: a plain CPU load keeps its zero-copy
+    views (and never asks whether CUDA is there).
+    """
+    if device is None:
+        return None
+    engine = engine_override()
+    if engine is None:
+        if device.type == "cpu":
+            return None
+        engine = current_engine()
+    return engine if engine.can_stream_to(device) else None

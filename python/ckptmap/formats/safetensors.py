@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ckptmap import streaming
 from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError, filter_prefix_keys
 from ckptmap.errors import (
     CheckpointIsADirectoryError,
@@ -238,8 +239,12 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self.path = check_path(path)
         self._move = map_location_fn(map_location, self.path)
         self.mapped = mmap is None or bool(mmap)
+        # A map location on a GPU: `load` streams the bytes there (see ckptmap.streaming).
+        self._device = streaming.named_device(map_location)
         fd = _open_fd(self.path)
         try:
+            st = os.fstat(fd)
+            self._identity = (st.st_dev, st.st_ino, st.st_size)
             try:
                 self.header = _read_header(fd, self.path)
             except SafetensorsHeaderError as err:
@@ -394,9 +399,34 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             chosen = [self._names[i] for i in positions]
             kept, _ = filter_prefix_keys(chosen, prefix, False)
             positions = [positions[k] for k in kept]
+        engine = streaming.engine_for(self._device)
+        if engine is not None and sys.byteorder == "little":
+            items = self.read_plan([self._names[i] for i in positions], self._device)
+            tensors = streaming.read_tensors(items, engine=engine)
+            return OrderedDict(zip((self._names[i] for i in positions), tensors, strict=True))
         if prefetch if prefetch is not None else (names is not None or prefix is not None):
             self._prefetch(positions)
         return OrderedDict((self._names[i], self._tensor(i)) for i in positions)
+
+    def read_plan(self, names: Iterable[str], target: torch.device) -> list[streaming.ReadItem]:
+        """The rows of `ckptmap.streaming.read_tensors` that read tensors `names` into new
+        tensors on `target`: byte ranges from the header, checked against this very file.
+
+        Raises:
+            TensorNotFoundError: a name the file does not have.
+            UnsupportedDtypeError: a tensor whose dtype torch can not hold.
+        """
+        source = streaming.SourceFile(self.path, self._identity)
+        dtypes, shapes, ranges = self._columns
+        items = []
+        for name in names:
+            i = self._position(name)
+            dtype = _torch_dtype(dtypes[i])
+            if dtype is None:
+                raise UnsupportedDtypeError(self.path, name, self.header.safetensors_dtypes[i])
+            start, end = ranges[i]
+            items.append(streaming.ReadItem(source, start, end, dtype, shapes[i], target))
+        return items
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Starts reading the bytes of tensors `names` into the page cache, in the background.

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ckptmap import streaming
 from ckptmap._core import filter_prefix_keys
 from ckptmap.errors import (
     CorruptCheckpointError,
@@ -206,7 +207,30 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
         if prefix is not None:
             kept, _ = filter_prefix_keys(chosen, prefix, False)
             chosen = [chosen[k] for k in kept]
-        return OrderedDict((name, self[name]) for name in chosen)
+        streamed = self._stream(chosen)
+        return OrderedDict(
+            (name, streamed[name] if name in streamed else self[name]) for name in chosen
+        )
+
+    def _stream(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The safetensors shards' tensors among `names`, read onto the map location's device
+        through one ring (`ckptmap.streaming`); empty when the map location does not stream."""
+        device = streaming.named_device(self._map_location)
+        engine = streaming.engine_for(device)
+        if engine is None or device is None:
+            return {}
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            if isinstance(self._opened.get(self.shard_of(name)), SafetensorsFile):
+                by_shard.setdefault(self.shard_of(name), []).append(name)
+        items: list[streaming.ReadItem] = []
+        order: list[str] = []
+        for shard, shard_names in by_shard.items():
+            opened = self._opened[shard]
+            assert isinstance(opened, SafetensorsFile)
+            items += opened.read_plan(shard_names, device)
+            order += shard_names
+        return dict(zip(order, streaming.read_tensors(items, engine=engine), strict=True))
 
     def close(self) -> None:
         """Drops the shards (tensors taken from them stay valid)."""
