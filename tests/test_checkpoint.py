@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from devices import data_parallel
 from probes import mapped_from
 from torch import nn
 
@@ -68,7 +69,7 @@ def trained() -> Net:
 def test_finds_the_weights_and_strips_module(tmp_path, trained, layout):
     sd = trained.state_dict()
     if layout == "module_prefix":
-        wrapped = nn.DataParallel(trained)
+        wrapped = data_parallel(trained)
         obj: Any = {"state_dict": wrapped.state_dict(), "meta": {"epoch": 3}}
     elif layout == "plain":
         obj = sd
@@ -85,7 +86,7 @@ def test_finds_the_weights_and_strips_module(tmp_path, trained, layout):
 
 def test_same_model_as_mmengine(tmp_path, trained):
     mm = pytest.importorskip("mmengine.runner.checkpoint")
-    path = _save(tmp_path / "ckpt.pth", {"state_dict": nn.DataParallel(trained).state_dict()})
+    path = _save(tmp_path / "ckpt.pth", {"state_dict": data_parallel(trained).state_dict()})
     theirs, ours = _net(0), _net(0)
     mm.load_checkpoint(theirs, path, map_location="cpu", logger="silent")
     load_checkpoint(ours, path, map_location="cpu", logger="silent")
@@ -106,7 +107,7 @@ class VersionedHead(nn.Linear):
 def test_metadata_survives_the_default_rules(tmp_path):
     """Stripping `module.` keeps the modules' versions (the seeds lose them)."""
     saved = nn.Sequential(OrderedDict(head=VersionedHead(2, 2)))
-    path = _save(tmp_path / "ckpt.pth", {"state_dict": nn.DataParallel(saved).state_dict()})
+    path = _save(tmp_path / "ckpt.pth", {"state_dict": data_parallel(saved).state_dict()})
     model = nn.Sequential(OrderedDict(head=VersionedHead(2, 2)))
     load_checkpoint(model, path, logger="silent")
     assert model.head.loaded_version == 3
@@ -302,7 +303,7 @@ def test_unsafe_pickle_is_refused_and_never_runs(tmp_path):
 
 
 def test_checkpoint_to_model_returns_it(trained):
-    checkpoint = {"state_dict": nn.DataParallel(trained).state_dict(), "epoch": 2}
+    checkpoint = {"state_dict": data_parallel(trained).state_dict(), "epoch": 2}
     model = _net(0)
     assert _load_checkpoint_to_model(model, checkpoint, logger="silent") is checkpoint
     _assert_same(model, trained)
@@ -339,7 +340,7 @@ def test_prefix_not_found(tmp_path, trained):
 
 
 def test_load_model_checkpoint(tmp_path, trained):
-    path = _save(tmp_path / "ckpt.pth", {"model": nn.DataParallel(trained).state_dict()})
+    path = _save(tmp_path / "ckpt.pth", {"model": data_parallel(trained).state_dict()})
     model = _net(0)
     assert load_model_checkpoint(model, path) is None
     _assert_same(model, trained)

@@ -9,6 +9,7 @@ its messages compared with ours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -19,15 +20,18 @@ import textwrap
 import warnings
 from collections import OrderedDict
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
+from devices import DEVICES, DeferredDevice, data_parallel
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import ckptmap.module_load as module_load
 import ckptmap.report as report_module
+from ckptmap.engines import using_engine
 from ckptmap.errors import (
     CkptmapError,
     InvalidStateDictError,
@@ -349,7 +353,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
     ]:
-        out[name] = (t.detach().clone(), t.dtype, t.requires_grad, type(t).__name__)
+        out[name] = (t.detach().clone(), t.dtype, t.device, t.requires_grad, type(t).__name__)
         out[f"{name}#alias"] = ids.setdefault(id(t), name)
     for name, module in model.named_modules(remove_duplicate=False):
         for attr in ("count", "seen"):
@@ -376,10 +380,72 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
             assert va == vb, key
 
 
-def check_against_torch(spec: dict[str, Any], sd: Any, *, fast: bool, assign: bool) -> None:
+def _tensors_of(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        t
+        for _, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    ]
+
+
+def _on_device(sd: Any, device: str, data: st.DataObject) -> Any:
+    """`sd` with a drawn subset of its tensors moved to `device`, `_metadata` kept."""
+    moved: OrderedDict[str, Any] = OrderedDict()
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor) and data.draw(st.booleans(), label=f"move {key}"):
+            value = value.to(device)
+        moved[key] = value
+    if hasattr(sd, "_metadata"):
+        moved._metadata = sd._metadata  # type: ignore[attr-defined]
+    return moved
+
+
+def check_against_torch(
+    spec: dict[str, Any],
+    sd: Any,
+    *,
+    fast: bool,
+    assign: bool,
+    device: str = "cpu",
+    data: st.DataObject | None = None,
+) -> None:
+    """Loads `sd` with torch and with ckptmap into two models built from `spec`; requires the
+    same outcome and state.
+
+    With `data` (a hypothesis draw), the loads are placed as drawn: on ``"cuda"``, both models
+    on the GPU and some of `sd`'s tensors too; on ``"fake"`` (and in half of the ``"cpu"``
+    cases), ckptmap runs with a `DeferredDevice`, some model tensors and some sources standing
+    in for a device's, through a ring of a few bytes to a few hundred: every branch of the
+    batched copies, host-to-device, device-to-device and device-to-host, with casts, tied
+    weights and hooks, on CPU.
+    """
     theirs_model, ours_model = build(spec, seed=0), build(spec, seed=0)
+    engine: DeferredDevice | None = None
+    if device == "cuda":
+        theirs_model.to(device)
+        ours_model.to(device)
+        if data is not None:
+            sd = _on_device(sd, device, data)
+    elif data is not None and (device == "fake" or data.draw(st.booleans(), label="fake")):
+        engine = DeferredDevice(
+            slot_bytes=data.draw(st.sampled_from([16, 64, 256, 1 << 20]), label="slot bytes"),
+            slots=data.draw(st.integers(1, 3), label="slots"),
+            threads=data.draw(st.integers(1, 2), label="threads"),
+        )
+        everywhere = data.draw(st.booleans(), label="all on the device")
+        for t in _tensors_of(ours_model):
+            if everywhere or data.draw(st.booleans(), label="param on the device"):
+                engine.on_device(t)
+        for key, value in sd.items():
+            if isinstance(value, torch.Tensor) and data.draw(st.booleans(), label=f"src {key}"):
+                engine.on_device(value)
     missing, unexpected, errors = torch_load(theirs_model, copy.copy(sd), assign=assign)
-    result = ours_load(ours_model, sd, fast=fast, assign=assign)
+    with using_engine(engine) if engine is not None else contextlib.nullcontext():
+        result = ours_load(ours_model, sd, fast=fast, assign=assign)
+    if engine is not None:
+        assert not engine.pending, "the load returned before its copies were done"
     assert list(result.missing_keys) == missing
     assert list(result.unexpected_keys) == unexpected
     assert list(result.error_msgs) == errors
@@ -392,17 +458,26 @@ def check_against_torch(spec: dict[str, Any], sd: Any, *, fast: bool, assign: bo
 # Differential tests
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(spec=specs, data=st.data(), fast=st.booleans(), assign=st.booleans())
-def test_matches_torch_on_generated_trees(spec, data, fast, assign):
+def test_matches_torch_on_generated_trees(device, spec, data, fast, assign):
     sd = data.draw(perturbed_state_dicts(spec))
-    check_against_torch(spec, sd, fast=fast, assign=assign)
+    check_against_torch(spec, sd, fast=fast, assign=assign, device=device, data=data)
 
 
-@given(spec=specs)
-def test_exact_state_dict_loads_cleanly(spec):
+@given(spec=specs, data=st.data())
+def test_batched_copies_to_a_device_match_torch(spec, data):
+    """The fast path always, with tensors standing in for a device's (see check_against_torch)."""
+    sd = data.draw(perturbed_state_dicts(spec))
+    check_against_torch(spec, sd, fast=True, assign=False, device="fake", data=data)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(spec=specs, data=st.data())
+def test_exact_state_dict_loads_cleanly(device, spec, data):
     source = build(spec, seed=1)
     sd = source.state_dict()
-    check_against_torch(spec, sd, fast=True, assign=False)
+    check_against_torch(spec, sd, fast=True, assign=False, device=device, data=data)
     model = build(spec, seed=0)
     result = load_state_dict(model, sd, logger="silent")
     assert result.ok or any(
@@ -794,16 +869,28 @@ def test_nothing_loaded_warns():
 
 def test_data_parallel_is_unwrapped_at_every_level():
     inner = nn.Linear(2, 2)
-    model = nn.Sequential(nn.DataParallel(inner), nn.Linear(2, 2))
+    model = nn.Sequential(data_parallel(inner), nn.Linear(2, 2))
     sd = {
         "0.weight": torch.ones(2, 2),
         "0.bias": torch.ones(2),
         "1.weight": torch.ones(2, 2),
         "1.bias": torch.ones(2),
     }
-    result = load_state_dict(nn.DataParallel(model), sd, logger="silent")
+    result = load_state_dict(data_parallel(model), sd, logger="silent")
     assert result.ok
     assert torch.equal(inner.weight, torch.ones(2, 2))
+
+
+def test_data_parallel_of_the_tests_never_moves_its_module():
+    """On a machine with a GPU, nn.DataParallel moves its module to cuda:0 (in place); the
+    tests' `data_parallel` builds the same wrapper and leaves the module where it is."""
+    inner = nn.Linear(2, 2)
+    weight = inner.weight
+    with mock.patch.object(torch.cuda, "is_available", return_value=True):
+        wrapper = data_parallel(inner)
+    assert isinstance(wrapper, nn.DataParallel) and is_model_wrapper(wrapper)
+    assert unwrap_model(wrapper) is inner and inner.weight is weight and weight.is_cpu
+    assert list(wrapper.state_dict()) == ["module.weight", "module.bias"]
 
 
 def test_distributed_data_parallel_is_unwrapped(tmp_path):

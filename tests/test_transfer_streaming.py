@@ -270,7 +270,8 @@ def test_read_plan_errors(st_file):
     engine = FakeDevice(default=0)
     with pytest.raises(ValueError, match="do not hold"):
         read_tensors([item._replace(end=item.end - 1)], engine=engine)
-    with pytest.raises(ValueError, match=r"read target of torch\.float32 \(2000,\) for bytes of torch\.float16"):
+    wrong = r"read target of torch\.float32 \(2000,\) for bytes of torch\.float16"
+    with pytest.raises(ValueError, match=wrong):
         read_tensors([item._replace(target=torch.empty(2000))], engine=engine)
     with pytest.raises(ValueError, match="contiguous"):
         target = torch.empty(2, 2000, dtype=torch.float16)[0]
