@@ -172,7 +172,9 @@ class CudaEngine:
                 work()
 
     def record(self, device: int) -> Callable[[], None]:
-        event = torch.cuda.Event()
+        # Blocking: the reader thread that waits sleeps instead of spinning on a core that
+        # the other readers need.
+        event = torch.cuda.Event(blocking=True)
         event.record(self._stream(device))
         return event.synchronize
 

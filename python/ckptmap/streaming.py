@@ -432,7 +432,7 @@ class _OpenFile:
 
     def pread(self, views: list[torch.Tensor], offset: int) -> None:
         """Reads consecutive bytes from `offset` into the uint8 host tensors `views`."""
-        buffers = [memoryview(v.numpy()) for v in views]
+        buffers = [v.numpy().data for v in views]
         position = offset
         k = 0
         while k < len(buffers):
@@ -486,10 +486,10 @@ class FileRange:
         self.file.pread([region], self.offset)
 
 
-def _check_target(item: ReadItem, numel: int) -> torch.Tensor | None:
+def _check_target(item: ReadItem) -> torch.Tensor | torch.device:
     target = item.target
     if isinstance(target, torch.device):
-        return None
+        return target
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"a read target is a tensor or a torch.device, not {type(target)}")
     if target.dtype != item.dtype or tuple(target.shape) != tuple(item.shape):
@@ -537,9 +537,9 @@ def read_tensors(
                 f"{item.file.path!r}: bytes [{item.start}, {item.end}) do not hold a "
                 f"{item.dtype} tensor of shape {tuple(item.shape)}"
             )
-        target = _check_target(item, numel)
-        if target is None:
-            target = torch.empty(item.shape, dtype=item.dtype, device=item.target)
+        target = _check_target(item)
+        if isinstance(target, torch.device):
+            target = torch.empty(item.shape, dtype=item.dtype, device=target)
         targets.append(target)
     by_device: dict[int, list[int]] = {}
     for i, target in enumerate(targets):

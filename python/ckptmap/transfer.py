@@ -61,8 +61,8 @@ PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 
 def copy_tensors(
-    dst: Sequence[torch.Tensor],
-    src: Sequence[torch.Tensor],
+    dst: list[torch.Tensor],
+    src: list[torch.Tensor],
     *,
     host_only: bool = False,
 ) -> None:
@@ -89,7 +89,7 @@ def copy_tensors(
         if host_only and engine_override() is None:
             torch._foreach_copy_(dst, src)
             return
-        _copy(list(dst), list(src), current_engine())
+        _copy(dst, src, current_engine())
 
 
 def _one_by_one(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], which) -> None:

@@ -400,7 +400,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             kept, _ = filter_prefix_keys(chosen, prefix, False)
             positions = [positions[k] for k in kept]
         engine = streaming.engine_for(self._device)
-        if engine is not None and sys.byteorder == "little":
+        if engine is not None and self._device is not None and sys.byteorder == "little":
             items = self.read_plan([self._names[i] for i in positions], self._device)
             tensors = streaming.read_tensors(items, engine=engine)
             return OrderedDict(zip((self._names[i] for i in positions), tensors, strict=True))
@@ -416,6 +416,8 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             TensorNotFoundError: a name the file does not have.
             UnsupportedDtypeError: a tensor whose dtype torch can not hold.
         """
+        if self._view is None:
+            raise ValueError(f"{self.path!r}: this SafetensorsFile is closed; open it again")
         source = streaming.SourceFile(self.path, self._identity)
         dtypes, shapes, ranges = self._columns
         items = []
