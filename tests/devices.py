@@ -83,6 +83,9 @@ class FakeDevice:
             return 0
         return self.default if tensor.is_cpu else OTHER
 
+    def places(self, tensors: list[torch.Tensor]) -> list[int]:
+        return [self.place(t) for t in tensors]
+
     def can_stream_to(self, device: torch.device) -> bool:
         return device.type == "cpu"
 

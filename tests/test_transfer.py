@@ -285,26 +285,40 @@ def test_source_written_by_an_earlier_pair_reads_the_new_value():
     assert torch.equal(y, torch.ones(3))
 
 
+class _Placed:
+    """An engine stand-in that places the destinations and the sources as told."""
+
+    def __init__(self, dst_places: list[int], src_places: list[int]) -> None:
+        self.answers = [dst_places, src_places]
+
+    def places(self, tensors: list[torch.Tensor]) -> list[int]:
+        return self.answers.pop(0)
+
+
+def _independent(dst, src, pd, ps) -> list[int] | None:
+    keep = transfer._independent(transfer._Pairs(dst, src, _Placed(pd, ps)))
+    return None if keep is None else keep.tolist()
+
+
 def test_copy_onto_itself_is_dropped():
     x = torch.arange(4.0)
-    keep = transfer._independent([x, x], [x, torch.zeros(4)], [0, 0], [0, 0])
-    assert keep == [1]
-    assert transfer._independent([x], [x], [0], [0]) == []
+    assert _independent([x, x], [x, torch.zeros(4)], [0, 0], [0, 0]) == [1]
+    assert _independent([x], [x], [0], [0]) == []
 
 
 def test_independence_checks():
     base = torch.zeros(8)
     a, b, c = base[0:4], base[4:8], base[2:6]
     fresh = torch.ones(4)
-    assert transfer._independent([a, b], [fresh, fresh], [0, 0], [0, 0]) == [0, 1]
-    assert transfer._independent([a, c], [fresh, fresh], [0, 0], [0, 0]) is None
-    assert transfer._independent([a, b], [fresh, c], [0, 0], [0, 0]) is None
+    assert _independent([a, b], [fresh, fresh], [0, 0], [0, 0]) == [0, 1]
+    assert _independent([a, c], [fresh, fresh], [0, 0], [0, 0]) is None
+    assert _independent([a, b], [fresh, c], [0, 0], [0, 0]) is None
     # The same addresses in host memory and on a device are different memory.
-    assert transfer._independent([a], [a.view(4)], [0], [-1]) == [0]
+    assert _independent([a], [a.view(4)], [0], [-1]) == [0]
     # Empty tensors touch nothing (an empty copy may be dropped: it does nothing).
     empty = base[3:3]
-    assert transfer._independent([a, empty], [fresh, base[0:0]], [0, 0], [0, 0]) in ([0], [0, 1])
-    assert transfer._independent([empty, a], [a[1:1], fresh], [0, 0], [0, 0]) in ([1], [0, 1])
+    assert _independent([a, empty], [fresh, base[0:0]], [0, 0], [0, 0]) in ([0], [0, 1])
+    assert _independent([empty, a], [a[1:1], fresh], [0, 0], [0, 0]) in ([1], [0, 1])
 
 
 def test_device_to_host_and_empty_pairs_use_copy_one_by_one():

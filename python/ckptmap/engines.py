@@ -5,7 +5,8 @@ that depends on the kind of device, so that the same planning code runs on a mac
 a GPU (and is tested there) and on one with CUDA:
 
 - `place(tensor)`: `HOST` for CPU memory, a device index (>= 0) for a device the engine
-  drives, `OTHER` for anything else (copied tensor by tensor, by torch).
+  drives, `OTHER` for anything else (copied tensor by tensor, by torch); `places(tensors)`,
+  the same for a list of CPU or CUDA tensors, at a fraction of the cost per tensor.
 - `host_buffer(nbytes, device)`: staging memory on the host for copies to `device`
   (page-locked on CUDA, so host-to-device copies run asynchronously at full bandwidth).
 - `issue(device, work)`: runs `work` with its device operations queued on the engine's copy
@@ -74,6 +75,10 @@ class CopyEngine(Protocol):
         """`HOST`, the index of a device this engine drives, or `OTHER`."""
         ...
 
+    def places(self, tensors: list[torch.Tensor]) -> list[int]:
+        """`place` of each of `tensors`, which are all in CPU memory or on CUDA devices."""
+        ...
+
     def can_stream_to(self, device: torch.device) -> bool:
         """Whether new tensors on `device` can be filled through this engine."""
         ...
@@ -104,6 +109,9 @@ class HostEngine:
 
     def place(self, tensor: torch.Tensor) -> int:
         return HOST if tensor.is_cpu else OTHER
+
+    def places(self, tensors: list[torch.Tensor]) -> list[int]:
+        return [HOST if t.is_cpu else OTHER for t in tensors]
 
     def can_stream_to(self, device: torch.device) -> bool:
         return False
@@ -144,6 +152,10 @@ class CudaEngine:
         if tensor.is_cuda:
             return tensor.get_device()
         return OTHER
+
+    def places(self, tensors: list[torch.Tensor]) -> list[int]:
+        # `get_device()` is the CUDA index, and -1 (HOST) in CPU memory: one call per tensor.
+        return [t.get_device() for t in tensors]
 
     def can_stream_to(self, device: torch.device) -> bool:
         return device.type == "cuda"

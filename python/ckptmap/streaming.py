@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -180,25 +181,30 @@ def chunk_tensor(dst: torch.Tensor, src: torch.Tensor, slot_bytes: int = SLOT_BY
 
 
 def pack_tensors(
-    dsts: list[torch.Tensor], srcs: list[torch.Tensor], slot_bytes: int = SLOT_BYTES
+    dsts: list[torch.Tensor],
+    srcs: list[torch.Tensor],
+    sizes: Sequence[int] | None = None,
+    slot_bytes: int = SLOT_BYTES,
 ) -> list[Piece]:
     """Pieces that copy many small host tensors `srcs` into device tensors `dsts`.
 
     All `srcs` share one dtype, all `dsts` another (cast on the host where they differ) and
-    one device; no tensor is empty, none is larger than a slot. The pairs are cut, in order,
-    into runs of at most one slot.
+    one device; no tensor is empty, none is larger than a slot. `sizes` are the destinations'
+    sizes in bytes, if the caller has them. The pairs are cut, in order, into runs of at
+    most one slot.
     """
     dtype = dsts[0].dtype
-    itemsize = dtype.itemsize
+    if sizes is None:
+        sizes = [t.numel() * dtype.itemsize for t in dsts]
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
     pieces = []
-    first, nbytes = 0, 0
-    for i, dst in enumerate(dsts):
-        size = dst.numel() * itemsize
-        if nbytes and nbytes + size > slot_bytes:
-            pieces.append(_packed(dsts[first:i], srcs[first:i], dtype, nbytes))
-            first, nbytes = i, 0
-        nbytes += size
-    pieces.append(_packed(dsts[first:], srcs[first:], dtype, nbytes))
+    first, done = 0, 0
+    while first < len(dsts):
+        # The longest run from `first` that fits a slot (at least one pair).
+        stop = max(first + 1, int(np.searchsorted(ends, done + slot_bytes, side="right")))
+        nbytes = int(ends[stop - 1]) - done
+        pieces.append(_packed(dsts[first:stop], srcs[first:stop], dtype, nbytes))
+        first, done = stop, int(ends[stop - 1])
     return pieces
 
 

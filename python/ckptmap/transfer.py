@@ -97,73 +97,91 @@ def _one_by_one(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], which)
         dst[i].copy_(src[i])
 
 
+class _Pairs:
+    """What the planning needs of every pair, read once: places, addresses, sizes."""
+
+    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor], engine: CopyEngine):
+        self.dst = dst
+        self.src = src
+        self.pd = np.array(engine.places(dst), dtype=np.int64)
+        self.ps = np.array(engine.places(src), dtype=np.int64)
+        self.dptr = np.array([t.data_ptr() for t in dst], dtype=np.int64)
+        self.sptr = np.array([t.data_ptr() for t in src], dtype=np.int64)
+        # Destinations are contiguous (the precondition): their bytes are their span.
+        self.dbytes = np.array([t.nbytes for t in dst], dtype=np.int64)
+        self.sspan = np.array([_span(t) for t in src], dtype=np.int64)
+
+
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor], engine: CopyEngine) -> None:
-    place = engine.place
-    pd = [place(t) for t in dst]
-    ps = [place(t) for t in src]
-    if all(p == HOST for p in pd) and all(p == HOST for p in ps):
+    pairs = _Pairs(dst, src, engine)
+    pd, ps = pairs.pd, pairs.ps
+    if not (pd != HOST).any() and not (ps != HOST).any():
         torch._foreach_copy_(dst, src)
         return
-    keep = _independent(dst, src, pd, ps)
-    devices = {p for p in pd if p >= 0} | {p for p in ps if p >= 0}
+    devices = {int(p) for p in np.unique(np.concatenate([pd, ps])) if p >= 0}
+    keep = _independent(pairs)
     if keep is None:
         _one_by_one(dst, src, range(len(dst)))
         engine.finish(devices)
         return
-    host: list[int] = []
-    single: list[int] = []
-    uploads: dict[int, list[int]] = {}
-    on_device: dict[int, list[int]] = {}
-    for i in keep:
-        to, source = pd[i], ps[i]
-        if to == HOST and source == HOST:
-            host.append(i)
-        elif to < 0 or not dst[i].numel():
-            single.append(i)
-        elif source == HOST:
-            uploads.setdefault(to, []).append(i)
-        elif source == to:
-            on_device.setdefault(to, []).append(i)
-        else:
-            single.append(i)
+    kd, ks, empty = pd[keep], ps[keep], pairs.dbytes[keep] == 0
+    host = keep[(kd == HOST) & (ks == HOST)]
+    to_device = (kd >= 0) & ~empty
+    uploads = to_device & (ks == HOST)
+    on_device = to_device & (ks == kd)
+    single = [int(i) for i in keep[~uploads & ~on_device & ~((kd == HOST) & (ks == HOST))]]
     try:
-        if host:
+        if len(host):
             torch._foreach_copy_([dst[i] for i in host], [src[i] for i in host])
-        for device, which in uploads.items():
-            pieces, rest = _upload_pieces(dst, src, which, engine.slot_bytes)
+        for device in np.unique(kd[uploads]):
+            which = keep[uploads & (kd == device)]
+            pieces, rest = _upload_pieces(pairs, which, engine.slot_bytes)
             single += rest
-            _run_ring(pieces, device, engine=engine)
-        for device, which in on_device.items():
+            _run_ring(pieces, int(device), engine=engine)
+        for device in np.unique(kd[on_device]):
+            which = keep[on_device & (kd == device)]
             dsts = [dst[i] for i in which]
             srcs = [src[i] for i in which]
-            engine.issue(device, _on_device(dsts, srcs, engine.slot_bytes))
+            engine.issue(int(device), _on_device(dsts, srcs, engine.slot_bytes))
         _one_by_one(dst, src, single)
     finally:
         engine.finish(devices)
 
 
 def _upload_pieces(
-    dst: list[torch.Tensor], src: list[torch.Tensor], which: list[int], slot_bytes: int
+    pairs: _Pairs, which: np.ndarray, slot_bytes: int
 ) -> tuple[list[Piece], list[int]]:
-    """The ring's pieces for host-to-device pairs, and the pairs left to `copy_` alone."""
-    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]]
-    groups = {}
-    large: list[Piece] = []
-    rest: list[int] = []
-    for i in which:
-        d, s = dst[i], src[i]
-        if d.nbytes < SMALL_BYTES and d.nbytes <= slot_bytes:
-            ds, ss = groups.setdefault((s.dtype, d.dtype), ([], []))
-            ds.append(d)
-            ss.append(s)
-        elif s.is_contiguous() and not s.is_neg():
-            large += chunk_tensor(d, s, slot_bytes)
-        else:
-            rest.append(i)
+    """The ring's pieces for host-to-device pairs `which`, and the pairs left to `copy_`."""
+    small = pairs.dbytes[which] < min(SMALL_BYTES, slot_bytes + 1)
+    dst, src = pairs.dst, pairs.src
     pieces: list[Piece] = []
-    for ds, ss in groups.values():
-        pieces += pack_tensors(ds, ss, slot_bytes)
-    return pieces + large, rest
+    packed = which[small]
+    if len(packed):
+        dsts = [dst[i] for i in packed]
+        srcs = [src[i] for i in packed]
+        sizes = pairs.dbytes[packed]
+        kinds = list(zip([t.dtype for t in srcs], [t.dtype for t in dsts], strict=True))
+        if len(set(kinds)) == 1:
+            pieces += pack_tensors(dsts, srcs, sizes, slot_bytes)
+        else:
+            groups: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+            for k, kind in enumerate(kinds):
+                groups.setdefault(kind, []).append(k)
+            for members in groups.values():
+                pieces += pack_tensors(
+                    [dsts[k] for k in members],
+                    [srcs[k] for k in members],
+                    sizes[members],
+                    slot_bytes,
+                )
+    rest: list[int] = []
+    for i in which[~small]:
+        d, s = dst[i], src[i]
+        if s.is_contiguous() and not s.is_neg():
+            pieces += chunk_tensor(d, s, slot_bytes)
+        else:
+            rest.append(int(i))
+    return pieces, rest
 
 
 def _on_device(
@@ -234,10 +252,8 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
-def _independent(
-    dst: list[torch.Tensor], src: list[torch.Tensor], pd: list[int], ps: list[int]
-) -> list[int] | None:
-    """The pairs to copy when order cannot matter; None when it might.
+def _independent(pairs: _Pairs) -> np.ndarray | None:
+    """The pairs to copy when order cannot matter (their indices, in order); None when it might.
 
     A copy of a tensor onto itself is dropped (it changes nothing); so is a copy into a
     tensor that a later pair writes again, whole and as the same view (the later copy wins, as
@@ -245,35 +261,30 @@ def _independent(
     (memory compared per device), the dropped copies' sources included: torch would still
     read them, and refuse one that partly overlaps its own destination.
     """
-    n = len(dst)
-    dptr = [t.data_ptr() for t in dst]
-    sptr = [t.data_ptr() for t in src]
-    reads: list[int] = []
-    keep: list[int] = []
-    seen: dict[tuple[int, int], int] = {}
-    for i in range(n - 1, -1, -1):  # from the end: the last copy into a tensor is kept
-        if ps[i] == pd[i] and sptr[i] == dptr[i] and _same_view(dst[i], src[i]):
-            continue  # onto itself: changes nothing, and hides no earlier copy
-        reads.append(i)
-        key = (pd[i], dptr[i])
-        j = seen.get(key)
-        if j is not None:
-            if not _same_view(dst[i], dst[j]):
-                return None  # two views of the same memory: order decides
-            continue
-        seen[key] = i
-        keep.append(i)
-    keep.reverse()
-    for p in {pd[i] for i in keep}:
-        d = [i for i in keep if pd[i] == p]
-        s = [i for i in reads if ps[i] == p]
-        d_start = np.array([dptr[i] for i in d], dtype=np.int64)
-        d_end = d_start + np.array([_span(dst[i]) for i in d], dtype=np.int64)
-        s_start = np.array([sptr[i] for i in s], dtype=np.int64)
-        s_end = s_start + np.array([_span(src[i]) for i in s], dtype=np.int64)
-        if _overlap(d_start, d_end, s_start, s_end):
+    dst, src = pairs.dst, pairs.src
+    pd, ps, dptr, sptr = pairs.pd, pairs.ps, pairs.dptr, pairs.sptr
+    reads = np.ones(len(dst), dtype=bool)
+    for i in np.flatnonzero((pd == ps) & (dptr == sptr)):
+        if _same_view(dst[i], src[i]):
+            reads[i] = False  # onto itself: changes nothing, and hides no earlier copy
+    keep = reads.copy()
+    # Destinations at the same address on the same device, in pair order: all but the last
+    # are written again later.
+    candidates = np.flatnonzero(reads)
+    order = candidates[np.lexsort((candidates, dptr[candidates], pd[candidates]))]
+    again = (pd[order][1:] == pd[order][:-1]) & (dptr[order][1:] == dptr[order][:-1])
+    for k in np.flatnonzero(again):
+        earlier, later = order[k], order[k + 1]
+        if not _same_view(dst[earlier], dst[later]):
+            return None  # two views of the same memory: order decides
+        keep[earlier] = False
+    kept = np.flatnonzero(keep)
+    for p in np.unique(pd[kept]):
+        d = kept[pd[kept] == p]
+        s = np.flatnonzero(reads & (ps == p))
+        if _overlap(dptr[d], dptr[d] + pairs.dbytes[d], sptr[s], sptr[s] + pairs.sspan[s]):
             return None
-    return keep
+    return kept
 
 
 def _overlap(d_start: np.ndarray, d_end: np.ndarray, s_start: np.ndarray, s_end: np.ndarray):
