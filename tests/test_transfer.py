@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckptmap import transfer
-from ckptmap.engines import HostEngine, current_engine, using_engine
+from ckptmap.engines import HOST, OTHER, CudaEngine, HostEngine, current_engine, using_engine
 from ckptmap.transfer import COPY_DTYPES, copy_tensors
 
 DTYPES = sorted(COPY_DTYPES, key=str)
@@ -343,3 +343,15 @@ def test_default_engine_without_cuda_is_inline():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 destinations for 1 sources"):
         copy_tensors([torch.zeros(1), torch.zeros(1)], [torch.zeros(1)])
+
+
+def test_cuda_engine_places_without_touching_a_device():
+    """What the CUDA engine decides from tensors alone (it runs here without a GPU)."""
+    engine = CudaEngine()
+    cpu = [torch.zeros(2), torch.zeros(0), torch.zeros(())]
+    assert torch.zeros(1).get_device() == HOST  # `places` relies on it
+    assert engine.places(cpu) == [HOST, HOST, HOST]
+    assert [engine.place(t) for t in cpu] == [HOST, HOST, HOST]
+    assert engine.place(torch.zeros(2, device="meta")) == OTHER
+    assert engine.can_stream_to(torch.device("cuda", 1))
+    assert not engine.can_stream_to(torch.device("cpu"))
