@@ -111,9 +111,13 @@ def best_ms(fn: Callable[[], Any], rounds: int, before: Callable[[], Any] | None
 class Table:
     """Rows of (case, implementation, ms or a note); printed as one markdown table."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float) -> None:
         self.rows: list[tuple[str, str, float | None, str]] = []
         self.floors: dict[str, float] = {}
+        self.deadline = time.perf_counter() + budget_s
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
 
     def add(self, case: str, impl: str, fn: Callable[[], Any], rounds: int, **kw: Any) -> None:
         try:
@@ -246,6 +250,8 @@ def moe_case(
     mm = _mmengine()
     if not slow:
         table.skip(case, "torch, mmengine", "left out (--quick)")
+    elif table.time_left() < 60:
+        table.skip(case, "torch, mmengine", "left out: the run would pass 5 minutes")
     else:
         table.add(case, "torch", lambda: torch_load_state_dict(model, sd), 1)
         if mm is None:
@@ -419,7 +425,7 @@ def main() -> int:
         f"{installed('runai-model-streamer')}",
         flush=True,
     )
-    table = Table()
+    table = Table(budget_s=270)
     tmp = tempfile.mkdtemp(prefix="ckptmap-gpu-check-")
     try:
         file_rows(table, tmp, device, blocks, width, slow=not args.quick)
