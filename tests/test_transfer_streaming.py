@@ -25,11 +25,10 @@ from safetensors.torch import save_file
 
 from ckptmap import streaming
 from ckptmap.engines import using_engine
-from ckptmap.errors import CheckpointNotFoundError
+from ckptmap.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptmap.formats.safetensors import SafetensorsFile, load_file
 from ckptmap.formats.sharded import load_sharded
 from ckptmap.streaming import (
-    FileChanged,
     Piece,
     ReadItem,
     SourceFile,
@@ -240,12 +239,14 @@ def test_a_file_shortened_after_the_plan(tmp_path):
     items = _items(path, torch.device("cpu"))
     os.truncate(path, path.stat().st_size - 10)
     engine = FakeDevice(default=0)
-    with pytest.raises(FileChanged, match=r"of \d+ bytes, \d+ when its header was read") as info:
+    with pytest.raises(
+        CorruptCheckpointError, match=r"of \d+ bytes, \d+ when its header was read"
+    ) as info:
         read_tensors(items, engine=engine)
     assert isinstance(info.value, RuntimeError) and str(path) in str(info.value)
     # Without the identity check, the short read itself is caught.
     unchecked = [i._replace(file=SourceFile(str(path))) for i in items]
-    with pytest.raises(FileChanged, match="ends at byte"):
+    with pytest.raises(CorruptCheckpointError, match="ends at byte"):
         read_tensors(unchecked, engine=engine)
 
 
@@ -257,7 +258,9 @@ def test_a_file_replaced_or_removed_after_the_plan(tmp_path):
     save_file({"a": torch.randn(100)}, str(other))
     os.replace(other, path)
     engine = FakeDevice(default=0)
-    with pytest.raises(FileChanged, match="another file than the one whose header was read"):
+    with pytest.raises(
+        CorruptCheckpointError, match="another file than the one whose header was read"
+    ):
         read_tensors(items, engine=engine)
     path.unlink()
     with pytest.raises(CheckpointNotFoundError, match="removed while it was being loaded"):

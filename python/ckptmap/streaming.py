@@ -47,15 +47,17 @@ from ckptmap.engines import (
     current_engine,
     engine_override,
 )
-from ckptmap.errors import CheckpointNotFoundError, CheckpointPermissionError
-from ckptmap.formats.errors import CorruptCheckpointError
+from ckptmap.errors import (
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    CorruptCheckpointError,
+)
 
 __all__ = [
     "ALIGN",
     "SLOTS",
     "SLOT_BYTES",
     "SMALL_BYTES",
-    "FileChanged",
     "FileRange",
     "Piece",
     "ReadItem",
@@ -352,18 +354,15 @@ def run_ring(
 # --- files ----------------------------------------------------------------------------------
 
 
-class FileChanged(CorruptCheckpointError):
-    """A file that is not what it was when its plan was made (replaced, shortened)."""
+_CHANGED_HINT = (
+    "make sure nothing rewrites or replaces the checkpoint while it is loaded (save to a new "
+    "file and rename it over the old one), then load it again"
+)
 
-    def __init__(self, path: str, size: int, what: str) -> None:
-        super().__init__(
-            path,
-            size,
-            what,
-            "make sure nothing rewrites or replaces the checkpoint while it is loaded "
-            "(save to a new file and rename it over the old one), then load it again",
-        )
-        self._init_args = (path, size, what)
+
+def _changed(path: str, size: int, what: str) -> CorruptCheckpointError:
+    """The error for a file that is not what it was when its plan was made."""
+    return CorruptCheckpointError(path, size, what, _CHANGED_HINT)
 
 
 class SourceFile(NamedTuple):
@@ -419,15 +418,15 @@ class _OpenFile:
             st = os.fstat(self.fd)
             self.size = st.st_size
             if not stat.S_ISREG(st.st_mode):
-                raise FileChanged(self.path, self.size, "no longer a regular file")
+                raise _changed(self.path, self.size, "no longer a regular file")
             if source.identity is not None:
                 dev, ino, size = source.identity
                 if (st.st_dev, st.st_ino) != (dev, ino):
-                    raise FileChanged(
+                    raise _changed(
                         self.path, self.size, "another file than the one whose header was read"
                     )
                 if st.st_size != size:
-                    raise FileChanged(
+                    raise _changed(
                         self.path,
                         self.size,
                         f"a file of {self.size} bytes, {size} when its header was read",
@@ -446,7 +445,7 @@ class _OpenFile:
             wanted = sum(b.nbytes for b in batch)
             got = _preadv(self.fd, batch, position)
             if got == 0:
-                raise FileChanged(
+                raise _changed(
                     self.path,
                     self.size,
                     f"a file that ends at byte {position}, before the tensor bytes its "
@@ -529,7 +528,7 @@ def read_tensors(
         The target tensors, in the order of `items`.
 
     Raises:
-        FileChanged: a file was replaced or shortened since the plan was made.
+        CorruptCheckpointError: a file was replaced or shortened since the plan was made.
         ValueError: an item whose byte range does not match its dtype and shape, or a target
             of another dtype or shape, or not contiguous.
         OSError: reading failed.
