@@ -99,7 +99,8 @@ demo:  ## the main job on its built-in default
 fuzz:  ## a bounded (60 s) libFuzzer run of the safetensors header parser (nightly + cargo-fuzz)
 	cd fuzz && mkdir -p target/corpus && cargo +nightly fuzz run header target/corpus corpus/header -- -max_total_time=60 -max_len=4096
 
-bench:  ## benchmarks side by side (release build); writes benches/results/latest.md + ratios.png
+# BENCH_ARGS: more benches/report.py arguments, e.g. --small (reduced sizes, a smoke run).
+BENCH_ARGS ?=
+bench:  ## every benchmark side by side, one run (release build): results, report, README tables
 	@$(MAKE) -s build PROFILE=release
-	cargo bench
-	$(PY) benches/report.py
+	$(PY) benches/report.py --readme $(BENCH_ARGS)

@@ -1,7 +1,9 @@
-"""`load_state_dict` side by side: ckptmap vs mmengine vs torch, on wide and ordinary models.
+"""Key work: `load_state_dict` of an in-memory state dict, ckptmap vs mmengine vs torch.
 
-Run with ``pytest benches/test_bench_load.py --benchmark-enable`` (skipped otherwise), or
-``make bench``. Three scenarios, each one benchmark group:
+Run with ``python benches/report.py`` (or ``pytest benches/test_bench_load.py
+--benchmark-enable``; skipped otherwise). No file is read: these rows time what grows with the
+number of keys and modules, not a load from disk (``test_bench_e2e.py`` has those). Three
+scenarios, each one benchmark group:
 
 - 4 layers x 4096 experts of three bias-free Linear(4, 4): 49,152 tiny tensors in 65,546
   modules. torch and mmengine hand every child a dict filtered from its parent's, so each
@@ -16,10 +18,8 @@ loaders use the same copy kernel, so the comparison stays fair.
 
 Every state dict has the same small damage (two keys dropped, two unexpected ones, one shape
 mismatch), so every loader also produces its report. After timing, each test checks that the
-model ends exactly as expected, and ckptmap's flat message is compared with mmengine's.
-
-Goals (issue 3): at least 50x mmengine on the first, 5x on the second, never slower on the
-third. Reference on a 2-core machine: mmengine 12.9 s on the first.
+model ends exactly as expected, and ckptmap's flat message is compared with mmengine's. Every
+side of a group runs the same timed and warm-up rounds.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import Rounds, Side, require_enabled, sized, timed
 from torch import nn
 
 from ckptmap.module_load import load_state_dict
@@ -44,12 +45,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _require_enabled(request: pytest.FixtureRequest) -> None:
-    # Checked in the fixtures themselves: they build 65k-module models before any test runs.
-    if not request.config.getoption("benchmark_enable", False):
-        pytest.skip("benchmark: run with --benchmark-enable")
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -153,24 +148,6 @@ class Scenario:
             assert torch.equal(value, self.expected[key]), key
 
 
-@pytest.fixture(scope="module")
-def moe_4x4096(request: pytest.FixtureRequest) -> Scenario:
-    _require_enabled(request)
-    return Scenario(lambda: MoE(4, 4096))
-
-
-@pytest.fixture(scope="module")
-def moe_64x256(request: pytest.FixtureRequest) -> Scenario:
-    _require_enabled(request)
-    return Scenario(lambda: MoE(64, 256))
-
-
-@pytest.fixture(scope="module")
-def resnet50(request: pytest.FixtureRequest) -> Scenario:
-    _require_enabled(request)
-    return Scenario(ResNet50)
-
-
 def _grab(logger_name: str) -> tuple[logging.Logger, list[str]]:
     records: list[str] = []
 
@@ -191,21 +168,37 @@ def _torch_load(model: nn.Module, sd: Any) -> None:
         assert "size mismatch" in str(err)
 
 
-def run(benchmark, scenario: Scenario, impl: str, rounds: int) -> None:
+SIDES = {
+    "ckptmap": Side("ckptmap", "`load_state_dict(model, sd)`", "copy"),
+    "ckptmap-recursive": Side(
+        "ckptmap",
+        "`load_state_dict(model, sd, fast=False)`",
+        "copy",
+        "`fast=False`: ckptmap's module walk alone, one `_load_from_state_dict` call per "
+        "module, without batching the copies of stock modules",
+    ),
+    "mmengine": Side("mmengine", "`load_state_dict(model, sd)`", "copy"),
+    "torch": Side("torch", "`model.load_state_dict(sd, strict=False)`", "copy"),
+}
+
+
+def run(benchmark, scenario: Scenario, impl: str, rounds: Rounds) -> None:
     sd = scenario.state_dict
     model = scenario.model
-    benchmark.extra_info["impl"] = "ckptmap" if impl.startswith("ckptmap") else impl
     benchmark.extra_info["keys"] = len(sd)
+    # Both libraries log their report, to a logger that keeps the messages.
     if impl == "ckptmap":
-        fn: Callable[[], Any] = lambda: load_state_dict(model, sd, logger="silent")  # noqa: E731
+        ours_logger, _ = _grab("bench.ckptmap")
+        fn: Callable[[], Any] = lambda: load_state_dict(model, sd, logger=ours_logger)  # noqa: E731
     elif impl == "ckptmap-recursive":
-        fn = lambda: load_state_dict(model, sd, logger="silent", fast=False)  # noqa: E731
+        ours_logger, _ = _grab("bench.ckptmap")
+        fn = lambda: load_state_dict(model, sd, logger=ours_logger, fast=False)  # noqa: E731
     elif impl == "mmengine":
         logger, records = _grab("bench.mmengine")
         fn = lambda: mm_checkpoint.load_state_dict(model, sd, logger=logger)  # noqa: E731
     else:
         fn = lambda: _torch_load(model, sd)  # noqa: E731
-    benchmark.pedantic(fn, setup=scenario.reset, rounds=rounds, iterations=1)
+    timed(benchmark, SIDES[impl], fn, rounds, kind="key work", setup=scenario.reset)
     scenario.check()
     if impl == "mmengine":
         ours = load_state_dict(model, sd, logger="silent", report="flat")
@@ -217,22 +210,49 @@ def run(benchmark, scenario: Scenario, impl: str, rounds: int) -> None:
         assert len(result.unexpected_keys) == 2
 
 
-IMPLS = [("ckptmap", 5), ("ckptmap-recursive", 3), ("mmengine", 1), ("torch", 1)]
+IMPLS = list(SIDES)
+WIDE = sized((4, 4096), (4, 256))
+DEEP = sized((64, 256), (8, 256))
 
 
-@pytest.mark.benchmark(group="load_state_dict: 4 layers x 4096 experts (49k tensors)")
-@pytest.mark.parametrize(("impl", "rounds"), IMPLS, ids=[i for i, _ in IMPLS])
-def test_load_moe_4x4096(benchmark, moe_4x4096, impl, rounds):
-    run(benchmark, moe_4x4096, impl, rounds)
+@pytest.fixture(scope="module")
+def moe_wide(request: pytest.FixtureRequest) -> Scenario:
+    require_enabled(request)
+    return Scenario(lambda: MoE(*WIDE))
 
 
-@pytest.mark.benchmark(group="load_state_dict: 64 layers x 256 experts (49k tensors)")
-@pytest.mark.parametrize(("impl", "rounds"), IMPLS, ids=[i for i, _ in IMPLS])
-def test_load_moe_64x256(benchmark, moe_64x256, impl, rounds):
-    run(benchmark, moe_64x256, impl, rounds * 2)
+@pytest.fixture(scope="module")
+def moe_deep(request: pytest.FixtureRequest) -> Scenario:
+    require_enabled(request)
+    return Scenario(lambda: MoE(*DEEP))
+
+
+@pytest.fixture(scope="module")
+def resnet50(request: pytest.FixtureRequest) -> Scenario:
+    require_enabled(request)
+    return Scenario(ResNet50)
+
+
+def _group(layers: int, experts: int) -> str:
+    return (
+        f"load_state_dict: {layers} layers x {experts:,} experts of 3 Linear(4, 4), "
+        f"{layers * experts * 3:,} tensors"
+    )
+
+
+@pytest.mark.benchmark(group=_group(*WIDE))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_load_moe_wide(benchmark, moe_wide, impl):
+    run(benchmark, moe_wide, impl, Rounds(2, 1))
+
+
+@pytest.mark.benchmark(group=_group(*DEEP))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_load_moe_deep(benchmark, moe_deep, impl):
+    run(benchmark, moe_deep, impl, Rounds(5, 1))
 
 
 @pytest.mark.benchmark(group="load_state_dict: ResNet-50 (320 keys, 25.6M parameters)")
-@pytest.mark.parametrize(("impl", "rounds"), IMPLS, ids=[i for i, _ in IMPLS])
-def test_load_resnet50(benchmark, resnet50, impl, rounds):
-    run(benchmark, resnet50, impl, rounds * 10)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_load_resnet50(benchmark, resnet50, impl):
+    run(benchmark, resnet50, impl, Rounds(20, 2))

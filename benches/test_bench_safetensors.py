@@ -1,22 +1,18 @@
-"""safetensors side by side: full load, 10% prefix load, and the header plan of 100k tensors.
+"""One format's reader: a prefix load of a safetensors file, and the header plan of 100k tensors.
 
-Run with ``pytest benches/test_bench_safetensors.py --benchmark-enable -s`` (skipped
-otherwise). Files live in a temporary directory and are read from a warm page cache.
+Run with ``python benches/report.py`` (or ``pytest benches/test_bench_safetensors.py
+--benchmark-enable``; skipped otherwise). Files live in a temporary directory and are read
+from a warm page cache. Full loads of a safetensors file into a model are end-to-end rows
+(``test_bench_e2e.py``).
 
-- full load: a 1 GiB float32 model (128 ``Linear(1024, 2048)``) from one safetensors file into
-  an allocated model, copying into the existing parameters. ckptmap: `load_checkpoint`
-  (sniffing, key rules, module recursion, report) and the reader alone plus `load_into`;
-  safetensors: ``safetensors.torch.load_model``. Goal: within 1.2x of safetensors.
-- prefix load: the ``head.`` tensors only (13 of 128 layers, 10% of the bytes), into the same
-  model. ckptmap: `SafetensorsFile.load(prefix=...)`; safetensors: ``safe_open`` and
-  ``get_tensor`` for the same names. Goal: at most 0.2x of ckptmap's full load.
-- plan: names, dtypes and shapes of a 100k-tensor file (header only). ckptmap:
-  `SafetensorsFile(path)` columns (``names``, ``dtypes``, ``shapes``, ``sizes``), its
-  `infos()` (one object per tensor) and the bare `SafetensorsHeader`; safetensors:
-  ``safe_open`` then ``keys()`` and ``get_slice(name)`` ``.get_shape()`` / ``.get_dtype()``.
-
-At the end, a table prints the ratios against the goals, and the share of the file's pages a
-prefix load reads from a cold cache (``mincore`` after ``POSIX_FADV_DONTNEED``).
+- prefix load: the ``head.`` tensors only (13 of 128 ``Linear(1024, 2048)`` layers, 10% of a
+  1 GiB file) into the model's ``head``, copying. ckptmap: ``_load_checkpoint_with_prefix``
+  + ``load_state_dict``; safetensors: ``safe_open`` and ``get_tensor`` for the same names,
+  then torch's ``load_state_dict``. The ckptmap row also records the share of the file's data
+  pages such a load reads from a cold cache (``mincore`` after ``POSIX_FADV_DONTNEED``).
+- plan: names, dtypes and shapes of a 100k-tensor file, from its header. ckptmap:
+  ``open_checkpoint(f).entries()``; safetensors: ``safe_open``, ``keys()``, then
+  ``get_slice(name)`` ``.get_shape()`` / ``.get_dtype()``.
 """
 
 from __future__ import annotations
@@ -25,27 +21,26 @@ import ctypes
 import mmap
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from harness import Rounds, Side, require_enabled, sized, timed
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ckptmap._core import SafetensorsHeader
-from ckptmap.checkpoint import load_checkpoint
-from ckptmap.formats.safetensors import SafetensorsFile, load_file
-from ckptmap.module_load import load_into
+import ckptmap
 
 IN_FEATURES, OUT_FEATURES = 1024, 2048
-HEAD, BODY = 13, 115  # 10% of the layers (and bytes) under "head."
-PLAN_TENSORS = 100_000
-FULL = "safetensors: full load of 1 GiB into a model"
-PREFIX = "safetensors: prefix load of 10% of 1 GiB"
-PLAN = "safetensors: header plan of 100k tensors"
-RESULTS: dict[str, float] = {}
+HEAD, BODY = sized((13, 115), (2, 14))  # 10% of the layers (and bytes) under "head."
+PLAN_TENSORS = sized(100_000, 10_000)
+ROUNDS = Rounds(5, 1)
+MIB = (HEAD + BODY) * (IN_FEATURES + 1) * OUT_FEATURES * 4 // 2**20
+PREFIX = f"prefix load: `head.` of a {MIB:,} MiB file ({HEAD} of {HEAD + BODY} layers)"
+PLAN = f"header plan of a {PLAN_TENSORS:,}-tensor file"
 
 
 class Model(nn.Module):
@@ -68,15 +63,14 @@ def make_model() -> Model:
 
 @pytest.fixture(scope="module")
 def files(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    if not request.config.getoption("benchmark_enable", False):
-        pytest.skip("benchmark: run with --benchmark-enable")
+    require_enabled(request)
     root = tmp_path_factory.mktemp("safetensors")
-    model_path = root / "model_1gib.safetensors"
+    model_path = root / "model.safetensors"
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) for k, v in make_model().state_dict().items()}
     save_file(state, str(model_path))
     del state
-    plan_path = root / "plan_100k.safetensors"
+    plan_path = root / "plan.safetensors"
     plan_path.write_bytes(many_tensors(PLAN_TENSORS))
     return model_path, plan_path
 
@@ -99,50 +93,17 @@ def model() -> Model:
     return make_model()
 
 
-def check(model: Model, path: Path, head_only: bool = False) -> None:
+def zero_head(model: Model) -> None:
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.zero_()
+
+
+def check_head(model: Model, path: Path) -> None:
     with safe_open(str(path), "pt") as f:
-        for name in ("head.0.weight", "head.12.bias", "body.114.weight"):
-            if head_only and not name.startswith("head."):
-                continue
-            assert torch.equal(model.get_parameter(name), f.get_tensor(name)), name
-
-
-# --- full load ---------------------------------------------------------------------------------
-
-
-@pytest.mark.benchmark(group=FULL)
-def test_full_ckptmap_load_checkpoint(benchmark, files, model, tmp_path) -> None:
-    path = files[0]
-    benchmark.extra_info["impl"] = "ckptmap"
-    benchmark.pedantic(
-        load_checkpoint, args=(model, str(path)), kwargs={"strict": True}, rounds=5,
-        warmup_rounds=1,
-    )  # fmt: skip
-    check(model, path)
-    RESULTS["full ckptmap load_checkpoint"] = benchmark.stats.stats.min
-
-
-@pytest.mark.benchmark(group=FULL)
-def test_full_ckptmap_reader_load_into(benchmark, files, model) -> None:
-    path = files[0]
-    benchmark.extra_info["impl"] = "ckptmap"
-
-    def run() -> None:
-        result = load_into(model, load_file(path))
-        assert not result.missing_keys and not result.unexpected_keys
-
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    check(model, path)
-    RESULTS["full ckptmap reader+load_into"] = benchmark.stats.stats.min
-
-
-@pytest.mark.benchmark(group=FULL)
-def test_full_safetensors_load_model(benchmark, files, model) -> None:
-    path = files[0]
-    benchmark.extra_info["impl"] = "safetensors"
-    benchmark.pedantic(load_model, args=(model, str(path)), rounds=5, warmup_rounds=1)
-    check(model, path)
-    RESULTS["full safetensors load_model"] = benchmark.stats.stats.min
+        for name in f.keys():
+            if name.startswith("head."):
+                assert torch.equal(model.get_parameter(name), f.get_tensor(name)), name
 
 
 # --- prefix load -------------------------------------------------------------------------------
@@ -151,43 +112,59 @@ def test_full_safetensors_load_model(benchmark, files, model) -> None:
 @pytest.mark.benchmark(group=PREFIX)
 def test_prefix_ckptmap(benchmark, files, model) -> None:
     path = files[0]
-    benchmark.extra_info["impl"] = "ckptmap"
+    side = Side(
+        "ckptmap", "`load_state_dict(model.head, _load_checkpoint_with_prefix('head', f))`", "copy"
+    )
 
     def run() -> None:
-        with SafetensorsFile(path) as f:
-            load_into(model, f.load(prefix="head"))
+        sd = ckptmap._load_checkpoint_with_prefix("head", path)
+        ckptmap.load_state_dict(model.head, sd, strict=True)
 
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    check(model, path, head_only=True)
-    RESULTS["prefix ckptmap"] = benchmark.stats.stats.min
-    RESULTS["prefix cold read share"] = cold_read_share(path)
+    share = cold_read_share(path)
+    timed(benchmark, side, run, ROUNDS, kind="format", setup=lambda: zero_head(model))
+    benchmark.extra_info["note"] = (
+        f"prefix load: from a cold page cache, ckptmap's read {share:.0%} of the file's data "
+        f"pages ({HEAD} of {HEAD + BODY} layers asked for)"
+    )
+    check_head(model, path)
 
 
 @pytest.mark.benchmark(group=PREFIX)
 def test_prefix_safetensors(benchmark, files, model) -> None:
     path = files[0]
-    benchmark.extra_info["impl"] = "safetensors"
+    side = Side(
+        "safetensors",
+        "`safe_open(f)`, `get_tensor` of each `head.` key, `model.head.load_state_dict(sd)`",
+        "copy",
+    )
 
     def run() -> None:
         with safe_open(str(path), "pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith("head.")}
-        model.load_state_dict(state, strict=False)
+            sd = OrderedDict(
+                (k.removeprefix("head."), f.get_tensor(k))
+                for k in f.keys()
+                if k.startswith("head.")
+            )
+        model.head.load_state_dict(sd)
 
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    check(model, path, head_only=True)
-    RESULTS["prefix safetensors"] = benchmark.stats.stats.min
+    timed(benchmark, side, run, ROUNDS, kind="format", setup=lambda: zero_head(model))
+    check_head(model, path)
 
 
 def cold_read_share(path: Path) -> float:
-    """The share of the data pages a prefix load reads from a cold cache."""
+    """The share of the data pages a prefix load reads from a cold cache; the file is read
+    whole again afterwards, so the timed rows find it warm."""
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     target = make_model()
-    with SafetensorsFile(path) as f:
-        load_into(target, f.load(prefix="head"))
-        start = f.header.data_offset
-    return resident(path, start)
+    sd = ckptmap._load_checkpoint_with_prefix("head", path)
+    ckptmap.load_state_dict(target.head, sd, strict=True)
+    with path.open("rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]  # where the tensor data begins
+    share = resident(path, start)
+    path.read_bytes()
+    return share
 
 
 def resident(path: Path, start: int) -> float:
@@ -209,51 +186,22 @@ def resident(path: Path, start: int) -> float:
 
 
 @pytest.mark.benchmark(group=PLAN)
-def test_plan_ckptmap_safetensors_file(benchmark, files) -> None:
+def test_plan_ckptmap(benchmark, files) -> None:
     path = files[1]
-    benchmark.extra_info["impl"] = "ckptmap"
+    side = Side("ckptmap", "`open_checkpoint(f).entries()`", "header")
 
     def run() -> list[Any]:
-        with SafetensorsFile(path) as f:
-            return f.infos()
+        with ckptmap.open_checkpoint(path) as ckpt:
+            return ckpt.entries()
 
-    infos = benchmark.pedantic(run, rounds=10, warmup_rounds=1)
-    assert len(infos) == PLAN_TENSORS and infos[-1].shape == (2, 2)
-    RESULTS["plan ckptmap SafetensorsFile.infos"] = benchmark.stats.stats.min
-
-
-@pytest.mark.benchmark(group=PLAN)
-def test_plan_ckptmap_columns(benchmark, files) -> None:
-    path = files[1]
-    benchmark.extra_info["impl"] = "ckptmap"
-
-    def run() -> tuple[list[str], list[str], list[tuple[int, ...]], list[int]]:
-        with SafetensorsFile(path) as f:
-            return f.names, f.dtypes, f.shapes, f.sizes
-
-    names, _, shapes, sizes = benchmark.pedantic(run, rounds=10, warmup_rounds=1)
-    assert len(names) == PLAN_TENSORS and shapes[-1] == (2, 2) and sizes[-1] == 8
-    RESULTS["plan ckptmap SafetensorsFile columns"] = benchmark.stats.stats.min
+    entries = timed(benchmark, side, run, ROUNDS, kind="format")
+    assert len(entries) == PLAN_TENSORS and entries[-1].shape == (2, 2)
 
 
 @pytest.mark.benchmark(group=PLAN)
-def test_plan_ckptmap_core_header(benchmark, files) -> None:
+def test_plan_safetensors(benchmark, files) -> None:
     path = files[1]
-    benchmark.extra_info["impl"] = "ckptmap"
-
-    def run() -> tuple[list[str], list[tuple[int, ...]], list[str]]:
-        h = SafetensorsHeader.open(path)
-        return h.names, h.shapes, h.dtypes
-
-    names, shapes, _ = benchmark.pedantic(run, rounds=10, warmup_rounds=1)
-    assert len(names) == PLAN_TENSORS and shapes[-1] == (2, 2)
-    RESULTS["plan ckptmap SafetensorsHeader"] = benchmark.stats.stats.min
-
-
-@pytest.mark.benchmark(group=PLAN)
-def test_plan_safetensors_safe_open(benchmark, files) -> None:
-    path = files[1]
-    benchmark.extra_info["impl"] = "safetensors"
+    side = Side("safetensors", "`safe_open(f)`: `keys()`, `get_slice(k)` shape and dtype", "header")
 
     def run() -> tuple[list[str], list[list[int]], list[str]]:
         with safe_open(str(path), "pt") as f:
@@ -261,38 +209,5 @@ def test_plan_safetensors_safe_open(benchmark, files) -> None:
             slices = [f.get_slice(n) for n in names]
             return names, [s.get_shape() for s in slices], [s.get_dtype() for s in slices]
 
-    names, shapes, _ = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    names, shapes, _ = timed(benchmark, side, run, ROUNDS, kind="format")
     assert len(names) == PLAN_TENSORS and shapes[-1] == [2, 2]
-    RESULTS["plan safetensors safe_open"] = benchmark.stats.stats.min
-
-
-def test_zz_summary(files, capsys) -> None:
-    r = RESULTS
-    if len(r) < 9:
-        pytest.skip("run the whole module for the summary")
-    full = r["full ckptmap reader+load_into"]
-    lines = [
-        "",
-        f"{'scenario':<58}{'seconds':>10}",
-        *(f"{k:<58}{v:>10.4f}" for k, v in r.items() if "share" not in k),
-        "",
-        "full load, ckptmap reader+load_into / safetensors load_model: "
-        f"{r['full ckptmap reader+load_into'] / r['full safetensors load_model']:.2f}x "
-        "(goal <= 1.2x)",
-        f"prefix load / ckptmap full load: {r['prefix ckptmap'] / full:.3f}x (goal <= 0.2x)",
-        f"prefix load, ckptmap / safetensors: {r['prefix ckptmap'] / r['prefix safetensors']:.2f}x",
-        f"prefix load from a cold cache read {r['prefix cold read share']:.1%} of the data pages",
-        "plan, SafetensorsFile.infos / safe_open: "
-        f"{r['plan ckptmap SafetensorsFile.infos'] / r['plan safetensors safe_open']:.3f}x",
-        "plan, SafetensorsFile columns / safe_open: "
-        f"{r['plan ckptmap SafetensorsFile columns'] / r['plan safetensors safe_open']:.3f}x",
-        "plan, SafetensorsHeader / safe_open: "
-        f"{r['plan ckptmap SafetensorsHeader'] / r['plan safetensors safe_open']:.3f}x",
-    ]
-    if "full ckptmap load_checkpoint" in r:
-        lines.append(
-            "full load, ckptmap load_checkpoint / safetensors load_model: "
-            f"{r['full ckptmap load_checkpoint'] / r['full safetensors load_model']:.2f}x"
-        )
-    with capsys.disabled():
-        print("\n".join(lines))

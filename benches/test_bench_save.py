@@ -1,157 +1,180 @@
-"""Saving a 2 GiB state dict: time and peak memory, ckptmap vs torch.save vs mmengine.
+"""Saving a 2 GiB checkpoint until it is durable: ckptmap vs torch.save vs mmengine vs safetensors.
 
-Run with ``pytest benches/test_bench_save.py --benchmark-enable -s`` (skipped otherwise). Each
-variant runs in a fresh process that builds the same state dict (128 float32 tensors of
-16 MiB), so its peak RSS (``ru_maxrss``) is its own; "extra" is the peak minus the RSS before
-saving. "fsync" is the time to make the file durable afterwards: ckptmap has already done it,
-the others have not, so "save + fsync" is the fair comparison.
+Run with ``python benches/report.py`` (or ``pytest benches/test_bench_save.py
+--benchmark-enable``; skipped otherwise). The checkpoint is ``{"meta": {...}, "state_dict":
+...}`` with 128 float32 tensors of 16 MiB, resident before the save starts.
 
-Measured on a shared 2-core VM (23 GiB RAM; times vary 2x between runs with disk contention,
-the memory figures do not), three runs:
+ckptmap's `save_checkpoint` returns once the file and its directory are fsynced (it writes a
+temporary file and renames it over the target); the other rows fsync what they wrote, and its
+directory, inside the timed call, so every row measures "until durable". Before each round the
+previous round's files are deleted (not timed). Imports and lazy initialisation are paid by a
+tiny untimed save of each kind before the rounds; every row has the same rounds.
 
-    variant                  save + fsync s   extra peak GiB
-    torch.save               11.0 - 14.8      0.00
-    mmengine                 12.7 - 29.6      2.00  (the whole file in a BytesIO first)
-    safetensors.save_file     4.2 -  9.7      0.00
-    ckptmap .pth              7.7 - 14.0      0.00  (streamed into the fsynced temp file)
-    ckptmap .safetensors      3.2 -  8.1      0.00
-    ckptmap sharded 512MiB    3.6 -  8.0      0.00
+Peak memory comes from one more save in a fresh process (`harness.peak_memory`): mmengine
+builds the whole file in memory before writing it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import shutil
 import sys
-import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from harness import Rounds, Side, child_memory, peak_memory, require_enabled, sized, timed
 
 import ckptmap
 
-GIB = 2**30
-N_TENSORS = 128
-
-CHILD = """
-    import json, os, sys, time
-    import torch
-
-    variant, target = sys.argv[1], sys.argv[2]
-    n = int(sys.argv[3])
-    # ones() touches every page, so the dict is resident before the save starts.
-    state = {f"layer{i}.weight": torch.ones(4 * 2**20) for i in range(n)}
-    checkpoint = {"meta": {"epoch": 1}, "state_dict": state}
-    if variant == "mmengine":
-        from mmengine.runner.checkpoint import save_checkpoint as mm_save
-    elif variant.startswith("ckptmap"):
-        from ckptmap import save as ckptmap_save
-    elif variant == "safetensors.save_file":
-        from safetensors.torch import save_file
-
-    def status_kib(field):
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
-
-    def rss_kib():
-        return status_kib("VmRSS")
-
-    before = rss_kib()
-    start = time.perf_counter()
-    if variant == "torch.save":
-        torch.save(checkpoint, target)
-    elif variant == "mmengine":
-        mm_save(checkpoint, target)
-    elif variant == "safetensors.save_file":
-        save_file(state, target, metadata={"meta": json.dumps({"epoch": 1})})
-    elif variant == "ckptmap .pth":
-        ckptmap_save.save_checkpoint(checkpoint, target)
-    elif variant == "ckptmap .safetensors":
-        ckptmap_save.save_checkpoint(checkpoint, target)
-    elif variant == "ckptmap sharded 512MiB":
-        target = ckptmap_save.save_checkpoint(checkpoint, target, max_shard_size="512MiB")
-    seconds = time.perf_counter() - start
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child of a big
-    # pytest process would report its parent's peak. VmHWM belongs to this address space.
-    peak = status_kib("VmHWM")
-    start = time.perf_counter()
-    for name in os.listdir(os.path.dirname(target)):
-        fd = os.open(os.path.join(os.path.dirname(target), name), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    fsync = time.perf_counter() - start
-    size = sum(os.path.getsize(os.path.join(os.path.dirname(target), p))
-               for p in os.listdir(os.path.dirname(target)))
-    print(json.dumps({"seconds": seconds, "fsync": fsync, "rss_before_kib": before,
-                      "peak_kib": peak, "bytes": size}))
-"""
-
-VARIANTS = [
-    ("torch.save", "w.pth"),
-    ("mmengine", "w.pth"),
-    ("safetensors.save_file", "w.safetensors"),
-    ("ckptmap .pth", "w.pth"),
-    ("ckptmap .safetensors", "w.safetensors"),
-    ("ckptmap sharded 512MiB", "w.pth"),
-]
+N_TENSORS = sized(128, 8)
+TENSOR_NUMEL = 4 * 2**20  # 16 MiB of float32
+ROUNDS = Rounds(3, 0)
+GROUP = (
+    f"save a {N_TENSORS * TENSOR_NUMEL * 4 / 2**30:g} GiB checkpoint "
+    f"({N_TENSORS} float32 tensors) until durable"
+)
 
 
-def run_variant(variant: str, name: str, directory: Path) -> dict:
-    directory.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(ckptmap.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+def make_checkpoint(n: int = N_TENSORS, numel: int = TENSOR_NUMEL) -> dict[str, Any]:
+    # ones() touches every page, so the state dict is resident before the save starts.
+    state = {f"layer{i}.weight": torch.ones(numel) for i in range(n)}
+    return {"meta": {"epoch": 1}, "state_dict": state}
+
+
+def fsync_dir_and_files(directory: Path) -> None:
+    """What a durable save needs beyond writing: every file and the directory on disk."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(CHILD),
-                variant,
-                str(directory / name),
-                str(N_TENSORS),
-            ],
-            env=env,
-            capture_output=True,
-            check=True,
-            timeout=900,
-        ).stdout
+        os.fsync(fd)
     finally:
-        for path in directory.iterdir():
-            path.unlink()
-        directory.rmdir()
-    return json.loads(out.splitlines()[-1])  # mmengine logs to stdout too
+        os.close(fd)
 
 
-def test_save_2gib_state_dict(request, tmp_path, capsys):
-    if not request.config.getoption("benchmark_enable", False):
-        pytest.skip("benchmark: run with --benchmark-enable")
-    pytest.importorskip("mmengine")
-    state_bytes = N_TENSORS * 16 * 2**20
-    rows = {}
-    for i, (variant, name) in enumerate(VARIANTS):
-        rows[variant] = run_variant(variant, name, tmp_path / f"v{i}")
-    lines = [
-        f"save of a {state_bytes / GIB:.0f} GiB state dict ({N_TENSORS} float32 tensors)",
-        f"{'variant':<24}{'save s':>8}{'fsync s':>9}{'durable s':>11}{'extra peak GiB':>16}"
-        f"{'peak RSS GiB':>14}",
-    ]
-    for variant, r in rows.items():
-        extra = (r["peak_kib"] - r["rss_before_kib"]) * 1024 / GIB
-        lines.append(
-            f"{variant:<24}{r['seconds']:>8.2f}{r['fsync']:>9.2f}"
-            f"{r['seconds'] + r['fsync']:>11.2f}{extra:>16.2f}{r['peak_kib'] * 1024 / GIB:>14.2f}"
-        )
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
-    for variant, r in rows.items():
-        assert r["bytes"] >= state_bytes, variant
-        if variant.startswith("ckptmap"):
-            extra = (r["peak_kib"] - r["rss_before_kib"]) * 1024
-            assert extra < state_bytes / 4, f"{variant} must stream, not buffer the file"
-    mm_extra = (rows["mmengine"]["peak_kib"] - rows["mmengine"]["rss_before_kib"]) * 1024
-    assert mm_extra > state_bytes / 2, "mmengine buffers the whole file (sanity check)"
+def _torch_save(checkpoint: dict, directory: Path) -> None:
+    torch.save(checkpoint, directory / "w.pth")
+    fsync_dir_and_files(directory)
+
+
+def _mmengine_save(checkpoint: dict, directory: Path) -> None:
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    save_checkpoint(checkpoint, str(directory / "w.pth"))
+    fsync_dir_and_files(directory)
+
+
+def _safetensors_save(checkpoint: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"meta": json.dumps(checkpoint["meta"])}
+    save_file(checkpoint["state_dict"], str(directory / "w.safetensors"), metadata=meta)
+    fsync_dir_and_files(directory)
+
+
+@dataclass(frozen=True)
+class Saver:
+    side: Side
+    run: Callable[[dict, Path], Any]
+
+
+FSYNC = "then `os.fsync` of the files and the directory"
+SAVERS: dict[str, Saver] = {
+    "ckptmap-pth": Saver(
+        Side("ckptmap", "`save_checkpoint(ckpt, 'w.pth')`", ".pth"),
+        lambda c, d: ckptmap.save_checkpoint(c, d / "w.pth"),
+    ),
+    "torch": Saver(Side("torch", f"`torch.save(ckpt, 'w.pth')`, {FSYNC}", ".pth"), _torch_save),
+    "mmengine": Saver(
+        Side("mmengine", f"`save_checkpoint(ckpt, 'w.pth')`, {FSYNC}", ".pth"), _mmengine_save
+    ),
+    "ckptmap-safetensors": Saver(
+        Side("ckptmap", "`save_checkpoint(ckpt, 'w.safetensors')`", ".safetensors"),
+        lambda c, d: ckptmap.save_checkpoint(c, d / "w.safetensors"),
+    ),
+    "safetensors": Saver(
+        Side("safetensors", f"`save_file(sd, 'w.safetensors', metadata)`, {FSYNC}", ".safetensors"),
+        _safetensors_save,
+    ),
+    "ckptmap-sharded": Saver(
+        Side(
+            "ckptmap",
+            "`save_checkpoint(ckpt, 'w.safetensors', max_shard_size='512MiB')`",
+            "sharded .safetensors",
+        ),
+        lambda c, d: ckptmap.save_checkpoint(c, d / "w.safetensors", max_shard_size="512MiB"),
+    ),
+}
+
+
+def empty(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(request: pytest.FixtureRequest) -> dict[str, Any]:
+    require_enabled(request)
+    return make_checkpoint()
+
+
+@pytest.mark.benchmark(group=GROUP)
+@pytest.mark.parametrize("saver_id", list(SAVERS))
+def test_save(benchmark, checkpoint, saver_id, tmp_path):
+    saver = SAVERS[saver_id]
+    if saver.side.impl == "mmengine":
+        pytest.importorskip("mmengine.runner.checkpoint")
+    directory = tmp_path / "out"
+    empty(directory)
+    saver.run(make_checkpoint(2, 16), directory)  # imports and lazy initialisation
+    memory = child_memory(__file__, saver_id, str(tmp_path / "child"))
+    timed(
+        benchmark,
+        saver.side,
+        lambda: saver.run(checkpoint, directory),
+        ROUNDS,
+        kind="save",
+        setup=lambda: empty(directory),
+        **memory,
+    )
+    check(directory, checkpoint)
+    shutil.rmtree(directory)
+
+
+def check(directory: Path, checkpoint: dict[str, Any]) -> None:
+    """What the last round wrote loads back as the state dict that was saved."""
+    files = sorted(directory.iterdir())
+    index = [p for p in files if p.name.endswith(".index.json")]
+    path = index[0] if index else files[0]
+    assert index or len(files) == 1, files
+    sd = ckptmap.find_state_dict(ckptmap.load_file(path), str(path))
+    expected = checkpoint["state_dict"]
+    assert list(sd) == list(expected)
+    assert all(torch.equal(sd[k], v) for k, v in expected.items())
+
+
+def _child(saver_id: str, directory: str) -> dict[str, float]:
+    target = Path(directory)
+    empty(target)
+    saver = SAVERS[saver_id]
+    saver.run(make_checkpoint(2, 16), target)  # imports and lazy initialisation
+    empty(target)
+    try:
+        return peak_memory(make_checkpoint, lambda ckpt: saver.run(ckpt, target))
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--memory"]:
+        raise SystemExit("usage: test_bench_save.py --memory SAVER DIRECTORY")
+    print(json.dumps(_child(*sys.argv[2:4])))

@@ -1,13 +1,16 @@
 """The command line: `ckptmap demo` and error handling."""
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptmap.cli import main, synthetic_keys
 
@@ -18,6 +21,9 @@ def test_demo_runs_and_matches_re_sub(capsys):
     assert "3,000 keys" in out
     assert "results identical to re.sub: yes" in out
     assert "[rust]" in out
+    # Rules as the user types them: one backslash, not repr's two.
+    assert "rule '^module\\.' -> ''  [rust]" in out and "\\\\" not in out
+    assert len(RATIO.findall(out)) == 2
 
 
 def test_synthetic_keys_are_unique_and_sized():
@@ -62,14 +68,45 @@ def test_inspect_subcommand(tmp_path, capsys):
 CONSOLE = str(Path(sys.executable).with_name("ckptmap"))
 
 
+# "ckptmap 12x faster", "ckptmap 1.05x slower": who, by how much, which way.
+RATIO = re.compile(r"ckptmap \d+(\.\d+)?x (faster|slower)$", re.MULTILINE)
+
+
+def _timed_lines(out: str, section: str) -> list[str]:
+    """The lines of one section of the demo's output (up to the next blank line)."""
+    after = out.split(section, 1)[1]
+    return after.split("\n\n", 1)[0].splitlines()[1:]
+
+
 def test_demo_tiny_loads_and_checks_equal(capsys, tmp_path):
     assert main(["demo", "--size", "tiny", "--keep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "results identical (parameters equal): yes" in out
     assert "encoder.layers.{0,1}.aux.weight  [2 keys]" in out
     assert "torch's load_state_dict agrees: 4 unexpected, 0 missing" in out
-    for loader in ("ckptmap", "torch"):
-        assert f"  {loader} " in out
+    for rule in (
+        "'^module\\.' -> ''",
+        "'^backbone\\.' -> 'encoder.'",
+        "'\\.w(\\d)\\.' -> '.proj\\1.'",
+    ):
+        assert f"  {rule}  [rust]" in out
+    # End to end: each file, ckptmap first, then each other loader with its ratio to ckptmap.
+    lines = _timed_lines(out, "end to end: from the file to the loaded model")
+    loaders = [line.split()[0] for line in lines if line.startswith("    ")]
+    mmengine = importlib.util.find_spec("mmengine") is not None
+    # Without mmengine, a line after torch's says how to install it.
+    expected = ["ckptmap", "mmengine", "torch"] if mmengine else ["ckptmap", "torch", "mmengine"]
+    assert loaders[:3] == expected and loaders[3:] == ["ckptmap", "torch", "mmengine"]
+    assert "load_checkpoint(model, 'epoch_12.pth', revise_keys=rules)" in out
+    assert "load_checkpoint(model, 'epoch_12.safetensors', revise_keys=rules)" in out
+    assert "torch.load(mmap=True, weights_only=True), re.sub, load_state_dict" in out
+    timed = [line for line in lines if re.search(r"\d s( |$)", line)]
+    assert len(timed) == (5 if mmengine else 4)
+    assert all(bool(RATIO.search(line)) == (line.split()[0] != "ckptmap") for line in timed)
+    # Key work, labelled as such, with its own ratios.
+    key_work = _timed_lines(out, "key work alone")
+    assert len(key_work) == 2 and all(RATIO.search(line) for line in key_work)
+    assert "load_state_dict of 65 tensors" in key_work[0]
     assert (tmp_path / "epoch_12.pth").is_file()
     # The kept checkpoint diffs clean against the inference model under the demo's rules.
     args = [
@@ -79,6 +116,36 @@ def test_demo_tiny_loads_and_checks_equal(capsys, tmp_path):
         str(tmp_path / "epoch_12.pth"),
     ]
     assert main(args) == 0
+
+
+def test_demo_fails_when_a_loaded_model_differs(capsys, monkeypatch):
+    from ckptmap.cli import demo
+
+    real = demo._torch_load
+
+    def off_by_one(model, path, out):
+        parts = real(model, path, out)
+        with torch.no_grad():
+            next(model.parameters()).add_(1)  # one tensor no longer the source's
+        return parts
+
+    monkeypatch.setattr(demo, "_torch_load", off_by_one)
+    assert main(["demo", "--size", "tiny"]) == 1
+    out = capsys.readouterr().out
+    assert "results identical (parameters equal): NO (torch .pth; torch .safetensors)" in out
+
+
+def test_demo_wording():
+    from ckptmap.cli.demo import typed, verdict
+
+    assert verdict(10.0, 1.0) == "ckptmap 10x faster"
+    assert verdict(3.3, 1.0) == "ckptmap 3.3x faster"
+    assert verdict(1.02, 1.0) == "ckptmap 1.02x faster"
+    assert verdict(1.0, 2.0) == "ckptmap 2.0x slower"
+    assert typed(r"^module\.") == r"'^module\.'"
+    assert typed("") == "''"
+    assert typed("it's") == '"it\'s"'
+    assert typed("""'"'""") == repr("""'"'""")
 
 
 def test_demo_size_argument():

@@ -1,17 +1,23 @@
-"""`ckptmap demo`: the main job on a synthetic large model, timed beside mmengine and torch.
+"""`ckptmap demo`: a wide checkpoint loaded from a file, timed beside mmengine and torch.
 
 A mixture-of-experts model (``layers`` x ``experts`` x three projections, BatchNorm layers,
-auxiliary heads that the inference model does not have) is trained nowhere: its weights are
-random. It is saved as a DistributedDataParallel checkpoint (every key under ``module.``, a
-``meta`` entry), then loaded
+auxiliary heads that the inference model does not have; `ckptmap.cli.demo_model`) gets random
+weights and is saved as a DistributedDataParallel checkpoint (every key under ``module.``, a
+``meta`` entry) by ``torch.save``, and as its safetensors twin. Each file is then loaded
+into the inference model, whose names differ (``backbone`` is ``encoder``, ``w1``..``w3`` are
+``proj1``..``proj3``), with the rules of `DEMO_RULES`:
 
-- into the inference model with ``load_checkpoint(..., revise_keys=DEMO_RULES)``, which strips
-  ``module.``, renames ``backbone`` to ``encoder`` and ``w1``..``w3`` to ``proj1``..``proj3``;
-- into a bare backbone with ``_load_checkpoint_with_prefix("module.backbone", ...)``;
+- by ckptmap: ``load_checkpoint(model, f, revise_keys=rules)``;
+- by mmengine (when installed): the same call (``.pth`` only: it does not read safetensors);
+- by torch's best practice: ``torch.load(f, mmap=True, weights_only=True)`` (or
+  ``safetensors.torch.load_file``), the keys renamed with ``re.sub`` as mmengine does, then
+  ``model.load_state_dict(sd, strict=False)``.
 
-by ckptmap, by mmengine (when installed) and by torch's own path (``torch.load``, the seeds'
-``re.sub`` loop, ``Module.load_state_dict``). Every loaded model is checked equal, parameter
-by parameter, to the source weights; the command fails (exit 1) if one is not.
+Every line says what it times: end to end (from the path to the loaded model; the model is
+built beforehand and the file is in the page cache), or key work alone (an in-memory step
+inside those loads). Ratios are the other side's time over ckptmap's: "12x faster". Each
+load runs once. Every loaded model is checked equal, tensor by tensor, to the source weights
+under their new names; the command fails (exit 1) if one is not.
 
 ``ckptmap demo --keys N`` times the key rules alone on N synthetic keys against ``re.sub``.
 """
@@ -28,8 +34,8 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -38,6 +44,15 @@ from torch import nn
 from ckptmap import __version__
 from ckptmap._core import KeyRules
 from ckptmap.cli.common import format_size
+from ckptmap.cli.demo_model import (
+    DEMO_RULES,
+    SIZES,
+    DemoSize,
+    FakeDDP,
+    Model,
+    build_model,
+    synthetic_keys,
+)
 from ckptmap.revise import revise_keys
 
 __all__ = [
@@ -48,119 +63,38 @@ __all__ = [
     "build_model",
     "run_demo",
     "synthetic_keys",
+    "typed",
+    "verdict",
 ]
 
 T = TypeVar("T")
 
-DEMO_RULES: list[tuple[str, str]] = [
-    (r"^module\.", ""),
-    (r"^backbone\.", "encoder."),
-    (r"\.w(\d)\.", r".proj\1."),
-]
+
+# --- wording ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DemoSize:
-    """The synthetic model's shape."""
-
-    layers: int
-    experts: int
-    dim: int
-    hidden: int
-
-
-#: ``--size`` presets. medium (the default) takes a few seconds on a 2-core machine, most of
-#: them mmengine's; large is the 49k-key model of the design's reference numbers.
-SIZES: dict[str, DemoSize] = {
-    "tiny": DemoSize(layers=2, experts=8, dim=8, hidden=16),
-    "small": DemoSize(layers=4, experts=256, dim=32, hidden=64),
-    "medium": DemoSize(layers=4, experts=1024, dim=32, hidden=64),
-    "large": DemoSize(layers=4, experts=4096, dim=32, hidden=64),
-}
-
-VOCAB = 1000
+def typed(text: str) -> str:
+    """`text` quoted as a user types it in Python source or a shell: ``'^module\\.'``, one
+    backslash, where ``repr`` would double it."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    return repr(text)
 
 
-# --- the synthetic model ------------------------------------------------------------------------
+def verdict(theirs: float, ours: float) -> str:
+    """``"ckptmap 12x faster"`` / ``"ckptmap 1.3x slower"``: ratio = `theirs` / `ours`."""
+    ratio = theirs / max(ours, 1e-9)
+    factor = ratio if ratio >= 1 else 1 / ratio
+    if factor >= 10:
+        text = f"{factor:.0f}x"
+    else:
+        text = f"{factor:.1f}x" if factor >= 2 else f"{factor:.2f}x"
+    return f"ckptmap {text} {'faster' if ratio >= 1 else 'slower'}"
 
 
-class Expert(nn.Module):
-    def __init__(self, dim: int, hidden: int, names: Sequence[str]) -> None:
-        super().__init__()
-        for i, name in enumerate(names):
-            shape = (dim, hidden) if i == 1 else (hidden, dim)
-            self.add_module(name, nn.Linear(shape[1], shape[0], bias=False))
-
-
-class Layer(nn.Module):
-    def __init__(self, size: DemoSize, names: Sequence[str], aux: bool) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(size.dim)
-        self.experts = nn.ModuleList(
-            Expert(size.dim, size.hidden, names) for _ in range(size.experts)
-        )
-        if aux:  # a training-only auxiliary head: unexpected in the inference model
-            self.aux = nn.Linear(size.dim, 8)
-
-
-class Backbone(nn.Module):
-    def __init__(self, size: DemoSize, names: Sequence[str] = ("w1", "w2", "w3"), aux=True):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, size.dim)
-        self.layers = nn.ModuleList(Layer(size, names, aux) for _ in range(size.layers))
-
-
-class Model(nn.Module):
-    """The model: ``backbone`` + ``head`` (training) or ``encoder`` + ``head`` (inference)."""
-
-    def __init__(self, size: DemoSize, *, inference: bool = False) -> None:
-        super().__init__()
-        names = ("proj1", "proj2", "proj3") if inference else ("w1", "w2", "w3")
-        self.add_module(
-            "encoder" if inference else "backbone", Backbone(size, names, aux=not inference)
-        )
-        self.head = nn.Linear(size.dim, VOCAB)
-
-
-class FakeDDP(nn.Module):
-    """What DistributedDataParallel's state dict looks like: everything under ``module.``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-
-def build_model(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Builds a model on the CPU with torch's own init under `seed` (faster than building on
-    the meta device and filling it, for many small modules); BatchNorm buffers get values too,
-    so that loading them is checked as well."""
-    torch.manual_seed(seed)
-    model = factory()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm1d):
-                module.running_mean.uniform_(-1, 1, generator=generator)  # type: ignore[union-attr]
-                module.running_var.uniform_(0.5, 1.5, generator=generator)  # type: ignore[union-attr]
-                module.num_batches_tracked.fill_(seed + 7)  # type: ignore[union-attr]
-    return model
-
-
-# --- helpers ----------------------------------------------------------------------------------
-
-
-def synthetic_keys(count: int) -> list[str]:
-    """Keys shaped like a mixture-of-experts model wrapped in DistributedDataParallel."""
-    experts = 256
-    per_layer = experts * 3
-    layers = max(1, -(-count // per_layer))
-    keys = [
-        f"module.backbone.layers.{layer}.experts.{expert}.w{w}.weight"
-        for layer in range(layers)
-        for expert in range(experts)
-        for w in (1, 2, 3)
-    ]
-    return keys[:count]
+# --- timing and checking -----------------------------------------------------------------------
 
 
 def _best_of(repeat: int, fn: Callable[[], T]) -> tuple[float, T]:
@@ -181,7 +115,7 @@ def _re_sub_loop(keys: Sequence[str], rules: Sequence[tuple[str, str]]) -> list[
     return out
 
 
-def _seeds_revise(state_dict: dict[str, Any], rules: Sequence[tuple[str, str]]) -> OrderedDict:
+def _seeds_revise(state_dict: Mapping[str, Any], rules: Sequence[tuple[str, str]]) -> OrderedDict:
     # What mmengine's `_load_checkpoint_to_model` does with `revise_keys`.
     for pattern, repl in rules:
         state_dict = OrderedDict({re.sub(pattern, repl, k): v for k, v in state_dict.items()})
@@ -232,13 +166,63 @@ def _equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+# --- the loads ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """One timed load of a file into the model."""
+
+    who: str
+    fmt: str
+    what: str
+    seconds: float = 0.0
+    ok: bool = False
+    #: The time of each call, where a load is several (torch's path is three).
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def _ckptmap_load(model: nn.Module, path: str, report: list[str]) -> dict[str, float]:
+    import ckptmap
+
+    with _captured_logger() as (logger, captured):
+        start = time.perf_counter()
+        ckptmap.load_checkpoint(
+            model, path, map_location="cpu", revise_keys=DEMO_RULES, logger=logger
+        )
+        seconds = time.perf_counter() - start
+    report[:] = captured.messages
+    return {"load_checkpoint": seconds}
+
+
+def _mmengine_load(model: nn.Module, path: str, mm: Any) -> dict[str, float]:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        mm.load_checkpoint(model, path, map_location="cpu", logger="silent", revise_keys=DEMO_RULES)
+        return {"load_checkpoint": time.perf_counter() - start}
+
+
+def _torch_load(model: nn.Module, path: str, out: dict[str, Any]) -> dict[str, float]:
+    """torch's best practice; leaves the revised state dict and torch's answer in `out`."""
     start = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - start
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state_dict: Mapping[str, Any] = load_file(path)
+    else:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state_dict = state_dict["state_dict"]
+    read = time.perf_counter()
+    revised = _seeds_revise(state_dict, DEMO_RULES)
+    renamed = time.perf_counter()
+    out["incompatible"] = model.load_state_dict(revised, strict=False)
+    done = time.perf_counter()
+    out["revised"] = revised
+    return {"read": read - start, "re.sub": renamed - read, "load_state_dict": done - renamed}
 
 
-# --- the demo -----------------------------------------------------------------------------------
+# --- the demo ------------------------------------------------------------------------------------
 
 
 def run_keys_demo(args: argparse.Namespace) -> int:
@@ -248,21 +232,24 @@ def run_keys_demo(args: argparse.Namespace) -> int:
     print(f"ckptmap {__version__} demo: {len(keys):,} keys like {keys[-1]!r}")
     for (pattern, repl), native in zip(DEMO_RULES, rules.native, strict=True):
         engine = "rust" if native else "python re"
-        print(f"  rule {pattern!r} -> {repl!r}  [{engine}]")
+        print(f"  rule {typed(pattern)} -> {typed(repl)}  [{engine}]")
     print()
 
     ours_s, ours = _best_of(args.repeat, lambda: rules.apply(keys))
-    ref_s, ref = _best_of(1, lambda: _re_sub_loop(keys, DEMO_RULES))
+    ref_s, ref = _best_of(args.repeat, lambda: _re_sub_loop(keys, DEMO_RULES))
     state_dict = OrderedDict((k, i) for i, k in enumerate(keys))
     revise_s, revised = _best_of(args.repeat, lambda: revise_keys(state_dict, rules))
-    seeds_s, seeds = _best_of(1, lambda: _seeds_revise(state_dict, DEMO_RULES))
+    seeds_s, seeds = _best_of(args.repeat, lambda: _seeds_revise(state_dict, DEMO_RULES))
 
+    print(f"key work alone (in memory, best of {args.repeat} each):")
     rows = [
         ("KeyRules.apply(keys)", ours_s, ref_s, "re.sub loop"),
-        ("revise_keys(state_dict)", revise_s, seeds_s, "seeds' dict comprehension"),
+        ("revise_keys(state_dict)", revise_s, seeds_s, "mmengine's dict comprehension"),
     ]
     for name, ours_t, ref_t, ref_name in rows:
-        print(f"  {name:26s} {ours_t:8.3f} s   {ref_name}: {ref_t:.3f} s  ({ref_t / ours_t:.1f}x)")
+        print(
+            f"  {name:26s} {ours_t:8.3f} s   {ref_name}: {ref_t:.3f} s   {verdict(ref_t, ours_t)}"
+        )
     same = ours == ref and list(revised.state_dict.items()) == list(seeds.items())
     print()
     print(f"  results identical to re.sub: {'yes' if same else 'NO'}")
@@ -301,144 +288,173 @@ def run_demo(args: argparse.Namespace) -> int:
         return _run_demo_in(directory, size, args)
 
 
-def _run_demo_in(directory: str, size: DemoSize, args: argparse.Namespace) -> int:
+@dataclass
+class _Outcome:
+    """What the demo measured, for printing."""
+
+    loads: list[Load]
+    report: list[str]  # ckptmap's report of the .pth load
+    incompatible: Any  # torch's answer for the .pth load
+    key_load: Load  # ckptmap's load_state_dict of torch's in-memory dict
+    tensors: int
+    rules_s: tuple[float, float]  # KeyRules.apply, re.sub loop
+    rules_same: bool
+    keys: int
+
+
+def _write(directory: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The checkpoint as torch.save writes it, and its safetensors twin (meta included)."""
     import ckptmap
 
-    started = time.perf_counter()
-    state_dict = build_model(lambda: FakeDDP(Model(size)), seed=0).state_dict()
-    nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
-    print(
-        f"ckptmap {__version__} demo: {size.layers} layers x {size.experts:,} experts "
-        f"(dim {size.dim}, hidden {size.hidden}): {len(state_dict):,} tensors, "
-        f"{format_size(nbytes)}"
-    )
-    path = os.path.join(directory, "epoch_12.pth")
-    st_path = os.path.join(directory, "epoch_12.safetensors")
-    checkpoint = {"meta": {"epoch": 12, "iter": 120_000, "seed": 0}, "state_dict": state_dict}
-    save_s, _ = _best_of(1, lambda: ckptmap.save_checkpoint(checkpoint, path))
-    ckptmap.save_checkpoint(checkpoint, st_path)
-    print(f"  saved a DDP-style checkpoint ('module.' prefix, meta) in {save_s:.2f} s: {path}")
-    print(f"  and the same as safetensors: {st_path}")
-    rules = KeyRules(DEMO_RULES)
-    for (pattern, repl), native in zip(DEMO_RULES, rules.native, strict=True):
-        print(f"  rule {pattern!r} -> {repl!r}  [{'rust' if native else 'python re'}]")
-
-    # What every loaded model must hold: the source weights under their revised names.
-    expected = dict(zip(rules.apply(list(state_dict)), state_dict.values(), strict=True))
-    backbone_expected = {
-        k.removeprefix("module.backbone."): v
-        for k, v in state_dict.items()
-        if k.startswith("module.backbone.")
+    files = {
+        ".pth": os.path.join(directory, "epoch_12.pth"),
+        ".safetensors": os.path.join(directory, "epoch_12.safetensors"),
     }
+    checkpoint = {"meta": {"epoch": 12, "iter": 120_000, "seed": 0}, "state_dict": state_dict}
+    torch.save(checkpoint, files[".pth"])
+    ckptmap.save_checkpoint(checkpoint, files[".safetensors"])
+    return files
 
-    def inference() -> nn.Module:
-        return build_model(lambda: Model(size, inference=True), seed=1)
 
-    def bare_backbone() -> nn.Module:
-        return build_model(lambda: Backbone(size), seed=1)
+def _measure(size: DemoSize, files: dict[str, str], source: Mapping[str, Any]) -> _Outcome:
+    """Every load of `files` into one inference model (zeroed before each), checked."""
+    import ckptmap
 
-    rows: list[tuple[str, str, float]] = []
-    checks: list[tuple[str, bool]] = []
-    whole, prefixed = "load_checkpoint(model, path, revise_keys=rules)", "prefix load"
+    rules = KeyRules(DEMO_RULES)
+    # What every loaded model must hold: the source weights under their revised names.
+    expected = dict(zip(rules.apply(list(source)), source.values(), strict=True))
+    model = build_model(lambda: Model(size, inference=True), seed=1)
+    tensors = [*model.parameters(), *model.buffers()]
 
-    # ckptmap: load_checkpoint with revise_keys (.pth, then safetensors), then a prefix load.
-    report = ""
-    for name, source in ((path, path), ("epoch_12.safetensors", st_path)):
-        model = inference()
-        with _captured_logger() as (logger, captured):
-            seconds = _timed(
-                ckptmap.load_checkpoint,
-                model,
-                source,
-                map_location="cpu",
-                revise_keys=DEMO_RULES,
-                logger=logger,
-            )
-        if not report:
-            report = "\n".join(captured.messages)
-        label = whole if source == path else whole.replace("path", repr(name))
-        rows.append(("ckptmap", label, seconds))
-        checks.append((f"ckptmap load_checkpoint({name})", _equal(model, expected)))
-
-    backbone = bare_backbone()
-    start = time.perf_counter()
-    sd = ckptmap._load_checkpoint_with_prefix("module.backbone", path, map_location="cpu")
-    prefix_result = ckptmap.load_state_dict(backbone, sd, logger="silent")
-    rows.append(("ckptmap", prefixed, time.perf_counter() - start))
-    checks.append(("ckptmap prefix load", _equal(backbone, backbone_expected)))
-    checks.append(("ckptmap prefix load report: all keys matched", prefix_result.ok))
+    def measure(load: Load, run: Callable[..., dict[str, float]], *args: Any) -> Load:
+        with torch.no_grad():  # zeroed first (not timed), so each load is checked on its own
+            torch._foreach_zero_(tensors)
+        load.parts = run(model, *args)
+        load.seconds = sum(load.parts.values())
+        load.ok = _equal(model, expected)
+        return load
 
     mm = _mmengine()
-    if mm is not None:
-        model = inference()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            seconds = _timed(
-                mm.load_checkpoint,
-                model,
+    loads: list[Load] = []
+    reports: dict[str, list[str]] = {}
+    torch_out: dict[str, dict[str, Any]] = {}
+    for fmt, path in files.items():
+        what = f"load_checkpoint(model, {typed(os.path.basename(path))}, revise_keys=rules)"
+        reports[fmt] = []
+        loads.append(measure(Load("ckptmap", fmt, what), _ckptmap_load, path, reports[fmt]))
+        if fmt == ".pth" and mm is not None:
+            loads.append(measure(Load("mmengine", fmt, what), _mmengine_load, path, mm))
+        reader = "torch.load(mmap=True, weights_only=True)" if fmt == ".pth" else "load_file"
+        torch_out[fmt] = {}
+        loads.append(
+            measure(
+                Load("torch", fmt, f"{reader}, re.sub, load_state_dict"),
+                _torch_load,
                 path,
-                map_location="cpu",
-                logger="silent",
-                revise_keys=DEMO_RULES,
+                torch_out[fmt],
             )
-            rows.append(("mmengine", whole, seconds))
-            checks.append(("mmengine load_checkpoint", _equal(model, expected)))
-            backbone = bare_backbone()
-            start = time.perf_counter()
-            sd = mm._load_checkpoint_with_prefix("module.backbone", path, map_location="cpu")
-            mm.load_state_dict(backbone, sd, logger="silent")
-            rows.append(("mmengine", prefixed, time.perf_counter() - start))
-            checks.append(("mmengine prefix load", _equal(backbone, backbone_expected)))
+        )
 
-    model = inference()
-    start = time.perf_counter()
-    sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    incompatible = model.load_state_dict(_seeds_revise(sd, DEMO_RULES), strict=False)
-    rows.append(("torch", whole, time.perf_counter() - start))
-    checks.append(("torch load_state_dict", _equal(model, expected)))
-    del sd, model, backbone
+    # Key work alone: ckptmap's load_state_dict of the very dict torch's path loaded and
+    # renamed (beside the load_state_dict part of torch's run), and the rules on the keys.
+    revised = torch_out[".pth"]["revised"]
 
-    keys = list(state_dict)
-    ours_s, ours = _best_of(3, lambda: rules.apply(keys))
+    def key_load(model: nn.Module) -> dict[str, float]:
+        start = time.perf_counter()
+        ckptmap.load_state_dict(model, revised, logger="silent")
+        return {"load_state_dict": time.perf_counter() - start}
+
+    key = measure(Load("ckptmap", "", "load_state_dict(model, sd)"), key_load)
+    keys = list(source)
+    ours_s, ours = _best_of(1, lambda: rules.apply(keys))
     ref_s, ref = _best_of(1, lambda: _re_sub_loop(keys, DEMO_RULES))
-    checks.append(("key rules vs re.sub", ours == ref))
+    return _Outcome(
+        loads=loads,
+        report=reports[".pth"],
+        incompatible=torch_out[".pth"]["incompatible"],
+        key_load=key,
+        tensors=len(revised),
+        rules_s=(ours_s, ref_s),
+        rules_same=ours == ref,
+        keys=len(keys),
+    )
 
+
+def _print_outcome(outcome: _Outcome, formats: Sequence[str], mmengine_installed: bool) -> None:
     print()
     print("report of ckptmap's load_checkpoint (folded):")
-    print("\n".join("  " + line for line in (report or "All keys matched").splitlines()))
+    report = "\n".join(outcome.report) or "All keys matched"
+    print("\n".join("  " + line for line in report.splitlines()))
+    incompatible = outcome.incompatible
     print(
         f"  torch's load_state_dict agrees: {len(incompatible.unexpected_keys)} unexpected, "
         f"{len(incompatible.missing_keys)} missing"
     )
     print()
-    print("time (one run each, warm page cache):")
-    base = {what: s for who, what, s in reversed(rows) if who == "ckptmap"}
-    shown = {
-        ("torch", whole): "torch.load + re.sub loop + Module.load_state_dict",
-        ("ckptmap", prefixed): "_load_checkpoint_with_prefix + load_state_dict",
-        ("mmengine", prefixed): "_load_checkpoint_with_prefix + load_state_dict",
-    }
-    for who, what, seconds in rows:
-        ratio = ""
-        if who != "ckptmap" and base.get(what, 0) > 0:
-            ratio = f"  ({seconds / base[what]:.1f}x ckptmap)"
-        print(f"  {who:9s} {shown.get((who, what), what):66s} {seconds:7.3f} s{ratio}")
-    if mm is None:
-        print("  mmengine  not installed (pip install mmengine-lite to compare)")
+    print("end to end: from the file to the loaded model (the model built beforehand, the file")
+    print("in the page cache, one run each)")
+    width = max(len(x.what) for x in outcome.loads)
+    for fmt in formats:
+        ours = next(x for x in outcome.loads if x.who == "ckptmap" and x.fmt == fmt)
+        print(f"  {fmt}")
+        for load in (x for x in outcome.loads if x.fmt == fmt):
+            ratio = "" if load is ours else "  " + verdict(load.seconds, ours.seconds)
+            print(f"    {load.who:9s} {load.what:{width}s} {load.seconds:7.3f} s{ratio}")
+        if fmt == ".pth" and not mmengine_installed:
+            print("    mmengine  not installed (pip install mmengine-lite to compare)")
+        if fmt == ".safetensors":
+            print("    mmengine  does not read safetensors files")
+    torch_pth = next(x for x in outcome.loads if x.who == "torch" and x.fmt == ".pth")
+    theirs = torch_pth.parts["load_state_dict"]
+    ours_s = outcome.key_load.seconds
+    rules_ours, rules_ref = outcome.rules_s
+    print()
+    print("key work alone: in-memory steps of the loads above, not end to end")
     print(
-        f"  key rules on {len(keys):,} keys: KeyRules.apply {ours_s:.4f} s, "
-        f"re.sub loop {ref_s:.4f} s ({ref_s / max(ours_s, 1e-9):.1f}x)"
+        f"  load_state_dict of {outcome.tensors:,} tensors: ckptmap {ours_s:.3f} s, torch "
+        f"{theirs:.3f} s: {verdict(theirs, ours_s)}"
+    )
+    print(
+        f"  {len(DEMO_RULES)} rules over {outcome.keys:,} keys: KeyRules.apply {rules_ours:.4f} "
+        f"s, re.sub loop {rules_ref:.4f} s: {verdict(rules_ref, rules_ours)}"
     )
     print()
+
+
+def _run_demo_in(directory: str, size: DemoSize, args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    source = build_model(lambda: FakeDDP(Model(size)), seed=0).state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in source.values())
+    files = _write(directory, source)
+    print(
+        f"ckptmap {__version__} demo: a DistributedDataParallel checkpoint of a mixture of "
+        f"experts,\n{size.layers} layers x {size.experts:,} experts (dim {size.dim}, hidden "
+        f"{size.hidden}): {len(source):,} tensors, {format_size(nbytes)}, keys under 'module.'"
+    )
+    print(f"  {files['.pth']}  (written by torch.save)")
+    print(f"  {files['.safetensors']}  (its safetensors twin)")
+    print("loaded into the inference model (other names, no auxiliary heads) with the rules")
+    for (pattern, repl), native in zip(DEMO_RULES, KeyRules(DEMO_RULES).native, strict=True):
+        print(f"  {typed(pattern)} -> {typed(repl)}  [{'rust' if native else 'python re'}]")
+
+    outcome = _measure(size, files, source)
+    _print_outcome(outcome, list(files), _mmengine() is not None)
+    checks = [(f"{x.who} {x.fmt}", x.ok) for x in outcome.loads]
+    checks += [
+        ("ckptmap load_state_dict", outcome.key_load.ok),
+        ("KeyRules.apply vs re.sub", outcome.rules_same),
+    ]
     failed = [name for name, ok in checks if not ok]
-    loaders = "ckptmap = " + ("mmengine = " if mm is not None else "") + "torch = source"
     if failed:
         print(f"results identical (parameters equal): NO ({'; '.join(failed)})")
     else:
-        print(f"results identical (parameters equal): yes ({loaders})")
+        print(
+            f"results identical (parameters equal): yes, after each of the {len(checks) - 1} "
+            "loads every tensor is the source's"
+        )
     print(f"total {time.perf_counter() - started:.1f} s")
     if args.keep is not None:
-        print(f"kept in {directory}; try: ckptmap inspect {st_path}")
+        print(f"kept in {directory}; try: ckptmap inspect {files['.safetensors']}")
     return 1 if failed else 0
 
 
@@ -446,12 +462,14 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds the ``demo`` subcommand to `ckptmap`'s argument parser."""
     parser = subparsers.add_parser(
         "demo",
-        help="load a synthetic large checkpoint and time it beside mmengine and torch",
+        help="load a synthetic wide checkpoint from a file, beside mmengine and torch",
         description="Builds a synthetic mixture-of-experts model, saves it as a DDP-style "
-        "checkpoint in a temp dir, loads it with load_checkpoint(revise_keys=...) and a "
-        "prefix load, prints the report and the time beside mmengine's and torch's paths, "
-        "and checks that every loaded model holds the same parameters (exit 1 if not). "
-        "--keys N instead times the key rules alone on N keys beside re.sub.",
+        "checkpoint (.pth and safetensors) in a temp dir, loads each file into a renamed "
+        "inference model with load_checkpoint(revise_keys=...), beside mmengine's "
+        "load_checkpoint and torch's best practice, prints the report, the end-to-end times "
+        "and the key-work times with their ratios, and checks that every loaded model holds "
+        "the source's tensors (exit 1 if not). --keys N instead times the key rules alone on "
+        "N keys beside re.sub.",
         epilog="sizes: "
         + ", ".join(f"{name} ({s.layers} x {s.experts} experts)" for name, s in SIZES.items()),
     )
@@ -469,7 +487,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--keys", type=int, help="time only the key rules on N synthetic keys (e.g. 500000)"
     )
     parser.add_argument(
-        "--repeat", type=int, default=3, help="with --keys: best of N runs for ckptmap (3)"
+        "--repeat", type=int, default=3, help="with --keys: best of N runs for each side (3)"
     )
     parser.set_defaults(run=run_demo)
     return parser
