@@ -55,6 +55,7 @@ SUITES = (
     "test_bench_safetensors.py",
     "test_bench_save.py",
 )
+CRITERION_TIMES = ("--warm-up-time", "1", "--measurement-time", "3")
 KINDS = ("end to end", "key work", "format", "save")
 KIND_TITLES = {
     "end to end": "End to end: a checkpoint file into a model",
@@ -486,7 +487,10 @@ def run_criterion() -> tuple[int, list[dict[str, Any]]]:
     """``cargo bench`` into a fresh criterion directory; its estimates, in run order."""
     with tempfile.TemporaryDirectory(prefix="ckptmap-criterion-") as home:
         env = {**os.environ, "CRITERION_HOME": home}
-        status = subprocess.call(["cargo", "bench", "-q"], cwd=CHECKOUT, env=env)
+        # Shorter than criterion's defaults (3 s + 5 s per benchmark): these rows are
+        # reference figures, and `make bench` should stay within about 20 minutes.
+        command = ["cargo", "bench", "-q", "--", *CRITERION_TIMES]
+        status = subprocess.call(command, cwd=CHECKOUT, env=env)
         found = []
         for meta in Path(home).rglob("new/benchmark.json"):
             info = json.loads(meta.read_text())
