@@ -9,7 +9,7 @@ A benchmark row says what it runs so that `benches/report.py` can pair it honest
   existing parameters against ``copy``, ``assign`` against ``assign``, a durable ``.pth`` save
   against a durable ``.pth`` save);
 - ``kind``: ``end to end`` (a file into a model), ``key work`` (an in-memory step),
-  ``format`` (one format's reader alone) or ``save``.
+  ``format`` (one format's reader alone), ``remote`` (from a URI) or ``save``.
 
 `timed` runs every side of a group with the group's rounds and warm-up rounds, so no side gets
 a best-of-five against another's single run. `peak_memory` measures one call in a fresh
@@ -40,7 +40,7 @@ SCALE = os.environ.get("CKPTMAP_BENCH_SCALE", "full")
 if SCALE not in ("full", "small"):
     raise ValueError(f"CKPTMAP_BENCH_SCALE={SCALE!r}: use 'full' or 'small'")
 
-KINDS = ("end to end", "key work", "format", "save")
+KINDS = ("end to end", "key work", "format", "remote", "save")
 
 
 def sized(full: T, small: T) -> T:

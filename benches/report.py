@@ -53,14 +53,16 @@ SUITES = (
     "test_bench_load.py",
     "test_bench_e2e.py",
     "test_bench_safetensors.py",
+    "test_bench_remote.py",
     "test_bench_save.py",
 )
 CRITERION_TIMES = ("--warm-up-time", "1", "--measurement-time", "3")
-KINDS = ("end to end", "key work", "format", "save")
+KINDS = ("end to end", "key work", "format", "remote", "save")
 KIND_TITLES = {
     "end to end": "End to end: a checkpoint file into a model",
     "key work": "Key work alone (in memory, no file)",
     "format": "One format's reader",
+    "remote": "Remote checkpoints",
     "save": "Saving",
 }
 KIND_INTROS = {
@@ -76,6 +78,10 @@ KIND_INTROS = {
         "not end-to-end times: the rows above are."
     ),
     "format": "One format's reading alone, into or beside a model built beforehand.",
+    "remote": (
+        "From a URI served on 127.0.0.1 (no network in the way): what a load transfers and how "
+        "long it takes."
+    ),
     "save": (
         "A state dict written until durable: ckptmap fsyncs before returning, so every other "
         "row includes an fsync of the files it wrote."

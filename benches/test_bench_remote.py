@@ -1,6 +1,7 @@
 """Remote prefix loads: 10% of a 1 GiB safetensors file over http(s) and S3, by byte range.
 
-Run with ``pytest benches/test_bench_remote.py --benchmark-enable -s`` (skipped otherwise).
+Run with ``python benches/report.py`` (or ``pytest benches/test_bench_remote.py
+--benchmark-enable -s``; skipped otherwise).
 
 The file (1 GiB of random float32 and bfloat16 data, written by safetensors itself) is served
 on 127.0.0.1 by an `http.server` with Range support and by a moto S3 server, both counting the
@@ -12,9 +13,10 @@ body bytes they send. Per transport:
 - whole download: the same call through the scheme's download cache, as every loader did
   before (and as mmengine does): the whole file is transferred, then read.
 
-Over http both are timed side by side. The S3 figures are bytes only: moto copies the whole
-object in memory to answer each ranged GET, so its times measure moto, not the transfer (they
-are printed, not benchmarked). The table at the end gives the bytes each transferred, counted at
+Over http both are timed side by side, with the same rounds, and each row records the share
+of the file the server sent. The S3 figures are bytes only: moto copies the whole object in
+memory to answer each ranged GET, so its times measure moto, not the transfer (they are
+printed, not benchmarked). The table at the end gives the bytes each transferred, counted at
 the server.
 """
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import Rounds, Side, require_enabled, sized, timed
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -42,8 +45,9 @@ from servers import (  # tests/servers.py: the counting servers
 
 from ckptmap.checkpoint import _load_checkpoint_with_prefix
 
-SIZE = 1 << 30
-HTTP = "remote: prefix load of 10% of 1 GiB over http"
+SIZE = sized(1 << 30, 64 << 20)
+HTTP = f"prefix load of 10% of a {SIZE >> 20:,} MiB safetensors file over http (loopback)"
+ROUNDS = Rounds(3, 1)  # the warm-up also lets the test server hash the file for its ETag
 FIGURES: dict[str, tuple[int, int]] = {}
 TIMES: dict[str, float] = {}
 HEADER: list[int] = []
@@ -57,8 +61,7 @@ CREDENTIALS = {
 
 @pytest.fixture(scope="module")
 def model_file(request: pytest.FixtureRequest, tmp_path_factory: Any) -> Path:
-    if not request.config.getoption("benchmark_enable", False):
-        pytest.skip("benchmark: run with --benchmark-enable")
+    require_enabled(request)
     path = tmp_path_factory.mktemp("remote") / "model_1gib.safetensors"
     HEADER.append(len(random_checkpoint(path, SIZE, seed=7)))
     return path
@@ -101,53 +104,61 @@ def check(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> No
 
 def run(
     benchmark: Any,
+    side: Side | None,
     name: str,
     load: Callable[[], dict[str, torch.Tensor]],
     sent: Callable[[], int],
     reset: Callable[[], None],
     expected: dict[str, torch.Tensor],
-    rounds: int,
     size: int,
-    warm: bool = False,
 ) -> None:
-    """Times `load` (or, without `benchmark`, runs it once) and records the bytes sent."""
-    if warm:  # the test server hashes the file for its ETag on the first request
-        load()
-    reset()
+    """Times `load` (or, without `benchmark`, runs it once) and records the bytes sent by
+    the last run."""
     if benchmark is None:
+        reset()
         start = time.perf_counter()
         got = load()
         TIMES[name] = time.perf_counter() - start
     else:
-        got = benchmark.pedantic(load, rounds=rounds, warmup_rounds=0)
-        benchmark.extra_info["transferred_pct_of_file"] = 100 * sent() / rounds / size
+        got = timed(benchmark, side, load, ROUNDS, kind="remote", setup=reset)
     check(got, expected)
-    FIGURES[name] = (sent() // rounds, size)
+    FIGURES[name] = (sent(), size)
+    if benchmark is not None:
+        benchmark.extra_info["note"] = (
+            f"{side.impl}: the server sent {FIGURES[name][0]:,} of the file's {size:,} bytes "
+            f"({100 * FIGURES[name][0] / size:.2f}%) per load"
+        )
 
 
-def whole(uri: str, tmp_path: Path, monkeypatch: Any) -> Callable[[], dict[str, torch.Tensor]]:
-    """The prefix load through a fresh download cache each round (a whole download)."""
+def whole(
+    uri: str, tmp_path: Path, monkeypatch: Any, reset: Callable[[], None]
+) -> tuple[Callable[[], dict[str, torch.Tensor]], Callable[[], None]]:
+    """The prefix load through the download cache, and a setup that empties the cache (and
+    resets the byte counts) before each round, so that every round downloads the whole file."""
+    import shutil
+
     from ckptmap import opened
 
     monkeypatch.setattr(opened, "URI_OPENERS", [])
-    counter = iter(range(1000))
+    home = tmp_path / "home"
+    monkeypatch.setenv("CKPTMAP_HOME", str(home))
 
-    def load() -> dict[str, torch.Tensor]:
-        monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / f"home{next(counter)}"))
-        return _load_checkpoint_with_prefix(SUBTREE, uri)
+    def setup() -> None:
+        shutil.rmtree(home, ignore_errors=True)
+        reset()
 
-    return load
+    return lambda: _load_checkpoint_with_prefix(SUBTREE, uri), setup
 
 
 @pytest.mark.benchmark(group=HTTP)
 def test_http_ckptmap_ranges(benchmark, http_url, expected, tmp_path, monkeypatch) -> None:
     url, server = http_url
     monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / "home"))
-    benchmark.extra_info["impl"] = "ckptmap"
+    side = Side("ckptmap", "`_load_checkpoint_with_prefix('neck', url)`: byte ranges", "prefix")
     path = "/model_1gib.safetensors"
     load = lambda: _load_checkpoint_with_prefix(SUBTREE, url)  # noqa: E731
-    run(benchmark, "http ranges", load, lambda: server.bytes_sent[path], server.reset_counts,
-        expected, rounds=3, size=len(server.routes[path].body), warm=True)  # fmt: skip
+    run(benchmark, side, "http ranges", load, lambda: server.bytes_sent[path],
+        server.reset_counts, expected, size=len(server.routes[path].body))  # fmt: skip
     assert FIGURES["http ranges"][0] <= 0.15 * FIGURES["http ranges"][1]
     assert not (tmp_path / "home").exists()  # nothing cached
 
@@ -155,11 +166,17 @@ def test_http_ckptmap_ranges(benchmark, http_url, expected, tmp_path, monkeypatc
 @pytest.mark.benchmark(group=HTTP)
 def test_http_whole_download(benchmark, http_url, expected, tmp_path, monkeypatch) -> None:
     url, server = http_url
-    benchmark.extra_info["impl"] = "whole download"
+    side = Side(
+        "whole download",
+        "the same call through the download cache: the file whole, then read",
+        "prefix",
+        "whole download: what loaders without byte ranges do (mmengine's `load_from_http` "
+        "downloads the whole file too, and does not read safetensors)",
+    )
     path = "/model_1gib.safetensors"
-    run(benchmark, "http whole download", whole(url, tmp_path, monkeypatch),
-        lambda: server.bytes_sent[path], server.reset_counts, expected, rounds=1,
-        size=len(server.routes[path].body))  # fmt: skip
+    load, setup = whole(url, tmp_path, monkeypatch, server.reset_counts)
+    run(benchmark, side, "http whole download", load, lambda: server.bytes_sent[path], setup,
+        expected, size=len(server.routes[path].body))  # fmt: skip
 
 
 def test_s3_ckptmap_ranges(model_file, s3_uri, expected, tmp_path, monkeypatch) -> None:
@@ -167,8 +184,8 @@ def test_s3_ckptmap_ranges(model_file, s3_uri, expected, tmp_path, monkeypatch) 
     monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / "home"))
     key = "/bench/model_1gib.safetensors"
     load = lambda: _load_checkpoint_with_prefix(SUBTREE, uri)  # noqa: E731
-    run(None, "s3 ranges", load, lambda: counter.bytes_sent[key], counter.reset, expected,
-        rounds=1, size=model_file.stat().st_size)  # fmt: skip
+    run(None, None, "s3 ranges", load, lambda: counter.bytes_sent[key], counter.reset,
+        expected, size=model_file.stat().st_size)  # fmt: skip
     assert FIGURES["s3 ranges"][0] <= 0.15 * FIGURES["s3 ranges"][1]
     assert not (tmp_path / "home").exists()
 
@@ -176,9 +193,9 @@ def test_s3_ckptmap_ranges(model_file, s3_uri, expected, tmp_path, monkeypatch) 
 def test_s3_whole_download(model_file, s3_uri, expected, tmp_path, monkeypatch) -> None:
     uri, counter = s3_uri
     key = "/bench/model_1gib.safetensors"
-    run(None, "s3 whole download", whole(uri, tmp_path, monkeypatch),
-        lambda: counter.bytes_sent[key], counter.reset, expected, rounds=1,
-        size=model_file.stat().st_size)  # fmt: skip
+    load, setup = whole(uri, tmp_path, monkeypatch, counter.reset)
+    run(None, None, "s3 whole download", load, lambda: counter.bytes_sent[key], setup,
+        expected, size=model_file.stat().st_size)  # fmt: skip
 
 
 def test_report_bytes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -277,3 +277,14 @@ def test_every_benchmark_row_is_labelled_through_the_harness():
         source = path.read_text()
         assert not re.search(r"(?<![.\w])benchmark(\.pedantic)?\(", source), path.name
         assert re.search(r"\btimed\(", source), path.name
+
+
+def test_the_report_knows_every_kind_a_row_can_have():
+    spec = importlib.util.spec_from_file_location(
+        "bench_harness", CHECKOUT / "benches" / "harness.py"
+    )
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    assert harness.KINDS == report.KINDS
+    assert set(report.KIND_TITLES) == set(report.KIND_INTROS) == set(report.KINDS)
