@@ -203,7 +203,7 @@ def test_report_bytes(capsys: pytest.CaptureFixture[str]) -> None:
     if not FIGURES:
         pytest.skip("no remote benchmark ran")
     with capsys.disabled():
-        print("\nbytes sent by the server for one prefix load of 10% of a 1 GiB file:")
+        print(f"\nbytes sent by the server for one prefix load of 10% of {SIZE >> 20:,} MiB:")
         print(f"  {'(its header)':<22} {HEADER[0]:>14,}")
         for name, (sent, size) in FIGURES.items():
             line = f"  {name:<22} {sent:>14,} of {size:,} ({100 * sent / size:.2f}%)"
