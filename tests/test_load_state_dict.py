@@ -655,14 +655,42 @@ def test_each_module_sees_only_its_keys(monkeypatch):
     assert calls == [len(sd)]
 
 
+def group_by_owner_reference(keys: list[str], paths: list[str]) -> list[list[int]]:
+    """What `ckptmap._core.group_by_owner` computes, written plainly: each key goes to the
+    longest module path that is a dotted prefix of it (the first listing of a path wins), else
+    to the root module "" when listed, else to the extra group at the end."""
+    index: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        index.setdefault(path, i)
+    fallback = index.get("", len(paths))
+    groups: list[list[int]] = [[] for _ in range(len(paths) + 1)]
+    for j, key in enumerate(keys):
+        owner = fallback
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            found = index.get(".".join(parts[:cut]))
+            if found is not None:
+                owner = found
+                break
+        groups[owner].append(j)
+    return groups
+
+
 def test_group_by_owner_reference_agrees_with_core():
     keys = ["a.b.c", "a.b", "a..x", "", ".", "b.c", "a.bc.d", "x.y.z", "a.b.c.d"]
     paths = ["", "a", "a.b", "a.b.c", "x.y"]
-    assert module_load._group_by_owner_py(keys, paths) == module_load._group_by_owner(keys, paths)
+    assert group_by_owner_reference(keys, paths) == module_load._group_by_owner(keys, paths)
     no_root = ["a", "a.b"]
-    assert module_load._group_by_owner_py(keys, no_root) == module_load._group_by_owner(
-        keys, no_root
-    )
+    assert group_by_owner_reference(keys, no_root) == module_load._group_by_owner(keys, no_root)
+
+
+_SEGMENTS = st.sampled_from(["", "a", "b", "ab", "0", "1", "é"])
+_DOTTED = st.lists(_SEGMENTS, min_size=1, max_size=4).map(".".join)
+
+
+@given(keys=st.lists(_DOTTED, max_size=30), paths=st.lists(_DOTTED, max_size=8))
+def test_group_by_owner_matches_the_reference(keys: list[str], paths: list[str]) -> None:
+    assert module_load._group_by_owner(keys, paths) == group_by_owner_reference(keys, paths)
 
 
 # --------------------------------------------------------------------------------------------

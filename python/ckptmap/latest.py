@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
 import os
 import re
@@ -45,9 +44,10 @@ from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPointerWarning,
     IncompleteCheckpointError,
+    InvalidShardIndexError,
     SaveArgumentError,
 )
-from ckptmap.formats.index import MAX_INDEX_BYTES
+from ckptmap.formats.index import read_index
 from ckptmap.magic import safetensors_header_length
 from ckptmap.paths import describe_file_type, open_regular
 from ckptmap.save import INDEX_SUFFIX, is_shard_file
@@ -110,23 +110,15 @@ def _complete(path: Path, depth: int) -> bool:
 
 
 def _shards_of(index: Path) -> list[Path] | None:
-    """The shard files an index names (in its directory), or None for a bad index."""
-    with open_regular(index, what="shard index") as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
-    if len(raw) > MAX_INDEX_BYTES:
+    """The shard files an index names (plain names in its directory), or None for a bad index."""
+    try:
+        weight_map, _ = read_index(str(index))
+    except InvalidShardIndexError:
         return None
-    data = json.loads(raw)
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict):
-        return None
-    shards = []
-    for shard in sorted({s for s in weight_map.values() if isinstance(s, str)}):
-        if Path(shard).name != shard or shard in ("", ".", ".."):
-            return None  # only plain names beside the index
-        shards.append(index.parent / shard)
-    if any(not isinstance(s, str) for s in weight_map.values()):
-        return None
-    return shards
+    shards = sorted(set(weight_map.values()))
+    if any(Path(s).name != s or s in ("", ".", "..") for s in shards):
+        return None  # only plain names beside the index
+    return [index.parent / s for s in shards]
 
 
 def _index_complete(index: Path) -> bool:

@@ -237,26 +237,6 @@ _EXTRA = "_extra_state"
 _MISS = object()
 
 
-def _group_by_owner_py(keys: Sequence[str], paths: Sequence[str]) -> list[list[int]]:
-    """What `ckptmap._core.group_by_owner` computes, in Python (the tests compare them)."""
-    index: dict[str, int] = {}
-    for i, path in enumerate(paths):
-        index.setdefault(path, i)
-    fallback = index.get("", len(paths))
-    groups: list[list[int]] = [[] for _ in range(len(paths) + 1)]
-    for j, key in enumerate(keys):
-        owner = fallback
-        pos = key.rfind(".")
-        while pos >= 0:
-            found = index.get(key[:pos])
-            if found is not None:
-                owner = found
-                break
-            pos = key.rfind(".", 0, pos) if pos else -1
-        groups[owner].append(j)
-    return groups
-
-
 _group_by_owner: Callable[[Sequence[str], Sequence[str]], list[list[int]]] = group_by_owner
 
 

@@ -14,7 +14,6 @@ memory in full before the target is written.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ import torch
 from ckptmap._core import KeyRules
 from ckptmap.cli.common import add_allow_argument, allowed_globals_for, format_size, rule_arg
 from ckptmap.errors import ConvertError, PrefixNotFoundError
+from ckptmap.formats.index import read_index
 
 __all__ = [
     "DTYPES",
@@ -301,8 +301,7 @@ def convert(
             raise
         raise ConvertError(f"{err}; or leave it out: --drop {entry.group(1)}") from err
     if limit is not None:
-        with open(result.target, encoding="utf-8") as f:
-            result.shards = len(set(json.load(f)["weight_map"].values()))
+        result.shards = len(set(read_index(result.target)[0].values()))
     return result
 
 

@@ -10,7 +10,6 @@ it looks like; `ckptmap.formats.load_file` turns that into a `CorruptCheckpointE
 from __future__ import annotations
 
 import enum
-import json
 import os
 import struct
 import zipfile
@@ -18,8 +17,9 @@ from dataclasses import dataclass
 
 from ckptmap.errors import (
     CorruptCheckpointError,
+    InvalidShardIndexError,
 )
-from ckptmap.formats.index import MAX_INDEX_BYTES, find_index
+from ckptmap.formats.index import MAX_INDEX_BYTES, find_index, parse_index
 from ckptmap.magic import JSON_WHITESPACE, safetensors_header_length
 from ckptmap.paths import check_path, open_regular
 
@@ -307,18 +307,13 @@ def _sniff_json(path: str, size: int) -> Sniffed:
             hint="pass a checkpoint, or the *.index.json of a sharded checkpoint",
         )
 
-    if size > MAX_INDEX_BYTES:
-        return corrupt(f"a JSON document of {size:,} bytes, too large for a shard index")
+    with open_regular(path) as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
     try:
-        with open_regular(path) as f:
-            doc = json.loads(f.read())
-    except RecursionError:
-        return Sniffed(path, Format.CORRUPT, size, "a JSON document nested too deeply to read")
-    except (ValueError, UnicodeDecodeError):
-        return Sniffed(path, Format.CORRUPT, size, "a truncated or malformed JSON document")
-    if isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict):
-        return Sniffed(path, Format.SHARDED, size, "a shard index (*.index.json)", index_path=path)
-    return corrupt("a JSON document without a 'weight_map' (not a shard index)")
+        parse_index(raw, path)
+    except InvalidShardIndexError as err:
+        return corrupt(f"a JSON document that is not a shard index ({err.reason})")
+    return Sniffed(path, Format.SHARDED, size, "a shard index (*.index.json)", index_path=path)
 
 
 def _is_whole_pickle(data: bytes) -> bool:

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ckptmap.errors import SaveArgumentError, SaveArgumentTypeError
+from ckptmap.errors import InvalidShardIndexError, SaveArgumentError, SaveArgumentTypeError
 from ckptmap.formats.codec import encode, state_dict_key
-from ckptmap.formats.index import INDEX_SUFFIX
+from ckptmap.formats.index import INDEX_SUFFIX, parse_index
 from ckptmap.formats.safetensors_write import check_tensors, tensor_nbytes, write_safetensors
 from ckptmap.formats.torch_write import torch_save
 from ckptmap.save.sinks import Sink
@@ -149,10 +149,10 @@ def _old_shards(sink: Sink, index_name: str, stem: str) -> set[str]:
         text = sink.read_text(index_name)
         if text is None:
             return set()
-        weight_map = json.loads(text).get("weight_map", {})
-        names = {s for s in weight_map.values() if isinstance(s, str)}
-    except (OSError, ValueError, AttributeError, RecursionError):
+        weight_map, _ = parse_index(text.encode("utf-8"), index_name)
+    except (OSError, InvalidShardIndexError):
         return set()
+    names = set(weight_map.values())
     return {s for s in names if s == Path(s).name and s.startswith(stem) and is_shard_file(s)}
 
 
