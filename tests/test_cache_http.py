@@ -22,7 +22,6 @@ from ckptmap.cache import (
     cache_home,
     cached_download,
     expected_hash_from_name,
-    sniff_checkpoint,
     url_cache_dir,
 )
 from ckptmap.errors import (
@@ -35,6 +34,7 @@ from ckptmap.errors import (
     UnexpectedContentError,
     UnsafePathError,
 )
+from ckptmap.magic import checkpoint_kind
 from ckptmap.schemes import CheckpointLoader, load_from_http
 
 FAST = {"backoff_s": 0.0, "max_backoff_s": 0.0, "timeout_s": 10.0}
@@ -285,15 +285,15 @@ def test_progress_bar_when_asked(home, server, capsys):
 
 
 def test_sniffing():
-    assert sniff_checkpoint(BODY[:16]) == "zip"
+    assert checkpoint_kind(BODY[:16]) == "zip"
     legacy = __import__("io").BytesIO()
     torch.save({"a": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
-    assert sniff_checkpoint(legacy.getvalue()[:16]) == "pickle"
+    assert checkpoint_kind(legacy.getvalue()[:16]) == "pickle"
     from safetensors.torch import save
 
-    assert sniff_checkpoint(save({"a": torch.ones(1)})[:16]) == "safetensors"
-    assert sniff_checkpoint(b"<html>") is None
-    assert sniff_checkpoint((2**40).to_bytes(8, "little") + b"{") is None
+    assert checkpoint_kind(save({"a": torch.ones(1)})[:16]) == "safetensors"
+    assert checkpoint_kind(b"<html>") is None
+    assert checkpoint_kind((2**40).to_bytes(8, "little") + b"{") is None
 
 
 def test_errors_pickle_with_their_attributes():

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from servers import checkpoint_bytes, checkpoint_server
 
 import ckptmap
-from ckptmap.cache import cached_download, sniff_checkpoint
+from ckptmap.cache import cached_download
 from ckptmap.errors import (
     CorruptCheckpointError,
     InvalidShardIndexError,
@@ -35,6 +35,7 @@ from ckptmap.formats import load_file
 from ckptmap.formats.sharded import ShardedCheckpoint
 from ckptmap.formats.sniff import Format, sniff
 from ckptmap.latest import find_latest_checkpoint, is_complete_checkpoint
+from ckptmap.magic import checkpoint_kind
 from ckptmap.schemes import CheckpointLoader, load_from_ceph, load_from_http, load_from_local
 
 BODY = checkpoint_bytes(0)
@@ -72,7 +73,7 @@ def test_a_safetensors_header_may_start_with_whitespace(tmp_path, home, padding)
     assert is_complete_checkpoint(path)
     (tmp_path / "last_checkpoint").write_text(str(path))
     assert find_latest_checkpoint(tmp_path) == str(path)
-    assert sniff_checkpoint(data[: 9 + len(padding)]) == "safetensors"
+    assert checkpoint_kind(data[: 9 + len(padding)]) == "safetensors"
     with checkpoint_server() as server:
         url = server.add("/ws.safetensors", data)
         assert cached_download(url, **FAST).read_bytes() == data

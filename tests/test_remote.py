@@ -244,6 +244,28 @@ def test_torch_zip_and_hashed_names_fall_back(server, home, caplog):
     assert len(cached(home)) == 2
 
 
+def safetensors_whose_header_starts_like_a_pickle() -> bytes:
+    """A safetensors file whose header length is 0x280 + 0x100 * k: its first two bytes are
+    ``80 02`` .. ``80 05``, a pickle's opening."""
+    for width in range(1, 2000):
+        data = safetensors.torch.save({"w" * width: torch.arange(4.0), "b": torch.ones(2)})
+        if data[0] == 0x80 and 2 <= data[1] <= 5:
+            return data
+    raise AssertionError("no header length of that form found")
+
+
+def test_a_header_that_starts_like_a_pickle_is_still_read_by_range(server, home, caplog):
+    data = safetensors_whose_header_starts_like_a_pickle()
+    url = server.add("/pickle-like.safetensors", data, ranges="bytes")
+    with caplog.at_level(logging.INFO, logger="ckptmap"):
+        with open_checkpoint(url) as opened:
+            assert len(opened.keys()) == 2
+            got = opened.state_dict(["b"])  # one tensor: by range, not through the cache
+    assert list(got) == ["b"] and torch.equal(got["b"], torch.ones(2))
+    assert not [r for r in caplog.records if FALLBACK in r.getMessage()]
+    assert cached(home) == []
+
+
 def test_a_custom_http_loader_is_respected(server, home):
     url = server.add("/m.safetensors", safetensors.torch.save({"w": torch.ones(2)}), ranges="bytes")
     calls: list[str] = []

@@ -74,7 +74,7 @@ from ckptmap.errors import (
     UnsafePathError,
     UnsafeRedirectError,
 )
-from ckptmap.magic import only_whitespace_so_far, safetensors_header_length
+from ckptmap.magic import checkpoint_kind, only_whitespace_so_far
 from ckptmap.paths import open_regular, reject_special, safe_join
 from ckptmap.redact import redact_url
 
@@ -87,7 +87,6 @@ __all__ = [
     "checkpoints_dir",
     "expected_hash_from_name",
     "open_url",
-    "sniff_checkpoint",
     "url_basename",
     "url_cache_dir",
     "write_verified",
@@ -166,22 +165,6 @@ def expected_hash_from_name(file_name: str) -> str | None:
     """The SHA-256 prefix in a torch.hub-style file name, or None when it has none."""
     match = _HASH_IN_NAME.search(file_name)
     return match.group(1) if match else None
-
-
-def sniff_checkpoint(head: bytes) -> str | None:
-    """What kind of checkpoint the first bytes belong to: "zip", "pickle", "safetensors" or None.
-
-    torch.save writes a zip archive (or, with the legacy format, a pickle with protocol 2 or
-    later); safetensors files start with a little-endian u64 header length and a JSON object
-    (which may start with whitespace).
-    """
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
-    if safetensors_header_length(head) is not None:
-        return "safetensors"
-    return None
 
 
 def _describe(head: bytes) -> str:
@@ -266,7 +249,7 @@ def write_verified(
     sniffed = not sniff
 
     def check_head() -> None:
-        if sniff_checkpoint(head) is None:
+        if checkpoint_kind(head) is None:
             raise UnexpectedContentError(
                 f"{shown} did not return a checkpoint but {_describe(head)}; nothing was "
                 "cached. Check the URL (a login, error or redirect page?) or that the file is "

@@ -48,7 +48,7 @@ from ckptmap.errors import (
     SaveArgumentError,
 )
 from ckptmap.formats.index import read_index
-from ckptmap.magic import safetensors_header_length
+from ckptmap.magic import checkpoint_kind
 from ckptmap.paths import describe_file_type, open_regular
 from ckptmap.save import INDEX_SUFFIX, is_shard_file
 from ckptmap.zipdir import ZipDirectoryError
@@ -103,10 +103,8 @@ def _complete(path: Path, depth: int) -> bool:
         if incomplete_reason(f, str(path)) is not None:
             return False
         head = read_head(f)
-    if head.startswith(b"PK\x03\x04") or safetensors_header_length(head) is not None:
-        return True
-    # A legacy torch pickle starts with a pickled magic number; nothing cheap proves its end.
-    return head[:1] == b"\x80"
+    # A zip's end records were checked above; nothing cheap proves a legacy pickle's end.
+    return checkpoint_kind(head) is not None
 
 
 def _shards_of(index: Path) -> list[Path] | None:

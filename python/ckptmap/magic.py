@@ -12,6 +12,7 @@ from ckptmap._core import MAX_SAFETENSORS_HEADER_LEN
 __all__ = [
     "JSON_WHITESPACE",
     "MAX_SAFETENSORS_HEADER",
+    "checkpoint_kind",
     "only_whitespace_so_far",
     "safetensors_header_length",
 ]
@@ -45,3 +46,20 @@ def only_whitespace_so_far(head: bytes) -> bool:
     if len(head) < 9 or head[8:].lstrip(JSON_WHITESPACE):
         return False
     return 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER
+
+
+def checkpoint_kind(head: bytes) -> str | None:
+    """What kind of checkpoint a file's first bytes belong to: "safetensors", "zip" (what
+    torch.save writes), "pickle" (torch.save's legacy format: protocol 2 or later) or None.
+
+    safetensors is tried first: its first byte is the low byte of the header length, which may
+    be 0x80 or "P" (a 640-byte header starts ``80 02``, like a pickle), and the JSON object that
+    must follow makes the test specific.
+    """
+    if safetensors_header_length(head) is not None:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return None

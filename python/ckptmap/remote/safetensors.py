@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from ckptmap._core import SafetensorsHeader, SafetensorsHeaderError
-from ckptmap.cache import SNIFF_SIZE, sniff_checkpoint
+from ckptmap.cache import SNIFF_SIZE
 from ckptmap.errors import InvalidSafetensorsError, TensorNotFoundError, UnsupportedDtypeError
 from ckptmap.formats.safetensors import TensorInfo, map_location_fn
+from ckptmap.magic import checkpoint_kind
 from ckptmap.remote.reader import RangeReader, fetch_all
 from ckptmap.remote.spans import plan_requests
 
@@ -82,7 +83,7 @@ class RemoteSafetensors:
             DownloadError and subclasses: the requests failed.
         """
         head = reader.probe(SNIFF_SIZE)
-        kind = sniff_checkpoint(head)
+        kind = checkpoint_kind(head)
         if kind != "safetensors":
             raise _NotSafetensors(kind)
         size = reader.size
