@@ -60,7 +60,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from ckptmap.atomic import atomic_write, remove_stale_temps
-from ckptmap.checksum import read_manifest, write_manifest
+from ckptmap.checksum import file_sha256, read_manifest, write_manifest
 from ckptmap.completeness import incomplete_reason
 from ckptmap.errors import (
     ChecksumMismatchError,
@@ -570,7 +570,6 @@ def _reusable(target: Path, url: str, wanted: list[str]) -> str | None:
             reason = incomplete_reason(f, str(target))
         if reason is not None:
             return f"is not a whole checkpoint ({reason})"
-        from ckptmap.checksum import file_sha256
 
         digest = file_sha256(target)
         if manifest is not None and digest != manifest.sha256:

@@ -42,7 +42,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ckptmap.atomic import atomic_write
-from ckptmap.errors import ManifestMismatchError, MissingManifestError, UnsupportedSaveTargetError
+from ckptmap.errors import (
+    CheckpointIsADirectoryError,
+    ManifestMismatchError,
+    MissingManifestError,
+    UnsupportedSaveTargetError,
+)
+from ckptmap.formats.index import find_index, read_index, shard_path
 from ckptmap.paths import open_regular
 
 __all__ = [
@@ -238,7 +244,6 @@ def verify_file(path: str | os.PathLike[str], *, required: bool = False) -> bool
 
 
 def _shards(index: Path) -> list[Path]:
-    from ckptmap.formats.index import read_index, shard_path
 
     weight_map, _ = read_index(str(index))
     directory = index.parent.resolve()
@@ -277,8 +282,6 @@ def verify_checkpoint(path: str | os.PathLike[str], *, mode: str | None = None) 
 def _directory_files(directory: Path) -> list[Path]:
     """The files of a checkpoint directory: a shard index and its shards, or a DCP
     checkpoint's ``.metadata`` and ``*.distcp`` files."""
-    from ckptmap.errors import CheckpointIsADirectoryError
-    from ckptmap.formats.index import find_index
 
     if (directory / ".metadata").is_file():
         return [directory / ".metadata", *sorted(directory.glob("*.distcp"))]

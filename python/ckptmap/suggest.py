@@ -25,6 +25,7 @@ from ckptmap._core import KeyRules
 from ckptmap.errors import SuggestionCheckError
 from ckptmap.opened import Checkpoint
 from ckptmap.plan import plan_load
+from ckptmap.prefix import filter_prefix
 from ckptmap.report import fold_keys
 from ckptmap.shapes import (
     DiffResult,
@@ -403,8 +404,6 @@ def suggest_rules(
     """
     source, _where = tensor_table(checkpoint, allowed_globals=allowed_globals)
     if prefix:
-        from ckptmap.prefix import filter_prefix
-
         source = OrderedDict(filter_prefix(source, prefix, strip=False))
     expected = _model_table(model)
     names = list(source)

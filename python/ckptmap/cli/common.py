@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ckptmap.errors import UnsafeAllowlistError
 from ckptmap.formats import allowlist
 
 __all__ = [
@@ -44,7 +45,6 @@ def rule_arg(text: str) -> tuple[str, str]:
 
 def allow_arg(text: str) -> str:
     """argparse type for ``--allow module.name``: importable, and not something that runs code."""
-    from ckptmap.errors import UnsafeAllowlistError
 
     try:
         allowlist.globals_for([text])

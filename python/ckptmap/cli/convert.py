@@ -25,9 +25,16 @@ from typing import Any, TypeVar
 import torch
 
 from ckptmap._core import KeyRules
+from ckptmap.checkpoint import find_state_dict
 from ckptmap.cli.common import add_allow_argument, allowed_globals_for, format_size, rule_arg
 from ckptmap.errors import ConvertError, PrefixNotFoundError
+from ckptmap.formats import load_file
+from ckptmap.formats.codec import state_dict_key
 from ckptmap.formats.index import read_index
+from ckptmap.formats.sniff import sniff
+from ckptmap.prefix import filter_prefix
+from ckptmap.revise import revise_keys
+from ckptmap.save import INDEX_SUFFIX, parse_size, save_checkpoint
 
 __all__ = [
     "DTYPES",
@@ -98,8 +105,6 @@ def read_checkpoint(
     entries decoded by `ckptmap.formats.codec` (others: their tensors; metadata that ckptmap
     did not write, such as a sharded index's ``total_size``, is not an entry).
     """
-    from ckptmap.formats import load_file
-    from ckptmap.formats.sniff import sniff
 
     sniffed = sniff(path)
     sniffed.raise_if_corrupt()
@@ -124,7 +129,6 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _targets(dst: str, sharded: bool) -> list[str]:
-    from ckptmap.save import INDEX_SUFFIX
 
     if not sharded:
         return [dst]
@@ -213,11 +217,6 @@ def convert(
             read); PrefixNotFoundError: nothing under `prefix`; the loaders' errors for a bad
             source and `save_checkpoint`'s for a failed write (the target is left as it was).
     """
-    from ckptmap.checkpoint import find_state_dict
-    from ckptmap.formats.codec import state_dict_key
-    from ckptmap.prefix import filter_prefix
-    from ckptmap.revise import revise_keys
-    from ckptmap.save import parse_size, save_checkpoint
 
     src, dst = os.fspath(src), os.fspath(dst)
     # Every argument is checked before the source is read.

@@ -7,6 +7,7 @@ from typing import Any
 
 from ckptmap.cli.common import add_allow_argument, allowed_globals_for
 from ckptmap.cli.diff import build_model
+from ckptmap.suggest import suggest_rules
 
 __all__ = ["add_suggest_parser", "run_suggest"]
 
@@ -62,7 +63,6 @@ def add_suggest_parser(subparsers: Any) -> Any:
 
 def run_suggest(args: Any) -> int:
     """Runs ``ckptmap suggest`` with parsed `args`; returns the exit status (0, 1)."""
-    from ckptmap.suggest import suggest_rules
 
     model, device = build_model(args.model)
     result = suggest_rules(

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ckptmap.cli.common import add_allow_argument, format_size
+from ckptmap.formats import allowlist
 from ckptmap.opened import open_checkpoint
 from ckptmap.report import printable
 
@@ -133,7 +134,6 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Runs ``ckptmap inspect`` with parsed `args`; returns the exit status."""
-    from ckptmap.formats import allowlist
 
     allowed = allowlist.globals_for(args.allow)
     summary = inspect_checkpoint(args.path, depth=args.depth, allowed_globals=allowed)

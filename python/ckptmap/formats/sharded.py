@@ -38,11 +38,13 @@ from ckptmap import streaming
 from ckptmap._core import filter_prefix_keys
 from ckptmap.errors import (
     CorruptCheckpointError,
+    InvalidStateDictError,
     ShardNotFoundError,
     ShardTensorMissingError,
     TensorNotFoundError,
 )
 from ckptmap.formats.index import find_index, read_index, shard_path
+from ckptmap.formats.pickled import load_pickle
 from ckptmap.formats.safetensors import SafetensorsFile
 from ckptmap.formats.sniff import Format, sniff
 
@@ -252,7 +254,6 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
         sniffed = self._pending.get(shard)
         if sniffed is None:
             raise ValueError(f"{self.index_path!r}: this ShardedCheckpoint is closed")
-        from ckptmap.formats.pickled import load_pickle
 
         loaded = load_pickle(sniffed, self._map_location, **self._pickle_options)
         if not isinstance(loaded, Mapping):
@@ -272,8 +273,6 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
     def _from_pickle(self, shard: str, opened: Mapping[str, Any], name: str) -> torch.Tensor:
         value = opened[name]
         if not isinstance(value, torch.Tensor):
-            from ckptmap.errors import InvalidStateDictError
-
             raise InvalidStateDictError(
                 f"shard {self.shards[shard]!r} maps {name!r} to a {type(value).__name__}, not a "
                 "tensor; check that the index and shards are a model's weights"

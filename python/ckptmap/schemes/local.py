@@ -8,6 +8,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+from ckptmap.checksum import verify_checkpoint
+from ckptmap.formats import allowlist, load_file
+from ckptmap.paths import check_path
 from ckptmap.schemes.registry import CheckpointLoader
 
 __all__ = ["file_uri_path", "load_from_file_uri", "load_from_local", "read_checkpoint_file"]
@@ -20,7 +23,6 @@ def read_checkpoint_file(path: str | os.PathLike[str], map_location: Any = None)
     apply to downloads exactly as to local files; the ``allowed_globals`` of the enclosing
     `CheckpointLoader.load_checkpoint` call (`ckptmap.formats.allowlist.extended`) apply too.
     """
-    from ckptmap.formats import allowlist, load_file
 
     return load_file(os.fspath(path), map_location, allowed_globals=allowlist.extended_globals())
 
@@ -42,8 +44,6 @@ def load_from_local(filename: str | os.PathLike[str], map_location: Any = None) 
         ManifestMismatchError: the file does not match its manifest.
         MissingManifestError: ``CKPTMAP_CHECKSUM=require`` and the file has no manifest.
     """
-    from ckptmap.checksum import verify_checkpoint
-    from ckptmap.paths import check_path
 
     path = check_path(filename)
     verify_checkpoint(path)

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ckptmap.dist import get_dist_info
 from ckptmap.errors import DownloadError
 from ckptmap.redact import redact_url
 
@@ -162,7 +163,6 @@ def fetch_on_local_leader(fetch: Callable[[], T], what: str) -> T:
         leader; an equal copy elsewhere).
         DownloadError: the wait outlasted ``CKPTMAP_DIST_WAIT_S``.
     """
-    from ckptmap.dist import get_dist_info
 
     rank, world_size = get_dist_info()
     if world_size <= 1:

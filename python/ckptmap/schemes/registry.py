@@ -33,6 +33,7 @@ from ckptmap.errors import (
     SchemeRegistrationError,
     UnknownSchemeError,
 )
+from ckptmap.formats import allowlist
 from ckptmap.redact import redact_url
 from ckptmap.report import log_message
 
@@ -195,7 +196,6 @@ class CheckpointLoader:
             UnsafeAllowlistError: an `allowed_globals` entry that can run code (nothing is
                 fetched then).
         """
-        from ckptmap.formats import allowlist
 
         path = filename if isinstance(filename, str) else os.fspath(filename)
         with allowlist.extended(allowed_globals):
