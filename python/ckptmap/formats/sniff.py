@@ -10,6 +10,7 @@ it looks like; `ckptmap.formats.load_file` turns that into a `CorruptCheckpointE
 from __future__ import annotations
 
 import enum
+import json
 import os
 import struct
 import zipfile
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 
 from ckptmap.errors import (
     CorruptCheckpointError,
-    InvalidShardIndexError,
 )
-from ckptmap.formats.index import MAX_INDEX_BYTES, find_index, parse_index
+from ckptmap.formats.index import MAX_INDEX_BYTES, find_index
 from ckptmap.magic import JSON_WHITESPACE, safetensors_header_length
 from ckptmap.paths import check_path, open_regular
 
@@ -298,6 +298,8 @@ def _sniff_safetensors(path: str, header_len: int, size: int) -> Sniffed:
 
 
 def _sniff_json(path: str, size: int) -> Sniffed:
+    # A classifier, not the index reader: a JSON object with a "weight_map" object is a shard
+    # index here; `ckptmap.formats.index` checks the rest (and raises InvalidShardIndexError).
     def corrupt(looks_like: str) -> Sniffed:
         return Sniffed(
             path,
@@ -307,13 +309,18 @@ def _sniff_json(path: str, size: int) -> Sniffed:
             hint="pass a checkpoint, or the *.index.json of a sharded checkpoint",
         )
 
-    with open_regular(path) as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
+    if size > MAX_INDEX_BYTES:
+        return corrupt(f"a JSON document of {size:,} bytes, too large for a shard index")
     try:
-        parse_index(raw, path)
-    except InvalidShardIndexError as err:
-        return corrupt(f"a JSON document that is not a shard index ({err.reason})")
-    return Sniffed(path, Format.SHARDED, size, "a shard index (*.index.json)", index_path=path)
+        with open_regular(path) as f:
+            doc = json.loads(f.read())
+    except RecursionError:
+        return Sniffed(path, Format.CORRUPT, size, "a JSON document nested too deeply to read")
+    except (ValueError, UnicodeDecodeError):
+        return Sniffed(path, Format.CORRUPT, size, "a truncated or malformed JSON document")
+    if isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict):
+        return Sniffed(path, Format.SHARDED, size, "a shard index (*.index.json)", index_path=path)
+    return corrupt("a JSON document without a 'weight_map' (not a shard index)")
 
 
 def _is_whole_pickle(data: bytes) -> bool:
