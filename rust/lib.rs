@@ -9,9 +9,12 @@ pub mod error;
 pub mod header;
 pub mod index;
 pub mod pattern;
+pub mod pickle;
+pub mod pth;
 pub mod rules;
 pub mod suggest;
 pub mod template;
+pub mod zipfile;
 
 #[cfg(feature = "python")]
 mod py;
