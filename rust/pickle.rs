@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 
 /// Most dimensions a tensor may have here; more goes to torch.
 pub const MAX_DIMS: usize = 64;
@@ -244,18 +245,28 @@ const IMPORT_MAPPING: [(&str, &str); 12] = [
     ("exceptions", "builtins"),
 ];
 
-/// The full name torch's unpickler looks a global up by (`"builtins.set"`).
-pub fn global_name(module: &str, name: &str) -> String {
+/// Modules torch's unpickler refuses whatever the allowlist says.
+const BLOCKED_MODULES: [&str; 4] = ["sys", "os", "posix", "nt"];
+
+/// The module and name torch's unpickler looks a global up by, after mapping Python 2 names
+/// (`("__builtin__", "set")` is `("builtins", "set")`).
+pub fn mapped_name<'a>(module: &'a str, name: &'a str) -> (&'a str, &'a str) {
     if let Some((_, (m, n))) = NAME_MAPPING
         .iter()
         .find(|((m, n), _)| *m == module && *n == name)
     {
-        return format!("{m}.{n}");
+        return (m, n);
     }
     let module = IMPORT_MAPPING
         .iter()
         .find(|(m, _)| *m == module)
         .map_or(module, |(_, to)| to);
+    (module, name)
+}
+
+/// The full name torch's unpickler looks a global up by (`"builtins.set"`).
+pub fn global_name(module: &str, name: &str) -> String {
+    let (module, name) = mapped_name(module, name);
     format!("{module}.{name}")
 }
 
@@ -359,10 +370,72 @@ pub enum DictKind {
 }
 
 /// A key as Python's dict compares it (only str and int keys are kept here).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum DictKey {
-    Str(Box<[u8]>),
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum DictKey<'a> {
+    Str(&'a [u8]),
     Int(i64),
+}
+
+/// Passes on a hash computed elsewhere: dict indexes are keyed by SipHash values of the
+/// keys (randomly keyed, as Python's str hashes are), computed once per key.
+#[derive(Clone, Copy, Debug, Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; fold anything else in for completeness.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type DictIndex = HashMap<u64, u32, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// A keyed hash of dict keys: multiply-fold rounds (as in foldhash) over 8-byte words, under
+/// a secret random seed, so a crafted pickle can not aim keys at one bucket.
+struct Keyer([u64; 2]);
+
+impl Keyer {
+    fn new() -> Self {
+        let seed = std::collections::hash_map::RandomState::new();
+        Keyer([seed.hash_one(0x5EED_u64), seed.hash_one(0xC0FFEE_u64)])
+    }
+
+    fn fold(a: u64, b: u64) -> u64 {
+        let r = u128::from(a) * u128::from(b);
+        (r as u64) ^ ((r >> 64) as u64)
+    }
+
+    fn hash(&self, key: DictKey<'_>) -> u64 {
+        const K0: u64 = 0x243F_6A88_85A3_08D3;
+        const K1: u64 = 0x1319_8A2E_0370_7344;
+        let [s0, s1] = self.0;
+        match key {
+            DictKey::Int(i) => Self::fold(s0 ^ i as u64, s1 ^ K0),
+            DictKey::Str(bytes) => {
+                let mut h = s1 ^ (bytes.len() as u64).wrapping_mul(K1);
+                let mut words = bytes.chunks_exact(8);
+                for w in &mut words {
+                    let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+                    h = Self::fold(h ^ w, s0 ^ K0);
+                }
+                let rest = words.remainder();
+                if !rest.is_empty() {
+                    let mut last = [0u8; 8];
+                    last[..rest.len()].copy_from_slice(rest);
+                    h = Self::fold(h ^ u64::from_le_bytes(last), s0 ^ K1);
+                }
+                Self::fold(h, s1 ^ K0)
+            }
+        }
+    }
 }
 
 /// A dict or OrderedDict.
@@ -374,7 +447,9 @@ pub struct Dict {
     /// `__dict__.update(state)` calls from BUILD: `(state, offset of the BUILD)`.
     pub attrs: Vec<(V, u32)>,
     pub changed: u32,
-    index: Option<HashMap<DictKey, u32>>,
+    /// Key hash to position, for large dicts (a hash shared by two keys maps to the first;
+    /// lookups check the key and search linearly on a mismatch).
+    index: Option<Box<DictIndex>>,
 }
 
 /// A set (protocol 4).
@@ -404,8 +479,9 @@ pub struct TensorDef {
     pub storage: u32,
     pub dtype: DtypeId,
     pub offset: u64,
-    pub shape: Vec<u64>,
-    pub stride: Vec<u64>,
+    /// Where its sizes, then its strides, start in [`Pickle::dims`].
+    pub dims: u32,
+    pub ndim: u8,
     pub requires_grad: bool,
 }
 
@@ -454,10 +530,15 @@ pub struct Pickle {
     pub sets: Vec<Set>,
     pub storages: Vec<StorageRef>,
     pub tensors: Vec<TensorDef>,
+    /// Sizes and strides of the tensors.
+    pub dims: Vec<u64>,
     pub params: Vec<ParamDef>,
     pub calls: Vec<Call>,
     /// The protocol of the PROTO opcode (0 when there is none).
     pub protocol: u8,
+    /// A bit per node, set for nodes fetched from the memo: the only ones that can be
+    /// reached twice (or from themselves), so the only ones a builder must remember.
+    pub shared: Vec<u64>,
 }
 
 impl Pickle {
@@ -466,12 +547,35 @@ impl Pickle {
         self.root.unwrap_or(V::None)
     }
 
+    /// Whether node `n` is reachable more than once (see [`Pickle::shared`]).
+    pub fn is_shared(&self, n: u32) -> bool {
+        self.shared
+            .get(n as usize / 64)
+            .is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+
     /// The node `v` refers to, if any.
     pub fn node(&self, v: V) -> Option<&Node> {
         match v {
             V::Node(i) => self.nodes.get(i as usize),
             _ => None,
         }
+    }
+
+    /// The sizes of tensor `t`.
+    pub fn shape(&self, t: &TensorDef) -> &[u64] {
+        let a = t.dims as usize;
+        self.dims
+            .get(a..a + usize::from(t.ndim))
+            .unwrap_or_default()
+    }
+
+    /// The strides of tensor `t`.
+    pub fn stride(&self, t: &TensorDef) -> &[u64] {
+        let a = t.dims as usize + usize::from(t.ndim);
+        self.dims
+            .get(a..a + usize::from(t.ndim))
+            .unwrap_or_default()
     }
 
     /// The items of a tuple or frozenset node.
@@ -497,7 +601,7 @@ impl fmt::Display for Unsupported {
 
 /// The caller's allowlist, by full name (`"numpy.dtype"`): each resolves to
 /// [`Global::User`] with its position.
-pub trait Allowlist {
+pub trait Allowlist: Sync {
     fn lookup(&self, full: &str) -> Option<u32>;
 }
 
@@ -582,6 +686,8 @@ pub fn run(data: &[u8], allowed: &dyn Allowlist) -> Result<Pickle, Unsupported> 
         marks: Vec::with_capacity(16),
         memo: Vec::with_capacity(data.len() / 16),
         memo_count: 0,
+        keyer: Keyer::new(),
+        empty_tuple: None,
     };
     m.out.nodes.reserve(data.len() / 16);
     m.run()?;
@@ -598,16 +704,37 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: Vec<Option<V>>,
     memo_count: usize,
+    /// Keys the hashes of dict keys.
+    keyer: Keyer,
+    /// The node of `()`, once one was made.
+    empty_tuple: Option<V>,
+}
+
+/// A tuple's items copied out (tensor and storage calls have at most 8 arguments).
+#[derive(Clone, Copy)]
+struct Small {
+    items: [V; 8],
+    len: usize,
+}
+
+impl Small {
+    fn get(&self) -> &[V] {
+        &self.items[..self.len]
+    }
 }
 
 type Step<T> = Result<T, Unsupported>;
 
 impl<'a> Machine<'a> {
-    fn stop<T>(&self, reason: impl Into<String>) -> Step<T> {
-        Err(Unsupported {
+    fn unsupported(&self, reason: impl Into<String>) -> Unsupported {
+        Unsupported {
             reason: reason.into(),
             at: self.op_at,
-        })
+        }
+    }
+
+    fn stop<T>(&self, reason: impl Into<String>) -> Step<T> {
+        Err(self.unsupported(reason))
     }
 
     fn take(&mut self, n: usize) -> Step<&'a [u8]> {
@@ -674,11 +801,21 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// Pops everything above the last MARK and the mark itself.
-    fn pop_mark(&mut self) -> Step<Vec<V>> {
+    /// Pops the last MARK; returns where its items start on the stack (the caller takes
+    /// them and truncates the stack there).
+    fn pop_mark(&mut self) -> Step<usize> {
         match self.marks.pop() {
-            Some(at) => Ok(self.stack.split_off(at)),
+            Some(at) => Ok(at),
             None => self.stop("no MARK to pop to (a damaged pickle)"),
+        }
+    }
+
+    /// The value just below the items of a MARK popped at `at` (the container they go to).
+    fn below_mark(&self, at: usize) -> Step<V> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        match at.checked_sub(1).and_then(|i| self.stack.get(i)) {
+            Some(&v) if at > floor => Ok(v),
+            _ => self.stop("stack underflow (a damaged pickle)"),
         }
     }
 
@@ -733,21 +870,33 @@ impl<'a> Machine<'a> {
             return self.stop("stack underflow (a damaged pickle)");
         }
         let at = self.stack.len() - n;
-        let items: Vec<V> = self.stack.split_off(at);
-        let v = self.tuple_of(&items);
+        let start = self.out.items.len() as u32;
+        self.out.items.extend(self.stack.drain(at..));
+        let v = self.node(Node::Tuple {
+            start,
+            len: n as u32,
+        });
         self.push(v);
         Ok(())
     }
 
     fn memo_put(&mut self, index: usize) -> Step<()> {
         let v = self.top()?;
+        if index == self.memo.len() {
+            // What Python's pickler writes: the next index.
+            self.memo.push(Some(v));
+            self.memo_count += 1;
+            return Ok(());
+        }
         if index > self.memo.len() + MEMO_SLACK {
             return self.stop(format!(
                 "a sparse memo (index {index} with {} entries)",
                 self.memo.len()
             ));
         }
-        if index >= self.memo.len() {
+        if index == self.memo.len() {
+            self.memo.push(None);
+        } else if index > self.memo.len() {
             self.memo.resize(index + 1, None);
         }
         if self.memo[index].replace(v).is_none() {
@@ -759,6 +908,13 @@ impl<'a> Machine<'a> {
     fn memo_get(&mut self, index: usize) -> Step<()> {
         match self.memo.get(index).copied().flatten() {
             Some(v) => {
+                if let V::Node(n) = v {
+                    let word = n as usize / 64;
+                    if word >= self.out.shared.len() {
+                        self.out.shared.resize(word + 1, 0);
+                    }
+                    self.out.shared[word] |= 1 << (n % 64);
+                }
                 self.push(v);
                 Ok(())
             }
@@ -768,6 +924,9 @@ impl<'a> Machine<'a> {
 
     fn global(&mut self, module: &str, name: &str) -> Step<()> {
         let full = global_name(module, name);
+        if BLOCKED_MODULES.contains(&mapped_name(module, name).0) {
+            return self.stop(format!("global {full}, whose module torch always refuses"));
+        }
         let g = match builtin_global(&full) {
             Some(g) => g,
             None => match self.allowed.lookup(&full) {
@@ -800,11 +959,22 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn tuple_items(&self, v: V) -> Option<Vec<V>> {
+    /// `(start, len)` of a tuple node's items.
+    fn tuple_range(&self, v: V) -> Option<(usize, usize)> {
         match self.out.node(v) {
-            Some(&Node::Tuple { start, len }) => Some(self.out.tuple_items(start, len).to_vec()),
+            Some(&Node::Tuple { start, len }) => Some((start as usize, len as usize)),
             _ => None,
         }
+    }
+
+    /// The items of a tuple node of at most 8 items.
+    fn small_tuple(&self, v: V) -> Option<Small> {
+        let (start, len) = self.tuple_range(v)?;
+        let mut items = [V::None; 8];
+        items
+            .get_mut(..len)?
+            .copy_from_slice(self.out.items.get(start..start + len)?);
+        Some(Small { items, len })
     }
 
     fn global_of(&self, v: V) -> Option<Global> {
@@ -845,7 +1015,8 @@ impl<'a> Machine<'a> {
                     }
                 }
                 op::POP_MARK => {
-                    self.pop_mark()?;
+                    let at = self.pop_mark()?;
+                    self.stack.truncate(at);
                 }
                 op::NONE => self.push(V::None),
                 op::NEWTRUE => self.push(V::Bool(true)),
@@ -907,12 +1078,24 @@ impl<'a> Machine<'a> {
                     self.bytes_node(n, true)?;
                 }
                 op::EMPTY_TUPLE => {
-                    let v = self.tuple_of(&[]);
+                    // () is one object in Python too: one node serves every EMPTY_TUPLE.
+                    let v = match self.empty_tuple {
+                        Some(v) => v,
+                        None => {
+                            let v = self.tuple_of(&[]);
+                            self.empty_tuple = Some(v);
+                            v
+                        }
+                    };
                     self.push(v);
                 }
                 op::TUPLE => {
-                    let items = self.pop_mark()?;
-                    let v = self.tuple_of(&items);
+                    let at = self.pop_mark()?;
+                    let start = self.out.items.len() as u32;
+                    self.out.items.extend_from_slice(&self.stack[at..]);
+                    let len = (self.stack.len() - at) as u32;
+                    self.stack.truncate(at);
+                    let v = self.node(Node::Tuple { start, len });
                     self.push(v);
                 }
                 op::TUPLE1 => self.tuple_n(1)?,
@@ -930,9 +1113,13 @@ impl<'a> Machine<'a> {
                     self.extend_list(target, std::slice::from_ref(&item))?;
                 }
                 op::APPENDS => {
-                    let items = self.pop_mark()?;
-                    let target = self.top()?;
-                    self.extend_list(target, &items)?;
+                    let at = self.pop_mark()?;
+                    let target = self.below_mark(at)?;
+                    let items = std::mem::take(&mut self.stack);
+                    let r = self.extend_list(target, &items[at..]);
+                    self.stack = items;
+                    self.stack.truncate(at);
+                    r?;
                 }
                 op::EMPTY_DICT => {
                     let v = self.new_dict(DictKind::Dict);
@@ -945,12 +1132,17 @@ impl<'a> Machine<'a> {
                     self.set_items(target, &[key, value])?;
                 }
                 op::SETITEMS => {
-                    let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
+                    let at = self.pop_mark()?;
+                    if (self.stack.len() - at) % 2 != 0 {
                         return self.stop("SETITEMS with an odd number of items");
                     }
-                    let target = self.top()?;
-                    self.set_items(target, &items)?;
+                    let target = self.below_mark(at)?;
+                    // Lent out while the dict takes the items (the stack is not touched).
+                    let items = std::mem::take(&mut self.stack);
+                    let r = self.set_items(target, &items[at..]);
+                    self.stack = items;
+                    self.stack.truncate(at);
+                    r?;
                 }
                 op::EMPTY_SET => {
                     let id = self.out.sets.len() as u32;
@@ -959,26 +1151,26 @@ impl<'a> Machine<'a> {
                     self.push(v);
                 }
                 op::ADDITEMS => {
-                    let items = self.pop_mark()?;
-                    let target = self.top()?;
-                    let at = self.op_at as u32;
+                    let at = self.pop_mark()?;
+                    let target = self.below_mark(at)?;
+                    let changed = self.op_at as u32;
                     match self.out.node(target) {
                         Some(&Node::Set(id)) => {
                             let set = &mut self.out.sets[id as usize];
-                            set.items.extend_from_slice(&items);
-                            set.changed = at;
+                            set.items.extend_from_slice(&self.stack[at..]);
+                            set.changed = changed;
                         }
                         _ => return self.stop("ADDITEMS to something that is not a set"),
                     }
+                    self.stack.truncate(at);
                 }
                 op::FROZENSET => {
-                    let items = self.pop_mark()?;
+                    let at = self.pop_mark()?;
                     let start = self.out.items.len() as u32;
-                    self.out.items.extend_from_slice(&items);
-                    let v = self.node(Node::FrozenSet {
-                        start,
-                        len: items.len() as u32,
-                    });
+                    self.out.items.extend_from_slice(&self.stack[at..]);
+                    let len = (self.stack.len() - at) as u32;
+                    self.stack.truncate(at);
+                    let v = self.node(Node::FrozenSet { start, len });
                     self.push(v);
                 }
                 op::BINPUT => {
@@ -1065,13 +1257,11 @@ impl<'a> Machine<'a> {
         self.node(Node::Dict(id))
     }
 
-    fn dict_key(&self, key: V) -> Step<DictKey> {
-        match key {
-            V::Int(i) => Ok(DictKey::Int(i)),
-            V::Node(_) => match self.out.node(key) {
-                Some(&Node::Str(span)) => Ok(DictKey::Str(span.of(self.data).into())),
-                _ => self.stop("a dict key that is neither str nor int"),
-            },
+    fn dict_key(&self, key: V) -> Step<DictKey<'a>> {
+        let data = self.data;
+        match (key, self.out.node(key)) {
+            (V::Int(i), _) => Ok(DictKey::Int(i)),
+            (_, Some(&Node::Str(span))) => Ok(DictKey::Str(span.of(data))),
             _ => self.stop("a dict key that is neither str nor int"),
         }
     }
@@ -1081,65 +1271,66 @@ impl<'a> Machine<'a> {
             return self.stop("SETITEM on something that is not a dict");
         };
         let at = self.op_at as u32;
+        let data = self.data;
         for pair in pairs.chunks_exact(2) {
             let (key, value) = (pair[0], pair[1]);
             let k = self.dict_key(key)?;
-            let data = self.data;
             let nodes = &self.out.nodes;
+            let key_of = |v: V| match (
+                v,
+                nodes.get(match v {
+                    V::Node(n) => n as usize,
+                    _ => usize::MAX,
+                }),
+            ) {
+                (V::Int(i), _) => Some(DictKey::Int(i)),
+                (_, Some(&Node::Str(s))) => Some(DictKey::Str(s.of(data))),
+                _ => None,
+            };
             let dict = &mut self.out.dicts[id as usize];
             dict.changed = at;
-            let same = |existing: V| match (&k, existing) {
-                (DictKey::Int(a), V::Int(b)) => *a == b,
-                (DictKey::Str(a), V::Node(n)) => {
-                    matches!(nodes.get(n as usize), Some(&Node::Str(s)) if s.of(data) == &a[..])
-                }
-                _ => false,
-            };
-            let found = match &dict.index {
-                Some(index) => index.get(&k).copied(),
-                None => dict
-                    .items
-                    .iter()
-                    .position(|&(existing, _)| same(existing))
-                    .map(|i| i as u32),
+            let scan = |items: &[(V, V)]| items.iter().position(|&(e, _)| key_of(e) == Some(k));
+            let hash = dict.index.as_ref().map(|_| self.keyer.hash(k));
+            let found = match (&dict.index, hash) {
+                (Some(index), Some(h)) => match index.get(&h) {
+                    Some(&i) if key_of(dict.items[i as usize].0) == Some(k) => Some(i as usize),
+                    Some(_) => scan(&dict.items),
+                    None => None,
+                },
+                _ => scan(&dict.items),
             };
             if let Some(i) = found {
                 // Python keeps the first key object and its position.
-                dict.items[i as usize].1 = value;
+                dict.items[i].1 = value;
                 continue;
             }
             let position = dict.items.len() as u32;
             dict.items.push((key, value));
-            if let Some(index) = &mut dict.index {
-                index.insert(k, position);
+            if let (Some(index), Some(h)) = (&mut dict.index, hash) {
+                index.entry(h).or_insert(position);
             } else if dict.items.len() > SMALL_DICT {
-                let mut index = HashMap::with_capacity(dict.items.len() * 2);
+                let mut index =
+                    DictIndex::with_capacity_and_hasher(dict.items.len() * 2, Default::default());
                 for (i, &(existing, _)) in dict.items.iter().enumerate() {
-                    let key = match existing {
-                        V::Int(v) => DictKey::Int(v),
-                        V::Node(n) => match nodes.get(n as usize) {
-                            Some(&Node::Str(s)) => DictKey::Str(s.of(data).into()),
-                            _ => continue,
-                        },
-                        _ => continue,
-                    };
-                    index.insert(key, i as u32);
+                    if let Some(k) = key_of(existing) {
+                        index.entry(self.keyer.hash(k)).or_insert(i as u32);
+                    }
                 }
-                dict.index = Some(index);
+                dict.index = Some(Box::new(index));
             }
         }
         Ok(())
     }
 
     fn persistent(&mut self, pid: V) -> Step<V> {
-        let Some(items) = self.tuple_items(pid) else {
-            return self.stop("a persistent id that is not a tuple");
+        let Some(items) = self.small_tuple(pid) else {
+            return self.stop("a persistent id that is not a short tuple");
         };
-        let [tag, kind, key, location, numel] = items[..] else {
+        let [tag, kind, key, location, numel] = *items.get() else {
             return self
                 .stop("a persistent id that is not ('storage', type, key, location, numel)");
         };
-        if self.str_of(tag) != Some("storage") {
+        if !matches!(self.out.node(tag), Some(&Node::Str(s)) if s.of(self.data) == b"storage") {
             return self.stop("a persistent id that is not a storage");
         }
         let dtype = match self.global_of(kind) {
@@ -1172,17 +1363,23 @@ impl<'a> Machine<'a> {
         let Some(g) = self.global_of(func) else {
             return self.stop("REDUCE of something that is not an allowed global");
         };
-        let Some(items) = self.tuple_items(args) else {
+        let Some((_, len)) = self.tuple_range(args) else {
             return self.stop("REDUCE with arguments that are not a tuple");
         };
+        let small = || {
+            self.small_tuple(args)
+                .ok_or_else(|| self.unsupported("a tensor rebuild call with too many arguments"))
+        };
         match g {
-            Global::OrderedDict if items.is_empty() => Ok(self.new_dict(DictKind::OrderedDict)),
+            Global::OrderedDict if len == 0 => Ok(self.new_dict(DictKind::OrderedDict)),
             Global::RebuildTensor | Global::RebuildTensorV2 | Global::RebuildTensorV3 => {
-                let tensor = self.rebuild_tensor(g, &items)?;
+                let items = small()?;
+                let tensor = self.rebuild_tensor(g, items.get())?;
                 Ok(self.node(Node::Tensor(tensor)))
             }
             Global::RebuildParameter | Global::RebuildParameterWithState => {
-                self.rebuild_parameter(g, &items)
+                let items = small()?;
+                self.rebuild_parameter(g, items.get())
             }
             Global::OrderedDict | Global::Py(_) | Global::User(_) => {
                 Ok(self.deferred(CallKind::Reduce, g, args))
@@ -1195,7 +1392,7 @@ impl<'a> Machine<'a> {
 
     fn newobj(&mut self, cls: V, args: V) -> Step<V> {
         match self.global_of(cls) {
-            Some(g @ Global::User(_)) if self.tuple_items(args).is_some() => {
+            Some(g @ Global::User(_)) if self.tuple_range(args).is_some() => {
                 Ok(self.deferred(CallKind::NewObj, g, args))
             }
             _ => self.stop("NEWOBJ of something that is not an allowlisted class"),
@@ -1239,21 +1436,22 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn ints(&self, v: V, what: &str) -> Step<Vec<u64>> {
-        let Some(items) = self.tuple_items(v) else {
+    /// Appends the ints of tuple `v` to [`Pickle::dims`]; returns how many there were.
+    fn ints(&mut self, v: V, what: &str) -> Step<usize> {
+        let Some((start, len)) = self.tuple_range(v) else {
             return self.stop(format!("a tensor {what} that is not a tuple"));
         };
-        if items.len() > MAX_DIMS {
-            return self.stop(format!("a tensor of {} dimensions", items.len()));
+        if len > MAX_DIMS {
+            return self.stop(format!("a tensor of {len} dimensions"));
         }
-        items
-            .iter()
-            .map(|&i| match i {
-                V::Int(n) if n >= 0 => Ok(n as u64),
-                V::Int(_) => self.stop(format!("a negative tensor {what}")),
-                _ => self.stop(format!("a tensor {what} that is not ints")),
-            })
-            .collect()
+        for i in start..start + len {
+            match self.out.items[i] {
+                V::Int(n) if n >= 0 => self.out.dims.push(n as u64),
+                V::Int(_) => return self.stop(format!("a negative tensor {what}")),
+                _ => return self.stop(format!("a tensor {what} that is not ints")),
+            }
+        }
+        Ok(len)
     }
 
     fn empty_hooks(&self, v: V) -> bool {
@@ -1280,9 +1478,9 @@ impl<'a> Machine<'a> {
             V::Int(n) if n >= 0 => n as u64,
             _ => return self.stop("a tensor whose storage offset is not a non-negative int"),
         };
-        let shape = self.ints(base[2], "size")?;
-        let stride = self.ints(base[3], "stride")?;
-        if shape.len() != stride.len() {
+        let dims = self.out.dims.len();
+        let ndim = self.ints(base[2], "size")?;
+        if self.ints(base[3], "stride")? != ndim {
             return self.stop("a tensor whose size and stride differ in length");
         }
         let storage_dtype = self.out.storages[storage as usize].dtype;
@@ -1321,8 +1519,8 @@ impl<'a> Machine<'a> {
             storage,
             dtype: dtype_id,
             offset,
-            shape,
-            stride,
+            dims: dims as u32,
+            ndim: ndim as u8,
             requires_grad,
         });
         Ok(id)
@@ -1495,8 +1693,8 @@ pub(crate) mod tests {
         assert_eq!(dict.items.len(), 2);
         assert_eq!(dict.attrs.len(), 1);
         assert_eq!(p.tensors.len(), 2);
-        assert_eq!(p.tensors[0].shape, [2, 3]);
-        assert_eq!(p.tensors[0].stride, [3, 1]);
+        assert_eq!(p.shape(&p.tensors[0]), [2, 3]);
+        assert_eq!(p.stride(&p.tensors[0]), [3, 1]);
         assert_eq!(p.tensors[0].dtype, dtype_by_name("float32").unwrap());
         assert_eq!(p.storages[1].numel, 2);
     }
@@ -1655,6 +1853,10 @@ pub(crate) mod tests {
             .op(op::REDUCE);
         let data = w.stop();
         assert!(unsupported(&data).contains("numpy.dtype"));
+        let mut w = W::new();
+        w.global("os", "getcwd");
+        let blocked = run(&w.stop(), &vec!["os.getcwd".to_owned()]).unwrap_err();
+        assert!(blocked.reason.contains("refuses"), "{}", blocked.reason);
         let allowed = vec!["numpy.dtype".to_owned()];
         let p = run(&data, &allowed).unwrap();
         assert_eq!(p.calls.len(), 1);
@@ -1678,7 +1880,10 @@ pub(crate) mod tests {
                 .op(op::TUPLE1)
                 .op(op::REDUCE);
             let reason = unsupported(&w.stop());
-            assert!(reason.contains("not in the allowlist"), "{reason}");
+            assert!(
+                reason.contains("not in the allowlist") || reason.contains("refuses"),
+                "{reason}"
+            );
         }
         // STACK_GLOBAL built from str values is looked up the same way.
         let mut data = vec![0x80, 4];
@@ -1776,7 +1981,7 @@ pub(crate) mod tests {
             if let Ok(p) = run(&data, &no_allowlist()) {
                 for t in &p.tensors {
                     prop_assert!((t.storage as usize) < p.storages.len());
-                    prop_assert_eq!(t.shape.len(), t.stride.len());
+                    prop_assert_eq!(p.shape(t).len(), p.stride(t).len());
                 }
             }
         }

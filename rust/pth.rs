@@ -141,21 +141,22 @@ pub enum ByteOrder {
 /// One storage record that the pickle uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
-    /// The key (`"0"` for `<archive>/data/0`).
-    pub key: String,
+    /// The key (`"0"` for `<archive>/data/0`), in the pickle.
+    pub key: Span,
     /// Absolute offset of its first byte.
     pub start: u64,
     /// Its size in bytes.
     pub size: u64,
     /// The dtype of its first reference (torch swaps bytes by it for big-endian files).
     pub dtype: DtypeId,
-    /// The location its first reference names (`"cpu"`).
-    pub location: String,
+    /// The location its first reference names (`"cpu"`), in the pickle.
+    pub location: Span,
     /// How many tensors of the pickle use it.
     pub tensors: u32,
 }
 
-/// A tensor, checked against its record.
+/// A tensor, checked against its record (its sizes and strides: [`Parsed::shape`],
+/// [`Parsed::stride`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tensor {
     /// Index into [`Parsed::records`].
@@ -163,8 +164,6 @@ pub struct Tensor {
     pub dtype: DtypeId,
     /// Storage offset, in elements.
     pub offset: u64,
-    pub shape: Vec<u64>,
-    pub stride: Vec<u64>,
     pub requires_grad: bool,
     /// numel x itemsize (what `Tensor.nbytes` says).
     pub nbytes: u64,
@@ -179,12 +178,29 @@ pub struct Tensor {
 /// One tensor reachable through dicts, lists and tuples: the table's row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// The dotted path (`"state_dict.layer.weight"`), as `ckptmap inspect` names tensors.
-    pub name: String,
+    /// Where its dotted path (`"state_dict.layer.weight"`, as `ckptmap inspect` names
+    /// tensors) lies in [`Table::names`].
+    pub name: (u32, u32),
     /// Index into [`Parsed::tensors`].
     pub tensor: u32,
     /// The Parameter (index into the pickle's params) when the value is one.
     pub param: Option<u32>,
+}
+
+/// The tensors reachable through dicts, lists and tuples.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Table {
+    pub entries: Vec<Entry>,
+    /// Every entry's name, one after the other.
+    pub names: String,
+}
+
+impl Table {
+    /// The name of `e`.
+    pub fn name(&self, e: &Entry) -> &str {
+        let (a, n) = (e.name.0 as usize, e.name.1 as usize);
+        self.names.get(a..a + n).unwrap_or_default()
+    }
 }
 
 /// A checkpoint the reader can load itself.
@@ -199,8 +215,9 @@ pub struct Parsed {
     pub storage_record: Vec<u32>,
     /// For every tensor of the pickle.
     pub tensors: Vec<Tensor>,
-    /// Tensors reachable through containers, or why they could not be listed.
-    pub table: Result<Vec<Entry>, String>,
+    /// Tensors reachable through containers, or why they could not be listed: made on
+    /// first use ([`Parsed::table`]), as loading does not need it.
+    table: std::sync::OnceLock<Result<Table, String>>,
     /// `None` when the archive has no `byteorder` record.
     pub byteorder: Option<ByteOrder>,
     /// The archive format version (`version` record).
@@ -226,7 +243,7 @@ const KNOWN_VERSIONS: std::ops::RangeInclusive<u64> = 1..=3;
 pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, PthError> {
     let archive = zipfile::parse(bytes)?;
     let prefix = String::from_utf8_lossy(archive.prefix(bytes)).into_owned();
-    let mut records: HashMap<&[u8], usize> = HashMap::new();
+    let mut records: Vec<(&[u8], usize)> = Vec::with_capacity(archive.members.len());
     let mut data_pkl = None;
     let mut byteorder_member = None;
     let mut version_member = None;
@@ -242,7 +259,7 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
             b".data/version" => data_version_member = Some(i),
             _ => {
                 if let Some(key) = rest.strip_prefix(b"data/") {
-                    records.insert(key, i);
+                    records.push((key, i));
                 }
             }
         }
@@ -311,15 +328,17 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
             pkl_member.size
         )));
     }
-    let pkl = small(data_pkl, "data.pkl")?;
-    let pickle = match pickle::run(pkl, allowed) {
+    // The CRC and the pickle machine each read all of data.pkl: run them side by side.
+    let pkl = archive.data(bytes, data_pkl);
+    let (crc, pickle) = rayon::join(|| small(data_pkl, "data.pkl"), || pickle::run(pkl, allowed));
+    crc?;
+    let pickle = match pickle {
         Ok(p) => p,
         Err(e) => return Ok(Contents::Fallback(e.to_string())),
     };
-    let (records, storage_record) = resolve_storages(bytes, &archive, &records, &pickle, pkl)?;
-    let mut records = records;
-    let tensors = check_tensors(&pickle, &mut records, &storage_record)?;
-    let table = walk_table(&pickle, pkl);
+    let index = RecordIndex::new(records);
+    let (mut records, storage_record) = resolve_storages(bytes, &archive, &index, &pickle, pkl)?;
+    let tensors = check_tensors(&pickle, pkl, &mut records, &storage_record)?;
     Ok(Contents::Ready(Box::new(Parsed {
         pickle_start: pkl_member.data,
         pickle_len: pkl_member.size,
@@ -327,7 +346,7 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
         records,
         storage_record,
         tensors,
-        table,
+        table: std::sync::OnceLock::new(),
         byteorder,
         version,
         archive: prefix,
@@ -336,26 +355,71 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
 
 type Resolved = (Vec<Record>, Vec<u32>);
 
+/// Record members by key: torch names them `data/0`, `data/1`, ... so decimal keys index a
+/// vector; other keys go through a map.
+struct RecordIndex<'a> {
+    numeric: Vec<u32>,
+    other: HashMap<&'a [u8], u32>,
+}
+
+impl<'a> RecordIndex<'a> {
+    fn new(entries: Vec<(&'a [u8], usize)>) -> Self {
+        let mut numeric = vec![u32::MAX; entries.len()];
+        let mut other = HashMap::new();
+        for (key, member) in entries {
+            match decimal(key).filter(|&k| k < numeric.len()) {
+                Some(k) => numeric[k] = member as u32,
+                None => {
+                    other.insert(key, member as u32);
+                }
+            }
+        }
+        Self { numeric, other }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        let found = match decimal(key) {
+            Some(k) => self.numeric.get(k).copied(),
+            None => self.other.get(key).copied(),
+        };
+        found.filter(|&m| m != u32::MAX).map(|m| m as usize)
+    }
+}
+
+/// `key` as a canonical decimal number (no sign, no leading zero), if it is one.
+fn decimal(key: &[u8]) -> Option<usize> {
+    if key.is_empty() || key.len() > 9 || (key[0] == b'0' && key.len() > 1) {
+        return None;
+    }
+    key.iter().try_fold(0usize, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + usize::from(b - b'0'))
+    })
+}
+
 /// Maps every storage reference to its record, checking that the record holds numel x
 /// itemsize bytes.
 fn resolve_storages(
     bytes: &[u8],
     archive: &Archive,
-    members: &HashMap<&[u8], usize>,
+    members: &RecordIndex<'_>,
     pickle: &Pickle,
     pkl: &[u8],
 ) -> Result<Resolved, PthError> {
     let prefix = String::from_utf8_lossy(archive.prefix(bytes));
-    let mut by_member: HashMap<usize, u32> = HashMap::new();
+    let mut by_member: Vec<u32> = vec![u32::MAX; archive.members.len()];
     let mut records: Vec<Record> = Vec::new();
     let mut storage_record = Vec::with_capacity(pickle.storages.len());
     for s in &pickle.storages {
         let key = s.key.of(pkl);
-        let shown = String::from_utf8_lossy(key);
-        let Some(&member) = members.get(key) else {
+        let shown = || String::from_utf8_lossy(key);
+        let Some(member) = members.get(key) else {
             return Err(PthError::new(
                 PthErrorKind::MissingRecord,
-                format!("the pickle uses storage {shown:?}, but the archive has no {prefix}/data/{shown}"),
+                format!(
+                    "the pickle uses storage {:?}, but the archive has no {prefix}/data/{}",
+                    shown(),
+                    shown()
+                ),
             ));
         };
         let info = dtype(s.dtype);
@@ -365,8 +429,10 @@ fn resolve_storages(
             PthError::new(
                 PthErrorKind::SizeOverflow,
                 format!(
-                    "storage {shown:?}: {} elements of torch.{} overflow",
-                    s.numel, info.name
+                    "storage {:?}: {} elements of torch.{} overflow",
+                    shown(),
+                    s.numel,
+                    info.name
                 ),
             )
         })?;
@@ -374,24 +440,29 @@ fn resolve_storages(
             return Err(PthError::new(
                 PthErrorKind::StorageSizeMismatch,
                 format!(
-                    "storage {shown:?} holds {} elements of torch.{} ({nbytes} bytes), but its \
-                     record {prefix}/data/{shown} has {} bytes",
-                    s.numel, info.name, m.size
+                    "storage {:?} holds {} elements of torch.{} ({nbytes} bytes), but its \
+                     record {prefix}/data/{} has {} bytes",
+                    shown(),
+                    s.numel,
+                    info.name,
+                    shown(),
+                    m.size
                 ),
             ));
         }
-        let id = *by_member.entry(member).or_insert_with(|| {
+        let slot = &mut by_member[member];
+        if *slot == u32::MAX {
+            *slot = records.len() as u32;
             records.push(Record {
-                key: shown.into_owned(),
+                key: s.key,
                 start: m.data,
                 size: m.size,
                 dtype: s.dtype,
-                location: String::from_utf8_lossy(s.location.of(pkl)).into_owned(),
+                location: s.location,
                 tensors: 0,
             });
-            (records.len() - 1) as u32
-        });
-        storage_record.push(id);
+        }
+        storage_record.push(*slot);
     }
     Ok((records, storage_record))
 }
@@ -411,6 +482,7 @@ pub fn storage_nbytes(shape: &[u64], stride: &[u64], itemsize: u64) -> Option<u6
 
 fn check_tensors(
     pickle: &Pickle,
+    pkl: &[u8],
     records: &mut [Record],
     storage_record: &[u32],
 ) -> Result<Vec<Tensor>, PthError> {
@@ -418,25 +490,29 @@ fn check_tensors(
     for (i, t) in pickle.tensors.iter().enumerate() {
         let record = storage_record[t.storage as usize];
         let rec = &mut records[record as usize];
+        let rec_key = rec.key;
+        let key = || String::from_utf8_lossy(rec_key.of(pkl));
         let info = dtype(t.dtype);
         let itemsize = u64::from(info.itemsize.unwrap_or(1));
+        let (shape, stride) = (pickle.shape(t), pickle.stride(t));
         let overflow = || {
             PthError::new(
                 PthErrorKind::SizeOverflow,
                 format!(
-                    "tensor {i} (storage {:?}): sizes {:?}, strides {:?} and offset {} of \
-                     torch.{} overflow",
-                    rec.key, t.shape, t.stride, t.offset, info.name
+                    "tensor {i} (storage {:?}): sizes {shape:?}, strides {stride:?} and \
+                     offset {} of torch.{} overflow",
+                    key(),
+                    t.offset,
+                    info.name
                 ),
             )
         };
-        let numel = t
-            .shape
+        let numel = shape
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(overflow)?;
         let nbytes = numel.checked_mul(itemsize).ok_or_else(overflow)?;
-        let span = storage_nbytes(&t.shape, &t.stride, itemsize).ok_or_else(overflow)?;
+        let span = storage_nbytes(shape, stride, itemsize).ok_or_else(overflow)?;
         let offset_bytes = t.offset.checked_mul(itemsize).ok_or_else(overflow)?;
         let reach = offset_bytes.checked_add(span).ok_or_else(overflow)?;
         // torch keeps sizes in int64: the same limit here.
@@ -447,9 +523,12 @@ fn check_tensors(
             return Err(PthError::new(
                 PthErrorKind::TensorOutOfBounds,
                 format!(
-                    "tensor {i}: sizes {:?}, strides {:?} and storage offset {} of torch.{} need \
-                     {reach} bytes, but its storage {:?} holds {}",
-                    t.shape, t.stride, t.offset, info.name, rec.key, rec.size
+                    "tensor {i}: sizes {shape:?}, strides {stride:?} and storage offset {} of \
+                     torch.{} need {reach} bytes, but its storage {:?} holds {}",
+                    t.offset,
+                    info.name,
+                    key(),
+                    rec.size
                 ),
             ));
         }
@@ -464,8 +543,6 @@ fn check_tensors(
             record,
             dtype: t.dtype,
             offset: t.offset,
-            shape: t.shape.clone(),
-            stride: t.stride.clone(),
             requires_grad: t.requires_grad,
             nbytes,
             start,
@@ -479,11 +556,14 @@ fn check_tensors(
 /// Lists the tensors reachable through dicts, lists and tuples, named by dotted paths as
 /// `ckptmap inspect` names them; gives up (with the reason) on very deep or very shared
 /// structures, whose paths can outnumber the pickle's bytes.
-fn walk_table(pickle: &Pickle, pkl: &[u8]) -> Result<Vec<Entry>, String> {
+fn walk_table(pickle: &Pickle, pkl: &[u8]) -> Result<Table, String> {
     let mut walk = Walk {
         pickle,
         pkl,
-        out: Vec::with_capacity(pickle.tensors.len()),
+        out: Table {
+            entries: Vec::with_capacity(pickle.tensors.len()),
+            names: String::with_capacity(pickle.tensors.len() * 32),
+        },
         path: String::new(),
         budget: pickle
             .nodes
@@ -492,13 +572,16 @@ fn walk_table(pickle: &Pickle, pkl: &[u8]) -> Result<Vec<Entry>, String> {
             .saturating_add(1_000_000),
     };
     walk.visit(pickle.root(), 0)?;
+    if u32::try_from(walk.out.names.len()).is_err() {
+        return Err("tensor names longer than 4 GiB in all".to_owned());
+    }
     Ok(walk.out)
 }
 
 struct Walk<'a> {
     pickle: &'a Pickle,
     pkl: &'a [u8],
-    out: Vec<Entry>,
+    out: Table,
     path: String,
     budget: usize,
 }
@@ -525,30 +608,28 @@ impl Walk<'_> {
             .checked_sub(1)
             .ok_or("containers shared so often that their paths outnumber the pickle")?;
         let p = self.pickle;
-        let name = || {
-            if self.path.is_empty() {
-                "<top level>".to_owned()
-            } else {
-                self.path.clone()
-            }
+        let (tensor, param) = match p.node(v) {
+            Some(&Node::Tensor(t)) => (t, None),
+            Some(&Node::Param(i)) => (p.params[i as usize].tensor, Some(i)),
+            _ => (u32::MAX, None),
         };
+        if tensor != u32::MAX {
+            let names = &mut self.out.names;
+            let at = names.len();
+            names.push_str(if self.path.is_empty() {
+                "<top level>"
+            } else {
+                &self.path
+            });
+            let name = (at as u32, (names.len() - at) as u32);
+            self.out.entries.push(Entry {
+                name,
+                tensor,
+                param,
+            });
+            return Ok(());
+        }
         match p.node(v) {
-            Some(&Node::Tensor(t)) => {
-                let name = name();
-                self.out.push(Entry {
-                    name,
-                    tensor: t,
-                    param: None,
-                });
-            }
-            Some(&Node::Param(i)) => {
-                let name = name();
-                self.out.push(Entry {
-                    name,
-                    tensor: p.params[i as usize].tensor,
-                    param: Some(i),
-                });
-            }
             Some(&Node::Dict(d)) => {
                 for &(k, value) in &p.dicts[d as usize].items {
                     match (k, p.node(k)) {
@@ -578,6 +659,30 @@ impl Walk<'_> {
 }
 
 impl Parsed {
+    /// The tensors reachable through dicts, lists and tuples, named by dotted paths as
+    /// `ckptmap inspect` names them, or why they can not be listed (structures too deep or
+    /// too shared); `bytes` is the whole file.
+    pub fn table(&self, bytes: &[u8]) -> &Result<Table, String> {
+        self.table
+            .get_or_init(|| walk_table(&self.pickle, self.pickle_bytes(bytes)))
+    }
+
+    /// The sizes of tensor `i`.
+    pub fn shape(&self, i: usize) -> &[u64] {
+        self.pickle
+            .tensors
+            .get(i)
+            .map_or(&[], |t| self.pickle.shape(t))
+    }
+
+    /// The strides of tensor `i`.
+    pub fn stride(&self, i: usize) -> &[u64] {
+        self.pickle
+            .tensors
+            .get(i)
+            .map_or(&[], |t| self.pickle.stride(t))
+    }
+
     /// The pickle's bytes within the whole file `bytes`.
     pub fn pickle_bytes<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
         let (a, b) = (
@@ -588,11 +693,13 @@ impl Parsed {
     }
 
     /// The distinct locations the records were saved from, in first-use order.
-    pub fn locations(&self) -> Vec<&str> {
+    pub fn locations<'a>(&self, bytes: &'a [u8]) -> Vec<&'a str> {
+        // Few distinct locations: a linear search is the fastest set.
         let mut out: Vec<&str> = Vec::new();
         for r in &self.records {
-            if !out.contains(&r.location.as_str()) {
-                out.push(&r.location);
+            let text = self.text(bytes, r.location);
+            if !out.contains(&text) {
+                out.push(text);
             }
         }
         out
@@ -652,17 +759,42 @@ impl std::ops::Deref for FileBytes {
     }
 }
 
+/// The member names of the archive at `path` below its directory (`"data.pkl"`,
+/// `"data/0"`, ...), as torch's `PyTorchFileReader.get_all_records` lists them, after the
+/// same validation as [`open`] gives the archive.
+pub fn records(path: &Path) -> Result<Vec<String>, ReadError> {
+    let shown = path.display().to_string();
+    let (_, bytes) = map_path(path, &shown)?;
+    let archive = zipfile::parse(&bytes).map_err(|e| PthError::from(e).at(&shown))?;
+    let skip = archive.prefix.1 - archive.prefix.0 + 1;
+    Ok((0..archive.members.len())
+        .map(|i| String::from_utf8_lossy(archive.name(&bytes, i).get(skip..).unwrap_or_default()))
+        .map(|name| name.into_owned())
+        .collect())
+}
+
 /// Opens and parses the checkpoint at `path`.
 pub fn open(path: &Path, allowed: &dyn pickle::Allowlist) -> Result<Opened, ReadError> {
     let shown = path.display().to_string();
-    let io = |e: &io::Error| ReadError::Io(io_error(&shown, e));
+    let (file, bytes) = map_path(path, &shown)?;
+    let contents = parse(&bytes, allowed).map_err(|e| e.at(&shown))?;
+    Ok(Opened {
+        file,
+        bytes,
+        contents,
+    })
+}
+
+/// Opens the regular file at `path` and maps it.
+fn map_path(path: &Path, shown: &str) -> Result<(File, FileBytes), ReadError> {
+    let io = |e: &io::Error| ReadError::Io(io_error(shown, e));
     let meta = std::fs::metadata(path).map_err(|e| io(&e))?;
     if meta.is_dir() && cfg!(unix) {
         return Err(io(&io::Error::from_raw_os_error(21)));
     }
     if !meta.is_file() {
         return Err(ReadError::Io(HeaderReadError::Io {
-            path: shown,
+            path: shown.to_owned(),
             kind: io::ErrorKind::InvalidInput,
             errno: None,
             detail: "not a regular file".to_owned(),
@@ -670,12 +802,7 @@ pub fn open(path: &Path, allowed: &dyn pickle::Allowlist) -> Result<Opened, Read
     }
     let file = File::open(path).map_err(|e| io(&e))?;
     let bytes = read_all(&file).map_err(|e| io(&e))?;
-    let contents = parse(&bytes, allowed).map_err(|e| e.at(&shown))?;
-    Ok(Opened {
-        file,
-        bytes,
-        contents,
-    })
+    Ok((file, bytes))
 }
 
 /// Maps `file` read-only (reading it instead where it can not be mapped).
@@ -774,8 +901,8 @@ mod tests {
         assert_eq!(p.version, 3);
         assert_eq!(p.byteorder, Some(ByteOrder::Little));
         assert_eq!(p.archive, "ck");
-        let table = p.table.as_ref().unwrap();
-        let names: Vec<&str> = table.iter().map(|e| e.name.as_str()).collect();
+        let table = p.table(&bytes).as_ref().unwrap();
+        let names: Vec<&str> = table.entries.iter().map(|e| table.name(e)).collect();
         assert_eq!(names, ["a", "b", "c", "d"]);
         assert_eq!(p.records.len(), 3);
         assert_eq!(p.records[0].tensors, 2);
@@ -788,7 +915,7 @@ mod tests {
         assert_eq!(b.nbytes, 16);
         assert_eq!(p.tensors[2].nbytes, 4);
         assert_eq!((p.tensors[3].nbytes, p.tensors[3].span), (0, 0));
-        assert_eq!(p.locations(), ["cpu"]);
+        assert_eq!(p.locations(&bytes), ["cpu"]);
     }
 
     #[test]
@@ -814,7 +941,8 @@ mod tests {
         w.int(3).get(1).op(b'u');
         let bytes = archive(w.stop(), &[("0", vec![0; 4])], "little");
         let p = ready(&bytes);
-        let names: Vec<String> = p.table.unwrap().into_iter().map(|e| e.name).collect();
+        let table = p.table(&bytes).as_ref().unwrap();
+        let names: Vec<&str> = table.entries.iter().map(|e| table.name(e)).collect();
         assert_eq!(names, ["state_dict.w", "opt.0.s", "3"]);
     }
 
@@ -822,8 +950,10 @@ mod tests {
     fn a_lone_tensor_is_the_top_level() {
         let mut w = W::new();
         w.tensor("FloatStorage", "0", 1, 0, &[1], &[1]);
-        let p = ready(&archive(w.stop(), &[("0", vec![0; 4])], "big"));
-        assert_eq!(p.table.unwrap()[0].name, "<top level>");
+        let bytes = archive(w.stop(), &[("0", vec![0; 4])], "big");
+        let p = ready(&bytes);
+        let table = p.table(&bytes).as_ref().unwrap();
+        assert_eq!(table.name(&table.entries[0]), "<top level>");
         assert_eq!(p.byteorder, Some(ByteOrder::Big));
     }
 
@@ -923,6 +1053,22 @@ mod tests {
     }
 
     #[test]
+    fn decimal_keys() {
+        assert_eq!(decimal(b"0"), Some(0));
+        assert_eq!(decimal(b"49193"), Some(49193));
+        assert_eq!(decimal(b"007"), None);
+        assert_eq!(decimal(b""), None);
+        assert_eq!(decimal(b"-1"), None);
+        assert_eq!(decimal(b"1234567890"), None);
+        let index = RecordIndex::new(vec![(b"0", 3), (b"5", 4), (b"x", 5), (b"01", 6)]);
+        assert_eq!(index.get(b"0"), Some(3));
+        assert_eq!(index.get(b"5"), None);
+        assert_eq!(index.get(b"1"), None);
+        assert_eq!(index.get(b"x"), Some(5));
+        assert_eq!(index.get(b"01"), Some(6));
+    }
+
+    #[test]
     fn every_kind_has_a_distinct_name() {
         let mut names: Vec<&str> = PthErrorKind::OWN.iter().map(|k| k.name()).collect();
         names.extend(ZipErrorKind::ALL.iter().map(|k| k.name()));
@@ -935,12 +1081,13 @@ mod tests {
     #[test]
     fn byteswap_follows_torch() {
         let mut buf: Vec<u8> = (0..16).collect();
+        let span = Span { at: 0, len: 0 };
         let rec = |dtype: &str| Record {
-            key: "0".into(),
+            key: span,
             start: 0,
             size: 16,
             dtype: pickle::dtype_by_name(dtype).unwrap(),
-            location: "cpu".into(),
+            location: span,
             tensors: 1,
         };
         byteswap_records(&mut buf, &[rec("float32")]);

@@ -5,8 +5,10 @@ use pyo3::prelude::*;
 use pyo3::PyErr;
 
 use super::header::SafetensorsHeaderError;
+use super::pth::PthFormatError;
 use crate::error::CoreError;
 use crate::header::ReadError;
+use crate::pth;
 
 impl From<CoreError> for PyErr {
     fn from(err: CoreError) -> PyErr {
@@ -56,6 +58,33 @@ impl From<ReadError> for PyErr {
                 PyOSError::new_err((errno, strerror, path))
             }
             ReadError::Io { .. } => PyOSError::new_err(err.to_string()),
+        }
+    }
+}
+
+impl From<pth::ReadError> for PyErr {
+    fn from(err: pth::ReadError) -> PyErr {
+        match err {
+            pth::ReadError::Invalid {
+                ref path,
+                kind,
+                ref detail,
+            } => Python::attach(|py| {
+                let exc = PthFormatError::new_err(err.to_string());
+                let value = exc.value(py);
+                let attrs = [
+                    ("path", path.as_str()),
+                    ("kind", kind.name()),
+                    ("detail", detail),
+                ];
+                for (name, v) in attrs {
+                    if let Err(e) = value.setattr(name, v) {
+                        return e;
+                    }
+                }
+                exc
+            }),
+            pth::ReadError::Io(e) => e.into(),
         }
     }
 }

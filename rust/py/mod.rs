@@ -4,6 +4,7 @@
 mod errors;
 mod header;
 mod index;
+mod pth;
 mod rules;
 mod suggest;
 
@@ -18,6 +19,8 @@ mod _core {
     use super::header::{SafetensorsHeader, SafetensorsHeaderError};
     #[pymodule_export]
     use super::index::{diff_keys, filter_prefix_keys, find_collisions, group_by_owner};
+    #[pymodule_export]
+    use super::pth::{PthFallback, PthFormatError, PthReader};
     #[pymodule_export]
     use super::rules::KeyRules;
     #[pymodule_export]

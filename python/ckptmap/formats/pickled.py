@@ -264,11 +264,32 @@ def _load_any(
     if sniffed.format is not Format.TORCH_ZIP:
         raise ValueError(f"load_pickle can not load {sniffed.format.value} files")
     use_mmap = True if mmap is None else bool(mmap)
-    check_torch_zip(path, sniffed.size, mmap=use_mmap)  # inflation cap, record sizes
+    if weights_only:
+        # ckptmap's Rust reader first; it hands back what it can not build (see formats.pth).
+        from ckptmap.formats import pth
+
+        loaded = pth.load_fast(sniffed, map_location, allowed, mmap=use_mmap)
+        if loaded is not pth.FALLBACK:
+            return loaded
+    return _load_torch_zip(sniffed, map_location, weights_only, allowed, mmap=use_mmap)
+
+
+def _load_torch_zip(
+    sniffed: Sniffed,
+    map_location: Any,
+    weights_only: bool,
+    allowed: tuple[AllowedGlobal, ...],
+    *,
+    mmap: bool,
+) -> Any:
+    """A torch zip checkpoint through `torch.load` (read into memory if it can not be mapped)."""
+    check_torch_zip(sniffed.path, sniffed.size, mmap=mmap)  # inflation cap, record sizes
     try:
-        return _torch_load(sniffed, map_location, weights_only, allowed, mmap=use_mmap)
+        return _torch_load(sniffed, map_location, weights_only, allowed, mmap=mmap)
     except _MmapFailed as err:
-        logger.warning("%s can not be memory-mapped (%s): reading it into memory", path, err)
+        logger.warning(
+            "%s can not be memory-mapped (%s): reading it into memory", sniffed.path, err
+        )
         return _torch_load(sniffed, map_location, weights_only, allowed, mmap=False)
 
 

@@ -215,12 +215,18 @@ def _sniff_content(path: str, head: bytes, size: int) -> Sniffed:
 def _sniff_zip(path: str, size: int) -> Sniffed:
     import torch
 
+    from ckptmap._core import PthFormatError, PthReader
+
     try:
-        reader = torch._C.PyTorchFileReader(path)
-        records = reader.get_all_records()
-        del reader
-    except RuntimeError:
-        return _sniff_foreign_zip(path, size)
+        # ckptmap's zip reader: the same list as torch's, without building torch's reader.
+        records = PthReader.records(path)
+    except PthFormatError:  # torch's reader decides what a damaged archive looks like
+        try:
+            reader = torch._C.PyTorchFileReader(path)
+            records = reader.get_all_records()
+            del reader
+        except RuntimeError:
+            return _sniff_foreign_zip(path, size)
     if "constants.pkl" in records or any(r.startswith("code/") for r in records):
         return Sniffed(path, Format.TORCHSCRIPT, size, "a TorchScript archive (torch.jit.save)")
     if "data.pkl" in records:

@@ -1,0 +1,647 @@
+"""torch zip checkpoints (``torch.save`` since 1.6) read by ckptmap's Rust core.
+
+`read_pth(path)` opens a checkpoint without reading tensor data: the zip archive, every
+storage record and every tensor's sizes, strides and offset are validated (a damaged file
+raises `InvalidTorchZipError`), and `PthFile.table` lists the tensors (dotted names, dtypes,
+shapes, strides, storage offsets and keys, byte ranges in the file) straight from
+``data.pkl``. `PthFile.load` then returns what ``torch.load(path, weights_only=True,
+mmap=True)`` returns, much faster: tensors are views of a private mapping of the file (one
+storage per record, so tensors share storage exactly as torch's do), or of one in-memory
+copy with ``mmap=False``.
+
+Safe by construction: the reader's pickle machine knows the opcodes and globals that
+``torch.save`` writes (containers, scalars, str, bytes, tensors, Parameters, dtypes,
+``torch.Size``, ``torch.device``, ...) and can call nothing else. Other globals resolve
+through the allowlist (``allowed_globals``, plus ``torch.serialization.add_safe_globals``),
+whose objects are called exactly as torch's ``weights_only`` unpickler calls them. Whatever
+the machine does not implement — a global outside the allowlist, quantized or sparse
+tensors, tensor subclasses, a legacy file — is loaded by torch's own safe loader instead
+(never an unsafe one), and ``fallback_reason`` says why.
+
+Differences from torch that remain: tensors come without the empty ``_backward_hooks``
+dict that torch attaches to every loaded tensor (setting it costs more than building the
+tensor); pickles of protocol 3 to 5, which torch's ``weights_only`` unpickler refuses, load.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import gc
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from ckptmap._core import PthFallback, PthFormatError, PthReader
+from ckptmap.errors import (
+    CheckpointIsADirectoryError,
+    CheckpointNotFoundError,
+    CheckpointPermissionError,
+    NoStateDictError,
+    _TypeName,
+)
+from ckptmap.formats.errors import CorruptCheckpointError
+
+__all__ = [
+    "FALLBACK",
+    "InvalidTorchZipError",
+    "PthFile",
+    "PthTable",
+    "PthTensorInfo",
+    "load_fast",
+    "read_pth",
+    "state_dict_shapes",
+    "tensor_table",
+]
+
+logger = logging.getLogger("ckptmap")
+
+#: What `load_fast` returns when torch's own loader must load the file.
+FALLBACK: Any = object()
+
+_GENERIC_HINT = (
+    "re-download or re-copy it (if it came from a download cache, delete that cache entry so "
+    "the next run fetches it again); if your own code wrote it, save it again with torch.save"
+)
+# What to do, for the faults where the generic advice is not the best one.
+_HINTS = {
+    "compressed_member": (
+        "it was re-packed by a zip tool after torch.save wrote it; extract it and load the "
+        "original, or re-save it with torch.save (which stores members uncompressed)"
+    ),
+    "encrypted_member": "decrypt it first: torch checkpoints are never encrypted",
+    "file_changed": (
+        "something rewrote the file while it was being loaded: make sure writers replace "
+        "checkpoints atomically (write a temporary file, then rename it), then retry"
+    ),
+}
+
+
+class InvalidTorchZipError(CorruptCheckpointError, ValueError):
+    """A torch zip checkpoint that fails validation (the archive, a record or a tensor).
+
+    Also a `ValueError` besides the `RuntimeError` of `CorruptCheckpointError`.
+
+    Attributes:
+        path: the file.
+        size: its size in bytes.
+        kind: which check failed (``"storage_size_mismatch"``, ``"tensor_out_of_bounds"``,
+            ``"duplicate_member"``, ``"no_end_record"``, ... as
+            `ckptmap._core.PthFormatError.kind`).
+        detail: the specifics (names, offsets, sizes).
+    """
+
+    def __init__(self, path: str, size: int, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(
+            path,
+            size,
+            f"a damaged torch zip checkpoint ({kind.replace('_', ' ')}: {detail})",
+            _HINTS.get(kind, _GENERIC_HINT),
+        )
+        self._init_args = (path, size, kind, detail)
+
+
+class PthTensorInfo(NamedTuple):
+    """One tensor of the table (see `PthTable`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    storage_key: str
+    start: int
+    end: int
+    nbytes: int
+    requires_grad: bool
+    parameter: bool
+
+
+@dataclass(frozen=True)
+class PthTable:
+    """The tensors of a checkpoint, one column per attribute, from ``data.pkl`` alone.
+
+    Rows are the tensors reachable through dicts, lists and tuples, in the order a walk of
+    the loaded checkpoint meets them, named by dotted paths (``"state_dict.fc.weight"``,
+    ``"optimizer.state.0.exp_avg"``; ``"<top level>"`` for a lone tensor). A tensor reachable
+    twice is listed twice.
+
+    Attributes:
+        names: dotted paths.
+        dtypes: torch dtype names (``"bfloat16"``).
+        shapes, strides: tuples of ints.
+        storage_offsets: in elements, within the storage record.
+        storage_keys: the record of each tensor (``"0"`` is ``<archive>/data/0``).
+        byte_ranges: ``(start, end)`` absolute file offsets of the bytes the elements span.
+        nbytes: numel x itemsize.
+        requires_grad: as loaded.
+        parameters: whether each row is an ``nn.Parameter``.
+    """
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    strides: list[tuple[int, ...]]
+    storage_offsets: list[int]
+    storage_keys: list[str]
+    byte_ranges: list[tuple[int, int]]
+    nbytes: list[int]
+    requires_grad: list[bool]
+    parameters: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def infos(self) -> list[PthTensorInfo]:
+        """The rows as records (the columns are cheaper for very many tensors)."""
+        return [
+            PthTensorInfo(n, d, s, st, o, k, r[0], r[1], b, g, p)
+            for n, d, s, st, o, k, r, b, g, p in zip(
+                self.names,
+                self.dtypes,
+                self.shapes,
+                self.strides,
+                self.storage_offsets,
+                self.storage_keys,
+                self.byte_ranges,
+                self.nbytes,
+                self.requires_grad,
+                self.parameters,
+                strict=True,
+            )
+        ]
+
+
+class PthFile:
+    """A torch zip checkpoint opened by the Rust reader: validated, tensor data unread.
+
+    Args:
+        path: the checkpoint.
+        allowed_globals: objects the pickle may use besides torch's own allowlist, as for
+            `ckptmap.formats.load_file` (``(object, "module.name")`` pairs allowed).
+
+    Raises:
+        InvalidTorchZipError: the archive, a storage record or a tensor fails validation.
+        CheckpointNotFoundError / CheckpointPermissionError / CheckpointIsADirectoryError:
+            the path can not be read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()):
+        self.path = os.fspath(path)
+        self._allowed = _Allowlist.of(tuple(allowed_globals))
+        self._reader = _open(self.path, self._allowed.names)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why torch's loader must load this file (None: the Rust reader loads it)."""
+        return self._reader.fallback_reason
+
+    @property
+    def byteorder(self) -> str | None:
+        """``"little"`` or ``"big"`` (None: no ``byteorder`` record, read as little)."""
+        return self._reader.byteorder
+
+    @property
+    def version(self) -> int:
+        """The archive format version."""
+        return self._reader.version
+
+    @property
+    def pickle_protocol(self) -> int:
+        """The protocol of ``data.pkl``."""
+        return self._reader.protocol
+
+    @functools.cached_property
+    def table(self) -> PthTable:
+        """The tensors, read from ``data.pkl`` alone (see `PthTable`).
+
+        Raises:
+            ckptmap._core.PthFallback: the reader can not list them (see `fallback_reason`,
+                or a structure too deep or too shared to list).
+        """
+        r = self._reader
+        return PthTable(
+            r.names,
+            r.dtypes,
+            r.shapes,
+            r.strides,
+            r.storage_offsets,
+            r.storage_keys,
+            r.byte_ranges,
+            r.nbytes,
+            r.requires_grad,
+            r.parameters,
+        )
+
+    def load(
+        self,
+        names: Iterable[str] | None = None,
+        map_location: Any = None,
+        mmap: bool = True,
+    ) -> Any:
+        """What ``torch.load(path, map_location, weights_only=True, mmap=mmap)`` returns.
+
+        With `names`, only those table rows are built: an ``OrderedDict`` of name to tensor,
+        in the order given. Where the reader can not build the checkpoint, torch's safe
+        loader does (``fallback_reason`` then says why).
+
+        Args:
+            names: table names to build (default: the whole checkpoint).
+            map_location: as for `torch.load` (None, a device or str, a dict, a callable).
+            mmap: map the file (tensors are views of its pages, read on use); False reads
+                it into memory once, tensors being views of that copy.
+
+        Raises:
+            ckptmap.formats.safetensors.TensorNotFoundError: a name not in the table.
+        """
+        wanted = None if names is None else list(names)
+        result = self._try_load(wanted, map_location, mmap)
+        if result is not FALLBACK:
+            return result
+        from ckptmap.formats.pickle import _load_torch_zip
+        from ckptmap.formats.sniff import sniff
+
+        loaded = _load_torch_zip(
+            sniff(self.path), map_location, True, self._allowed.given, mmap=mmap
+        )
+        if wanted is None:
+            return loaded
+        found = dict(_walk_tensors(loaded, ""))
+        return OrderedDict(
+            (name, found[name] if name in found else _missing(self, name)) for name in wanted
+        )
+
+    def state_dict_shapes(
+        self,
+    ) -> OrderedDict[str, tuple[tuple[int, ...] | None, str | None]] | None:
+        """The state dict's names, shapes and dtypes, found as `find_state_dict` finds it.
+
+        Returns:
+            name -> (shape, dtype), both None for entries that are not tensors; None when
+            only loading the checkpoint can tell (a fallback, or objects made by calls).
+
+        Raises:
+            NoStateDictError: the checkpoint, or its ``state_dict`` / ``model`` entry, is not
+                a mapping.
+        """
+        if self.fallback_reason is not None:
+            return None
+        r = self._reader
+        root = r.value_type([])
+        if root is None:
+            return None
+        if root not in _MAPPINGS:
+            raise NoStateDictError(self.path, _TypeName(root), "top-level object")
+        keys = {item[0] for item in r.mapping_items([]) or ()}
+        path: list[str | int] = []
+        if "state_dict" in keys:
+            found = r.value_type(["state_dict"])
+            if found is None:
+                return None
+            if found not in _MAPPINGS:
+                raise NoStateDictError(self.path, _TypeName(found), "'state_dict' entry")
+            path = ["state_dict"]
+        elif "model" in keys:
+            found = r.value_type(["model"])
+            if found is None:
+                return None
+            if found in _MAPPINGS:
+                path = ["model"]
+            elif found not in _TENSORS:
+                raise NoStateDictError(self.path, _TypeName(found), "'model' entry")
+        items = r.mapping_items(path) or []
+        return OrderedDict(
+            (key, (shape, dtype) if shape is not None else (None, None))
+            for key, shape, dtype, _type in items
+        )
+
+    def _try_load(self, names: list[str] | None, map_location: Any, mmap: bool) -> Any:
+        reason = self.fallback_reason or _torch_state_reason(map_location, mmap)
+        if reason is None and self._reader.byteorder is None:
+            reason = _default_endianness_reason()
+        restore: Any = None
+        if reason is None:
+            restore = _restore_for(map_location, self._reader.locations)
+            if restore is FALLBACK:
+                reason = f"map_location {map_location!r}"
+        if reason is not None:
+            self._log_fallback(reason)
+            return FALLBACK
+        rows = None
+        if names is not None:
+            index = {name: i for i, name in enumerate(self.table.names)}
+            rows = [index[n] if n in index else _missing(self, n) for n in names]
+        try:
+            with _gc_paused():
+                loaded = self._reader.load(self._allowed.hooks(restore), mmap=mmap, rows=rows)
+        except PthFallback as err:
+            self._log_fallback(str(err))
+            return FALLBACK
+        except Exception as err:  # an allowlisted callable failed: torch reports it its way
+            self._log_fallback(f"{type(err).__name__}: {err}")
+            return FALLBACK
+        if names is None:
+            return loaded
+        return OrderedDict(zip(names, loaded, strict=True))
+
+    def _log_fallback(self, reason: str) -> None:
+        self.load_fallback_reason = reason
+        logger.info(
+            "%s: loaded by torch's safe unpickler instead of ckptmap's reader (%s)",
+            self.path,
+            reason,
+        )
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def __repr__(self) -> str:
+        return f"PthFile({self.path!r}, tensors={len(self)}, fallback={self.fallback_reason!r})"
+
+
+def read_pth(path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()) -> PthFile:
+    """Opens `path` with the Rust reader (see `PthFile`)."""
+    return PthFile(path, allowed_globals=allowed_globals)
+
+
+def tensor_table(
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()
+) -> PthTable | None:
+    """The tensor table of the checkpoint at `path`, or None where only torch can read it."""
+    f = PthFile(path, allowed_globals=allowed_globals)
+    if f.fallback_reason is not None or f._reader.table_error is not None:
+        return None
+    return f.table
+
+
+def state_dict_shapes(
+    path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()
+) -> OrderedDict[str, tuple[tuple[int, ...] | None, str | None]] | None:
+    """`PthFile.state_dict_shapes` of the checkpoint at `path`."""
+    return PthFile(path, allowed_globals=allowed_globals).state_dict_shapes()
+
+
+def load_fast(sniffed: Any, map_location: Any, allowed: Sequence[Any], *, mmap: bool) -> Any:
+    """`ckptmap.formats.pickle.load_pickle`'s Rust path for a torch zip checkpoint.
+
+    Returns:
+        The loaded checkpoint, or `FALLBACK` when torch's loader must load it (logged).
+
+    Raises:
+        InvalidTorchZipError: the file fails validation.
+    """
+    f = PthFile(sniffed.path, allowed_globals=allowed)
+    return f._try_load(None, map_location, mmap)
+
+
+# -- internals ----------------------------------------------------------------------------------
+
+_MAPPINGS = frozenset({"dict", "collections.OrderedDict"})
+_TENSORS = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
+
+
+def _open(path: str, names: list[str]) -> Any:
+    try:
+        return PthReader.open(path, names)
+    except PthFormatError as err:
+        size = os.stat(path).st_size if os.path.exists(path) else 0
+        raise InvalidTorchZipError(path, size, err.kind, err.detail) from None
+    except IsADirectoryError as err:
+        raise CheckpointIsADirectoryError(path) from err
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(path) from err
+    except PermissionError as err:
+        raise CheckpointPermissionError(path) from err
+
+
+def _missing(f: PthFile, name: str) -> Any:
+    from ckptmap.formats.safetensors import TensorNotFoundError
+
+    raise TensorNotFoundError(
+        f.path,
+        name,
+        f"{f.path!r} has no tensor named {name!r}: check the name (its table lists them)",
+    )
+
+
+def _walk_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors in dicts, lists and tuples, named as `PthTable` names them."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix or "<top level>", obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from _walk_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            yield from _walk_tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Building 100k containers and tensors triggers the cyclic collector over and over, each
+    # time walking the whole heap (a fifth of the load time); nothing built here is garbage.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _torch_state_reason(map_location: Any, mmap: bool) -> str | None:
+    """Why torch's global loading state asks for torch's own loader, if it does."""
+    ser = torch.serialization
+    tls = getattr(ser, "_serialization_tls", None)
+    if tls is not None and getattr(tls, "skip_data", False):
+        return "torch.serialization.skip_data is active"
+    guards = getattr(torch, "_guards", None)
+    if guards is not None and guards.detect_fake_mode(None) is not None:
+        return "a fake tensor mode is active"
+    if mmap:
+        import mmap as _mmap
+
+        options = (
+            ser.get_default_mmap_options() if hasattr(ser, "get_default_mmap_options") else None
+        )
+        if options is not None and options != _mmap.MAP_PRIVATE:
+            return "torch's default mmap options are not MAP_PRIVATE"
+    is_meta = getattr(ser, "_is_meta_location", None)
+    if is_meta is not None and is_meta(map_location):
+        return "map_location is the meta device"
+    return None
+
+
+def _default_endianness_reason() -> str | None:
+    ser = torch.serialization
+    getter = getattr(ser, "get_default_load_endianness", None)
+    if getter is None:
+        return None
+    endianness = getter()
+    if endianness is None or endianness == ser.LoadEndianness.LITTLE:
+        return None
+    return f"no byteorder record and torch's default load endianness is {endianness}"
+
+
+def _restore_for(map_location: Any, locations: list[str]) -> Any:
+    """torch.load's restore_location for `map_location`; None where every storage stays on
+    the CPU as it is."""
+    if map_location is None:
+        targets: list[Any] = list(locations)
+    elif isinstance(map_location, str):
+        targets = [map_location] * len(locations)
+    elif isinstance(map_location, torch.device):
+        targets = [str(map_location)] * len(locations)
+    elif isinstance(map_location, dict):
+        targets = [map_location.get(loc, loc) for loc in locations]
+    elif isinstance(map_location, bytes) or callable(map_location):
+        targets = [None]
+    else:
+        return FALLBACK
+    if all(t == "cpu" and type(t) is str for t in targets):
+        return None
+    getter = getattr(torch.serialization, "_get_restore_location", None)
+    return getter(map_location) if getter is not None else _restore_location(map_location)
+
+
+def _restore_location(map_location: Any) -> Callable[[Any, str], Any]:
+    # torch.serialization._get_restore_location, for a torch that renamed it.
+    default = torch.serialization.default_restore_location
+    if isinstance(map_location, dict):
+        return lambda storage, location: default(storage, map_location.get(location, location))
+    if isinstance(map_location, (str, bytes)):
+        return lambda storage, location: default(storage, map_location)
+    if isinstance(map_location, torch.device):
+        return lambda storage, location: default(storage, str(map_location))
+
+    def restore(storage: Any, location: str) -> Any:
+        result = map_location(storage, location)
+        return default(storage, location) if result is None else result
+
+    return restore
+
+
+class _Allowlist:
+    """The allowlist as the reader needs it: names for parsing, objects for building."""
+
+    def __init__(self, given: tuple[Any, ...], names: list[str], objects: list[Any]) -> None:
+        self.given = given
+        self.names = names
+        self.objects = objects
+        own = _torch_allowed_globals()
+        # torch's BUILD applies to instances of any allowed global.
+        self.build_types = [*own.values(), *objects]
+
+    @classmethod
+    def of(cls, given: tuple[Any, ...]) -> _Allowlist:
+        own = _torch_allowed_globals()
+        entries: dict[str, Any] = {}
+        for entry in (*torch.serialization.get_safe_globals(), *given):
+            if isinstance(entry, tuple):
+                if len(entry) != 2 or not isinstance(entry[1], str):
+                    raise TypeError(
+                        "allowlist entries are objects or (object, 'module.name') pairs, "
+                        f"not {entry!r}"
+                    )
+                obj, name = entry
+            else:
+                obj, name = entry, f"{entry.__module__}.{entry.__qualname__}"
+            if name not in own:  # torch's own entries win, as in torch's unpickler
+                entries[name] = obj
+        return cls(given, list(entries), list(entries.values()))
+
+    def hooks(self, restore: Any) -> _Hooks:
+        return _Hooks(self, restore)
+
+    def build(self, inst: Any, state: Any) -> None:
+        """torch's ``weights_only`` BUILD for objects made by allowlisted callables."""
+        if type(inst) is torch.Tensor or type(inst) is torch.nn.Parameter:
+            raise PthFallback("BUILD of a tensor made by an allowlisted callable")
+        if type(inst) is OrderedDict:
+            inst.__dict__.update(state)
+            return
+        if type(inst) not in self.build_types:
+            raise PthFallback(f"BUILD of a {type(inst).__qualname__}, which is not allowlisted")
+        if hasattr(inst, "__setstate__"):
+            inst.__setstate__(state)
+            return
+        slotstate = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slotstate = state
+        if state:
+            inst.__dict__.update(state)
+        if slotstate:
+            for k, v in slotstate.items():
+                setattr(inst, k, v)
+
+    @staticmethod
+    def newobj(cls: Any, args: tuple[Any, ...]) -> Any:
+        """torch's ``weights_only`` NEWOBJ for allowlisted classes."""
+        if torch._C._is_pybind11_type(cls):
+            raise PthFallback(f"NEWOBJ of the pybind11 class {cls!r}")
+        return cls.__new__(cls, *args)
+
+
+class _Hooks:
+    """What `PthReader.load` calls (see its docstring in ``rust/py/pth.rs``)."""
+
+    def __init__(self, allowlist: _Allowlist, restore: Any) -> None:
+        static = _static_hooks()
+        self.from_dlpack = static.from_dlpack
+        self.empty = torch.empty
+        self.parameter = torch.nn.Parameter
+        self.set_obj_state = torch._utils._set_obj_state
+        self.ordered_dict = OrderedDict
+        self.int_from_bytes = _int_from_bytes
+        self.callables = static.callables
+        self.dtypes = static.dtypes
+        self.build = allowlist.build
+        self.newobj = allowlist.newobj
+        self.allowed = allowlist.objects
+        self.restore = restore
+
+
+class _StaticHooks(NamedTuple):
+    from_dlpack: Any
+    callables: list[Any]
+    dtypes: list[Any]
+
+
+@functools.cache
+def _static_hooks() -> _StaticHooks:
+    import _codecs
+
+    known = {
+        ("collections", "Counter"): collections.Counter,
+        ("builtins", "set"): set,
+        ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray,
+        ("_codecs", "encode"): _codecs.encode,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+    }
+    callables = [known[name] for name in PthReader.callable_names()]
+    dtypes = []
+    for name in PthReader.dtype_names():
+        dtype = getattr(torch, name, None)
+        dtypes.append(dtype if isinstance(dtype, torch.dtype) else None)
+    return _StaticHooks(torch._C._from_dlpack, callables, dtypes)
+
+
+def _int_from_bytes(data: bytes) -> int:
+    return int.from_bytes(data, "little", signed=True)
+
+
+@functools.cache
+def _torch_allowed_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
