@@ -4,7 +4,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import final
+from typing import Any, final
 
 from typing_extensions import Self
 
@@ -12,6 +12,9 @@ __all__ = [
     "MAX_SAFETENSORS_HEADER_LEN",
     "SAFETENSORS_HEADER_ERROR_KINDS",
     "KeyRules",
+    "PthFallback",
+    "PthFormatError",
+    "PthReader",
     "SafetensorsHeader",
     "SafetensorsHeaderError",
     "__version__",
@@ -166,4 +169,95 @@ class SafetensorsHeader:
     def header_len(self) -> int: ...
     @property
     def file_size(self) -> int: ...
+    def __len__(self) -> int: ...
+
+# --- torch zip checkpoints ---
+
+class PthFormatError(ValueError):
+    """A torch zip checkpoint that fails validation.
+
+    Attributes: `path` (the file), `kind` (which check failed, e.g. "storage_size_mismatch"),
+    `detail` (the specifics).
+    """
+
+    path: str
+    kind: str
+    detail: str
+
+class PthFallback(Exception):
+    """Raised by `PthReader.load` when an object must be built by torch's own loader."""
+
+_PathPart = str | int
+
+@final
+class PthReader:
+    """A torch zip checkpoint, validated and parsed, tensor data unread.
+
+    Validation failures raise `PthFormatError`; I/O failures the matching `OSError`. Where the
+    pickle needs what the reader does not implement, `fallback_reason` says what.
+    """
+
+    @staticmethod
+    def open(path: str | os.PathLike[str], allowed: Sequence[str] = ...) -> PthReader:
+        """Maps the file, validates it and runs its pickle; `allowed` names extra globals."""
+    @staticmethod
+    def records(path: str | os.PathLike[str]) -> list[str]:
+        """The archive's member names below its directory (as torch's reader lists them)."""
+    @staticmethod
+    def dtype_names() -> list[str]:
+        """The torch dtype names the reader knows, in `load`'s `hooks.dtypes` order."""
+    @staticmethod
+    def callable_names() -> list[tuple[str, str]]:
+        """`(module, name)` of `load`'s `hooks.callables`, in order."""
+    @property
+    def path(self) -> str: ...
+    @property
+    def file_size(self) -> int: ...
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why only torch can load this checkpoint (None: this reader can)."""
+    @property
+    def table_error(self) -> str | None:
+        """Why the tensor table is unavailable although the checkpoint loads."""
+    @property
+    def byteorder(self) -> str | None: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def protocol(self) -> int: ...
+    @property
+    def archive(self) -> str: ...
+    @property
+    def locations(self) -> list[str]: ...
+    @property
+    def record_count(self) -> int: ...
+    @property
+    def names(self) -> list[str]:
+        """Dotted names of the tensors reachable through dicts, lists and tuples."""
+    @property
+    def dtypes(self) -> list[str]: ...
+    @property
+    def shapes(self) -> list[tuple[int, ...]]: ...
+    @property
+    def strides(self) -> list[tuple[int, ...]]: ...
+    @property
+    def storage_offsets(self) -> list[int]: ...
+    @property
+    def storage_keys(self) -> list[str]: ...
+    @property
+    def byte_ranges(self) -> list[tuple[int, int]]: ...
+    @property
+    def nbytes(self) -> list[int]: ...
+    @property
+    def requires_grad(self) -> list[bool]: ...
+    @property
+    def parameters(self) -> list[bool]: ...
+    def value_type(self, path: Sequence[_PathPart]) -> str | None:
+        """The Python type name of the value at `path` (None: only loading would tell)."""
+    def mapping_items(
+        self, path: Sequence[_PathPart]
+    ) -> list[tuple[str | int, tuple[int, ...] | None, str | None, str | None]] | None:
+        """`(key, shape, dtype, type name)` of the dict at `path`; None if not a dict."""
+    def load(self, hooks: object, mmap: bool = True, rows: Sequence[int] | None = None) -> Any:
+        """Builds the checkpoint, or the tensors of table rows `rows`."""
     def __len__(self) -> int: ...

@@ -45,6 +45,7 @@ __all__ = [
     "InvalidSafetensorsError",
     "InvalidShardIndexError",
     "InvalidStateDictError",
+    "InvalidTorchZipError",
     "InvalidURIError",
     "LoadHookError",
     "ManifestMismatchError",
@@ -656,6 +657,46 @@ class InvalidSafetensorsError(CorruptCheckpointError, ValueError):
             size,
             f"a damaged safetensors file ({kind.replace('_', ' ')}: {detail})",
             _SAFETENSORS_HINTS.get(kind, _GENERIC_HINT),
+        )
+
+
+# What to do, for the torch zip faults where the generic advice is not the best one.
+_TORCH_ZIP_HINTS = {
+    "compressed_member": (
+        "it was re-packed by a zip tool after torch.save wrote it; extract it and load the "
+        "original, or re-save it with torch.save (which stores members uncompressed)"
+    ),
+    "encrypted_member": "decrypt it first: torch checkpoints are never encrypted",
+    "file_changed": (
+        "something rewrote the file while it was being loaded: make sure writers replace "
+        "checkpoints atomically (write a temporary file, then rename it), then retry"
+    ),
+}
+
+
+class InvalidTorchZipError(CorruptCheckpointError, ValueError):
+    """A torch zip checkpoint that fails the Rust reader's validation (the archive, a storage
+    record or a tensor).
+
+    Also a `ValueError` besides the `RuntimeError` of `CorruptCheckpointError`.
+
+    Attributes:
+        path: the file.
+        size: its size in bytes.
+        kind: which check failed (``"storage_size_mismatch"``, ``"tensor_out_of_bounds"``,
+            ``"duplicate_member"``, ``"no_end_record"``, ... as
+            `ckptmap._core.PthFormatError.kind`).
+        detail: the specifics (names, offsets, sizes).
+    """
+
+    def __init__(self, path: str, size: int, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(
+            path,
+            size,
+            f"a damaged torch zip checkpoint ({kind.replace('_', ' ')}: {detail})",
+            _TORCH_ZIP_HINTS.get(kind, _GENERIC_HINT),
         )
 
 

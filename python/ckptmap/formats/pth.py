@@ -43,10 +43,10 @@ from ckptmap.errors import (
     CheckpointIsADirectoryError,
     CheckpointNotFoundError,
     CheckpointPermissionError,
+    InvalidTorchZipError,
     NoStateDictError,
     _TypeName,
 )
-from ckptmap.formats.errors import CorruptCheckpointError
 
 __all__ = [
     "FALLBACK",
@@ -64,50 +64,6 @@ logger = logging.getLogger("ckptmap")
 
 #: What `load_fast` returns when torch's own loader must load the file.
 FALLBACK: Any = object()
-
-_GENERIC_HINT = (
-    "re-download or re-copy it (if it came from a download cache, delete that cache entry so "
-    "the next run fetches it again); if your own code wrote it, save it again with torch.save"
-)
-# What to do, for the faults where the generic advice is not the best one.
-_HINTS = {
-    "compressed_member": (
-        "it was re-packed by a zip tool after torch.save wrote it; extract it and load the "
-        "original, or re-save it with torch.save (which stores members uncompressed)"
-    ),
-    "encrypted_member": "decrypt it first: torch checkpoints are never encrypted",
-    "file_changed": (
-        "something rewrote the file while it was being loaded: make sure writers replace "
-        "checkpoints atomically (write a temporary file, then rename it), then retry"
-    ),
-}
-
-
-class InvalidTorchZipError(CorruptCheckpointError, ValueError):
-    """A torch zip checkpoint that fails validation (the archive, a record or a tensor).
-
-    Also a `ValueError` besides the `RuntimeError` of `CorruptCheckpointError`.
-
-    Attributes:
-        path: the file.
-        size: its size in bytes.
-        kind: which check failed (``"storage_size_mismatch"``, ``"tensor_out_of_bounds"``,
-            ``"duplicate_member"``, ``"no_end_record"``, ... as
-            `ckptmap._core.PthFormatError.kind`).
-        detail: the specifics (names, offsets, sizes).
-    """
-
-    def __init__(self, path: str, size: int, kind: str, detail: str) -> None:
-        self.kind = kind
-        self.detail = detail
-        super().__init__(
-            path,
-            size,
-            f"a damaged torch zip checkpoint ({kind.replace('_', ' ')}: {detail})",
-            _HINTS.get(kind, _GENERIC_HINT),
-        )
-        self._init_args = (path, size, kind, detail)
-
 
 class PthTensorInfo(NamedTuple):
     """One tensor of the table (see `PthTable`)."""
@@ -260,13 +216,13 @@ class PthFile:
                 it into memory once, tensors being views of that copy.
 
         Raises:
-            ckptmap.formats.safetensors.TensorNotFoundError: a name not in the table.
+            ckptmap.errors.TensorNotFoundError: a name not in the table.
         """
         wanted = None if names is None else list(names)
         result = self._try_load(wanted, map_location, mmap)
         if result is not FALLBACK:
             return result
-        from ckptmap.formats.pickle import _load_torch_zip
+        from ckptmap.formats.pickled import _load_torch_zip
         from ckptmap.formats.sniff import sniff
 
         loaded = _load_torch_zip(
@@ -339,9 +295,23 @@ class PthFile:
         if names is not None:
             index = {name: i for i, name in enumerate(self.table.names)}
             rows = [index[n] if n in index else _missing(self, n) for n in names]
+        hooks = self._allowed.hooks(restore)
         try:
-            with _gc_paused():
-                loaded = self._reader.load(self._allowed.hooks(restore), mmap=mmap, rows=rows)
+            try:
+                loaded = _build(self._reader, hooks, mmap, rows)
+            except OSError as err:
+                if not mmap or isinstance(err, FileNotFoundError | PermissionError):
+                    raise
+                logger.warning(
+                    "%s can not be memory-mapped (%s): reading it into memory", self.path, err
+                )
+                loaded = _build(self._reader, hooks, False, rows)
+        except PthFormatError as err:
+            raise InvalidTorchZipError(
+                self.path, self._reader.file_size, err.kind, err.detail
+            ) from None
+        except OSError:
+            raise
         except PthFallback as err:
             self._log_fallback(str(err))
             return FALLBACK
@@ -390,7 +360,7 @@ def state_dict_shapes(
 
 
 def load_fast(sniffed: Any, map_location: Any, allowed: Sequence[Any], *, mmap: bool) -> Any:
-    """`ckptmap.formats.pickle.load_pickle`'s Rust path for a torch zip checkpoint.
+    """`ckptmap.formats.pickled.load_pickle`'s Rust path for a torch zip checkpoint.
 
     Returns:
         The loaded checkpoint, or `FALLBACK` when torch's loader must load it (logged).
@@ -423,7 +393,7 @@ def _open(path: str, names: list[str]) -> Any:
 
 
 def _missing(f: PthFile, name: str) -> Any:
-    from ckptmap.formats.safetensors import TensorNotFoundError
+    from ckptmap.errors import TensorNotFoundError
 
     raise TensorNotFoundError(
         f.path,
@@ -442,6 +412,12 @@ def _walk_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(obj, list | tuple):
         for i, value in enumerate(obj):
             yield from _walk_tensors(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _build(reader: Any, hooks: _Hooks, mmap: bool, rows: list[int] | None) -> Any:
+    """`PthReader.load`, with the cyclic garbage collector paused."""
+    with _gc_paused():
+        return reader.load(hooks, mmap=mmap, rows=rows)
 
 
 @contextlib.contextmanager

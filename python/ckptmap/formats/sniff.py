@@ -219,8 +219,11 @@ def _sniff_zip(path: str, size: int) -> Sniffed:
 
     try:
         # ckptmap's zip reader: the same list as torch's, without building torch's reader.
-        records = PthReader.records(path)
-    except PthFormatError:  # torch's reader decides what a damaged archive looks like
+        records: list[str] | None = PthReader.records(path)
+    except PthFormatError:
+        records = None
+    if records is None or "data.pkl" not in records:
+        # torch's reader decides what other archives look like.
         try:
             reader = torch._C.PyTorchFileReader(path)
             records = reader.get_all_records()
