@@ -1392,7 +1392,10 @@ impl<'a> Machine<'a> {
 
     fn newobj(&mut self, cls: V, args: V) -> Step<V> {
         match self.global_of(cls) {
-            Some(g @ Global::User(_)) if self.tuple_range(args).is_some() => {
+            Some(g @ (Global::User(_) | Global::Py(_) | Global::OrderedDict))
+                if self.tuple_range(args).is_some() =>
+            {
+                // As torch's NEWOBJ for allowed classes: cls.__new__(cls, *args), later.
                 Ok(self.deferred(CallKind::NewObj, g, args))
             }
             _ => self.stop("NEWOBJ of something that is not an allowlisted class"),

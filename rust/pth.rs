@@ -22,6 +22,8 @@ use crate::zipfile::{self, Archive, ZipErrorKind};
 
 /// Largest `data.pkl` accepted (its CRC is checked and it is parsed in memory).
 pub const MAX_PICKLE_LEN: u64 = u32::MAX as u64;
+/// Members outside `data/` up to this size have their CRC-32 checked.
+const MAX_CHECKED_RECORD: u64 = 1 << 20;
 /// Deepest container nesting the table walk follows.
 const MAX_TABLE_DEPTH: usize = 256;
 
@@ -244,6 +246,7 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
     let archive = zipfile::parse(bytes)?;
     let prefix = String::from_utf8_lossy(archive.prefix(bytes)).into_owned();
     let mut records: Vec<(&[u8], usize)> = Vec::with_capacity(archive.members.len());
+    let mut metadata: Vec<usize> = Vec::new();
     let mut data_pkl = None;
     let mut byteorder_member = None;
     let mut version_member = None;
@@ -257,11 +260,10 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
             b"byteorder" => byteorder_member = Some(i),
             b"version" => version_member = Some(i),
             b".data/version" => data_version_member = Some(i),
-            _ => {
-                if let Some(key) = rest.strip_prefix(b"data/") {
-                    records.push((key, i));
-                }
-            }
+            _ => match rest.strip_prefix(b"data/") {
+                Some(key) => records.push((key, i)),
+                None => metadata.push(i),
+            },
         }
     }
     let Some(data_pkl) = data_pkl else {
@@ -285,6 +287,15 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
         }
         Ok(data)
     };
+    // The other small records (.format_version, .storage_alignment, serialization ids)
+    // are not read here, but torch reads some of them: damage there is damage.
+    for &i in &metadata {
+        if archive.members[i].size <= MAX_CHECKED_RECORD {
+            let name =
+                String::from_utf8_lossy(archive.name(bytes, i).get(plen..).unwrap_or_default());
+            small(i, &name)?;
+        }
+    }
     let byteorder = match byteorder_member {
         None => None,
         Some(i) => match small(i, "byteorder")? {
@@ -978,6 +989,20 @@ mod tests {
         let at = bytes.windows(3).position(|w| w == b"cpu").unwrap();
         bytes[at] = b'x';
         assert_eq!(kind(&bytes), PthErrorKind::CrcMismatch);
+    }
+
+    #[test]
+    fn damaged_metadata_records_fail_their_crc() {
+        let mut e = vec![
+            ZipEntry::new("ck/data.pkl", state_dict(&[])),
+            ZipEntry::new("ck/.storage_alignment", "64"),
+            ZipEntry::new("ck/version", "3"),
+        ];
+        let (mut bytes, layout) = write(&e, false);
+        bytes[layout.data[1]] = b'F';
+        assert_eq!(kind(&bytes), PthErrorKind::CrcMismatch);
+        e[1].data = b"65".to_vec();
+        assert!(parse(&write(&e, false).0, &none()).is_ok());
     }
 
     #[test]

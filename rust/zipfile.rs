@@ -37,8 +37,10 @@ const CENTRAL_SIG: u32 = 0x0201_4b50;
 const LOCAL_LEN: usize = 30;
 const LOCAL_SIG: u32 = 0x0403_4b50;
 const ZIP64_EXTRA_ID: u16 = 0x0001;
-const FLAG_ENCRYPTED: u16 = 0x0001;
-const FLAG_STRONG_ENCRYPTION: u16 = 0x0040;
+/// Traditional, strong and central-directory encryption.
+const FLAGS_ENCRYPTED: u16 = 0x0001 | 0x0040 | 0x2000;
+/// The MS-DOS directory bit of the external attributes.
+const ATTRIBUTE_DIRECTORY: u32 = 0x10;
 const METHOD_STORED: u16 = 0;
 
 /// What is wrong with an archive: one variant per check.
@@ -302,10 +304,17 @@ fn find_end(r: &Reader<'_>) -> ZipResult<End> {
         });
     }
     let locator = locator.unwrap_or_default();
+    // The classic fields hold 0 or, saturated, defer to the zip64 record.
+    if ![0, u16::MAX].contains(&disk) || ![0, u16::MAX].contains(&cd_disk) {
+        return Err(ZipError::new(
+            K::MultiDisk,
+            format!("the archive spans several disks (disk {disk}, directory on {cd_disk})"),
+        ));
+    }
     let loc_disk = r.u32(locator + 4).unwrap_or(u32::MAX);
     let loc_offset = r.u64(locator + 8).unwrap_or(u64::MAX);
     let loc_disks = r.u32(locator + 16).unwrap_or(u32::MAX);
-    if loc_disk != 0 || loc_disks > 1 {
+    if loc_disk != 0 || loc_disks != 1 {
         return Err(ZipError::new(
             K::MultiDisk,
             format!("the zip64 locator names disk {loc_disk} of {loc_disks}"),
@@ -343,6 +352,7 @@ fn find_end(r: &Reader<'_>) -> ZipResult<End> {
             ),
         ));
     }
+    let entries_small = entries;
     let disk = r.u32(at + 16).unwrap_or(u32::MAX);
     let cd_disk = r.u32(at + 20).unwrap_or(u32::MAX);
     let disk_entries = r.u64(at + 24).unwrap_or(u64::MAX);
@@ -353,10 +363,27 @@ fn find_end(r: &Reader<'_>) -> ZipResult<End> {
             format!("the archive spans several disks (disk {disk}, directory on {cd_disk})"),
         ));
     }
+    let cd_size64 = r.u64(at + 40).unwrap_or(u64::MAX);
+    let cd_offset64 = r.u64(at + 48).unwrap_or(u64::MAX);
+    // The classic record's fields must agree with the zip64 ones unless saturated.
+    let agrees = |small: u64, saturated: u64, big: u64| small == saturated || small == big;
+    if !(agrees(entries_small.into(), 0xFFFF, entries)
+        && agrees(cd_size.into(), 0xFFFF_FFFF, cd_size64)
+        && agrees(cd_offset.into(), 0xFFFF_FFFF, cd_offset64))
+    {
+        return Err(ZipError::new(
+            K::BadZip64,
+            format!(
+                "the end record ({entries_small} members, directory of {cd_size} bytes at \
+                 {cd_offset}) contradicts the zip64 end record ({entries} members, {cd_size64} \
+                 bytes at {cd_offset64})"
+            ),
+        ));
+    }
     Ok(End {
         entries,
-        cd_size: r.u64(at + 40).unwrap_or(u64::MAX),
-        cd_offset: r.u64(at + 48).unwrap_or(u64::MAX),
+        cd_size: cd_size64,
+        cd_offset: cd_offset64,
         cd_end: at as u64,
         zip64: true,
     })
@@ -441,6 +468,7 @@ fn read_entry(r: &Reader<'_>, at: usize, stop: usize, index: u64) -> ZipResult<(
     let extra_len = usize::from(f16(30));
     let comment_len = usize::from(f16(32));
     let disk = f16(34);
+    let attributes = f32(38);
     let mut header = u64::from(f32(42));
     let name_at = at + CENTRAL_LEN;
     let extra_at = name_at + name_len;
@@ -488,10 +516,16 @@ fn read_entry(r: &Reader<'_>, at: usize, stop: usize, index: u64) -> ZipResult<(
             format!("member {shown:?} starts on disk {disk}"),
         ));
     }
-    if flags & (FLAG_ENCRYPTED | FLAG_STRONG_ENCRYPTION) != 0 {
+    if flags & FLAGS_ENCRYPTED != 0 {
         return Err(ZipError::new(
             K::Encrypted,
             format!("member {shown:?} is encrypted"),
+        ));
+    }
+    if attributes & ATTRIBUTE_DIRECTORY != 0 {
+        return Err(ZipError::new(
+            K::BadEntry,
+            format!("member {shown:?} is marked as a directory"),
         ));
     }
     if method != METHOD_STORED {
@@ -583,9 +617,16 @@ fn read_local_header(
     if r.u32(at) != Some(LOCAL_SIG) {
         return Err(bad("no local header signature".to_owned()));
     }
+    let local_flags = r.u16(at + 6).unwrap_or(u16::MAX);
     let local_method = r.u16(at + 8).unwrap_or(u16::MAX);
     let name_len = usize::from(r.u16(at + 26).unwrap_or_default());
     let extra_len = usize::from(r.u16(at + 28).unwrap_or_default());
+    if local_flags & FLAGS_ENCRYPTED != 0 {
+        return Err(ZipError::new(
+            K::Encrypted,
+            format!("member {shown:?}: its local header says it is encrypted"),
+        ));
+    }
     if local_method != method {
         return Err(bad(format!(
             "the local header says method {local_method}, the central directory {method}"
@@ -980,6 +1021,11 @@ mod tests {
         let mut b = bytes.clone();
         put32(&mut b, layout.eocd - 12, 0xFFFF_FF00); // locator offset past the file
         assert_eq!(kind(&b), ZipErrorKind::BadZip64);
+        // Classic fields that contradict the zip64 ones.
+        let mut b = bytes.clone();
+        put16(&mut b, layout.eocd + 10, 3);
+        put16(&mut b, layout.eocd + 8, 3);
+        assert_eq!(kind(&b), ZipErrorKind::BadZip64);
         // Saturated fields without a locator.
         let (mut b, layout) = write(&entries(), false);
         put16(&mut b, layout.eocd + 10, u16::MAX);
@@ -997,6 +1043,12 @@ mod tests {
         assert_eq!(kind(&b), ZipErrorKind::MultiDisk);
         let (mut b, layout) = write(&entries(), true);
         put32(&mut b, layout.zip64_eocd.unwrap() + 16, 1);
+        assert_eq!(kind(&b), ZipErrorKind::MultiDisk);
+        let (mut b, layout) = write(&entries(), true);
+        put32(&mut b, layout.eocd - 4, 0); // the locator's count of disks
+        assert_eq!(kind(&b), ZipErrorKind::MultiDisk);
+        let (mut b, layout) = write(&entries(), true);
+        put16(&mut b, layout.eocd + 4, 2);
         assert_eq!(kind(&b), ZipErrorKind::MultiDisk);
     }
 
@@ -1033,6 +1085,13 @@ mod tests {
     }
 
     #[test]
+    fn directory_members() {
+        let (mut b, layout) = write(&entries(), false);
+        put32(&mut b, layout.central[2] + 38, 0x10);
+        assert_eq!(kind(&b), ZipErrorKind::BadEntry);
+    }
+
+    #[test]
     fn malformed_extra_fields() {
         assert!(find_extra(&[1, 0, 9, 0, 1], 1).is_err());
         assert!(find_extra(&[1, 0], 1).is_err());
@@ -1049,6 +1108,12 @@ mod tests {
         let mut e = entries();
         e[2].method = 8;
         assert_eq!(kind(&write(&e, false).0), ZipErrorKind::Compressed);
+        let mut e = entries();
+        e[1].flags |= 0x2000;
+        assert_eq!(kind(&write(&e, false).0), ZipErrorKind::Encrypted);
+        let (mut b, layout) = write(&entries(), false);
+        put16(&mut b, layout.headers[3] + 6, 0x0809); // encrypted in the local header only
+        assert_eq!(kind(&b), ZipErrorKind::Encrypted);
     }
 
     #[test]

@@ -228,7 +228,7 @@ def _sniff_zip(path: str, size: int) -> Sniffed:
             reader = torch._C.PyTorchFileReader(path)
             records = reader.get_all_records()
             del reader
-        except RuntimeError:
+        except (RuntimeError, UnicodeDecodeError):  # a member name that is not UTF-8
             return _sniff_foreign_zip(path, size)
     if "constants.pkl" in records or any(r.startswith("code/") for r in records):
         return Sniffed(path, Format.TORCHSCRIPT, size, "a TorchScript archive (torch.jit.save)")
