@@ -79,6 +79,7 @@ class Comparison:
     def __init__(self) -> None:
         self.ours_to_theirs: dict[int, int] = {}
         self.theirs_to_ours: dict[int, int] = {}
+        self.memory: dict[int, int] = {}
         self.tensors = 0
 
     def same(self, ours: Any, theirs: Any, path: str = "<root>") -> None:
@@ -122,10 +123,13 @@ class Comparison:
                 warnings.filterwarnings("ignore", "ComplexHalf", UserWarning)
                 assert storage_bytes(a) == storage_bytes(b), f"{path}: bytes differ"
         if sa.nbytes():
-            # The same partition of tensors into storages on both sides.
-            pa, pb = sa.data_ptr(), sb.data_ptr()
+            # The same partition of tensors into storage objects on both sides (the storage
+            # itself, `_cdata`: two storages over the same memory are not one storage).
+            pa, pb = sa._cdata, sb._cdata
             assert self.ours_to_theirs.setdefault(pa, pb) == pb, f"{path}: sharing differs"
             assert self.theirs_to_ours.setdefault(pb, pa) == pa, f"{path}: sharing differs"
+            memory = self.memory.setdefault(sa.data_ptr(), sb.data_ptr())
+            assert memory == sb.data_ptr(), f"{path}: aliasing differs"
 
 
 def assert_same(ours: Any, theirs: Any) -> int:
