@@ -1,0 +1,194 @@
+"""The torch zip reader end to end: ``load_checkpoint`` of a 49k-tensor ``.pth`` and ``ckptmap
+inspect`` of a 100k-tensor one, side by side with mmengine and torch.
+
+Run with ``pytest benches/test_bench_pth_reader.py --benchmark-enable -s`` (skipped
+otherwise), or ``make bench``. Two groups:
+
+- ``load_checkpoint`` of the MoE checkpoint of ``test_bench_load`` (4 layers x 4096 experts of
+  three bias-free ``Linear(4, 4)``, plus 8 BatchNorms and a head: 49,194 tensors, 24 MiB) saved
+  as a DistributedDataParallel checkpoint (every key under ``module.``, ``_metadata`` kept,
+  a ``meta`` entry), into a model built once outside the timing:
+
+  - ``ckptmap``: ``ckptmap.load_checkpoint(model, path)`` (the Rust reader, then the key
+    rules, then ckptmap's ``load_state_dict``);
+  - ``mmengine``: ``mmengine.runner.checkpoint.load_checkpoint(model, path)``;
+  - ``torch``: ``torch.load(path, weights_only=True)`` then ckptmap's loading of that
+    checkpoint (``_load_checkpoint_to_model``: the same key rules and ``load_state_dict``), so
+    the ratio is the reader's gain alone.
+
+- ``ckptmap inspect`` of a checkpoint of 100,000 tiny tensors:
+
+  - ``ckptmap``: ``inspect_checkpoint`` (the reader's table, from ``data.pkl`` alone);
+  - ``torch``: the same summary built as before the reader existed: ``torch.load(mmap=True,
+    weights_only=True)`` and a walk of the tensors (``inspect_checkpoint`` with the reader
+    switched off).
+
+Copies run on one thread for every loader (see ``test_bench_load``). Goals (issue 11): at
+least 30x mmengine and 10x torch on the first, 20x on the second.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+GROUP_LOAD = "load_checkpoint: 49k-tensor MoE .pth, end to end"
+GROUP_INSPECT = "inspect: 100k-tensor .pth"
+ROUNDS = {"ckptmap": 5, "torch": 2, "mmengine": 1}
+RESULTS: dict[str, dict[str, float]] = {GROUP_LOAD: {}, GROUP_INSPECT: {}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _require_enabled(request: pytest.FixtureRequest) -> None:
+    if not request.config.getoption("benchmark_enable", False):
+        pytest.skip("benchmark: run with --benchmark-enable")
+
+
+class Expert(nn.Module):
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d, d, bias=False)
+        self.w2 = nn.Linear(d, d, bias=False)
+        self.w3 = nn.Linear(d, d, bias=False)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(Expert() for _ in range(experts))
+
+
+class MoE(nn.Module):
+    """49,194 tensors: 49,152 expert weights, 8 BatchNorms (40 tensors), a head (2)."""
+
+    def __init__(self, layers: int = 4, experts: int = 4096) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MoELayer(experts) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(4) for _ in range(8))
+        self.head = nn.Linear(4, 4)
+
+
+def build_model() -> MoE:
+    with torch.device("meta"):
+        model = MoE()
+    return model.to_empty(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def moe(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[MoE, Path, dict[str, Any]]:
+    _require_enabled(request)
+    model = build_model()
+    torch.manual_seed(0)
+    source = model.state_dict()
+    state = collections.OrderedDict(
+        (f"module.{k}", torch.randn_like(v) if v.is_floating_point() else torch.zeros_like(v))
+        for k, v in source.items()
+    )
+    state._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+        (f"module.{k}" if k else "module", v)
+        for k, v in source._metadata.items()  # type: ignore[attr-defined]
+    )
+    path = tmp_path_factory.mktemp("moe") / "moe_ddp.pth"
+    torch.save({"meta": {"epoch": 12, "iter": 48_000}, "state_dict": state}, path)
+    assert len(state) == 49_194
+    expected = {k.removeprefix("module."): state[k] for k in list(state)[::997]}
+    return model, path, expected
+
+
+def load(impl: str, model: nn.Module, path: Path) -> None:
+    if impl == "ckptmap":
+        import ckptmap
+
+        ckptmap.load_checkpoint(model, path, map_location="cpu", logger="silent")
+    elif impl == "mmengine":
+        from mmengine.runner.checkpoint import load_checkpoint
+
+        load_checkpoint(model, str(path), map_location="cpu", logger="silent")
+    elif impl == "torch":
+        from ckptmap.checkpoint import _load_checkpoint_to_model
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        _load_checkpoint_to_model(model, checkpoint, logger="silent")
+    else:
+        raise ValueError(impl)
+
+
+@pytest.mark.benchmark(group=GROUP_LOAD)
+@pytest.mark.parametrize("impl", ["ckptmap", "torch", "mmengine"])
+def test_load_checkpoint_moe_pth(benchmark, moe, impl: str, capsys) -> None:
+    if impl == "mmengine":
+        pytest.importorskip("mmengine")
+    model, path, expected = moe
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    benchmark.extra_info["impl"] = impl
+    benchmark.extra_info["tensors"] = 49_194
+    benchmark.pedantic(load, args=(impl, model, path), rounds=ROUNDS[impl], iterations=1)
+    state = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    report(GROUP_LOAD, impl, benchmark.stats.stats.min, capsys)
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
+    _require_enabled(request)
+    path = tmp_path_factory.mktemp("inspect") / "many.pth"
+    state = {f"blocks.{i // 100}.part.{i % 100}.weight": torch.ones(4) for i in range(100_000)}
+    torch.save({"state_dict": state, "meta": {"step": 1}}, path)
+    return path
+
+
+def inspect_before(path: Path) -> dict[str, Any]:
+    """`inspect_checkpoint` as it ran before the reader: torch.load, then a walk."""
+    from ckptmap.formats import pth
+    from ckptmap.inspect import inspect_checkpoint
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pth, "tensor_table", lambda *args, **kwargs: None)
+        m.setattr(pth, "load_fast", lambda *args, **kwargs: pth.FALLBACK)
+        return inspect_checkpoint(path)
+
+
+@pytest.mark.benchmark(group=GROUP_INSPECT)
+@pytest.mark.parametrize("impl", ["ckptmap", "torch"])
+def test_inspect_100k_pth(benchmark, many: Path, impl: str, capsys) -> None:
+    from ckptmap.inspect import inspect_checkpoint
+
+    benchmark.extra_info["impl"] = impl
+    fn = inspect_checkpoint if impl == "ckptmap" else inspect_before
+    summary = benchmark.pedantic(fn, args=(many,), rounds=ROUNDS[impl], iterations=1)
+    assert summary["tensor_count"] == 100_000 and summary["total_bytes"] == 1_600_000
+    assert summary == inspect_before(many)
+    report(GROUP_INSPECT, impl, benchmark.stats.stats.min, capsys)
+
+
+def report(group: str, impl: str, seconds: float, capsys) -> None:
+    """Prints the group's times so far, with ckptmap's ratio to each."""
+    results = RESULTS[group]
+    results[impl] = seconds
+    if "ckptmap" not in results or len(results) < 2:
+        return
+    ours = results["ckptmap"]
+    lines = [group]
+    for name, t in results.items():
+        ratio = "" if name == "ckptmap" else f"   ckptmap is {t / ours:.1f}x faster"
+        lines.append(f"  {name:<10}{t:>9.3f} s{ratio}")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
