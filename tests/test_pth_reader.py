@@ -61,6 +61,31 @@ def reference(path: Path, protocol: int = 2, **kwargs: Any) -> Any:
         return torch.load(path, weights_only=protocol == 2, **kwargs)
 
 
+# Tests where torch's loader builds the checkpoint; everywhere else a fallback is a failure.
+FALLBACK_EXPECTED = (
+    "test_meta_map_location_goes_to_torch",
+    "test_what_the_reader_does_not_build",
+    "test_a_tensor_subclass_goes_to_torch",
+    "test_torchs_skip_data_mode_goes_to_torch",
+    "test_load_names_on_a_fallback_file",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    reasons: list[str] = []
+    log = PthFile._log_fallback
+
+    def record(self: PthFile, reason: str) -> None:
+        reasons.append(reason)
+        log(self, reason)
+
+    monkeypatch.setattr(PthFile, "_log_fallback", record)
+    yield
+    if not request.node.name.startswith(FALLBACK_EXPECTED):
+        assert reasons == [], f"torch's loader built the checkpoint: {reasons}"
+
+
 def fast(path: Path, **kwargs: Any) -> PthFile:
     f = read_pth(path, **kwargs)
     assert f.fallback_reason is None, f.fallback_reason

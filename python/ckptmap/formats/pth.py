@@ -154,11 +154,13 @@ class PthFile:
         self.path = os.fspath(path)
         self._allowed = _Allowlist.of(tuple(allowed_globals))
         self._reader = _open(self.path, self._allowed.names)
+        self._load_fallback: str | None = None
 
     @property
     def fallback_reason(self) -> str | None:
-        """Why torch's loader must load this file (None: the Rust reader loads it)."""
-        return self._reader.fallback_reason
+        """Why torch's loader loads this file, or loaded it the last time (None: the Rust
+        reader does)."""
+        return self._reader.fallback_reason or self._load_fallback
 
     @property
     def byteorder(self) -> str | None:
@@ -248,7 +250,7 @@ class PthFile:
             NoStateDictError: the checkpoint, or its ``state_dict`` / ``model`` entry, is not
                 a mapping.
         """
-        if self.fallback_reason is not None:
+        if self._reader.fallback_reason is not None:
             return None
         r = self._reader
         root = r.value_type([])
@@ -280,7 +282,8 @@ class PthFile:
         )
 
     def _try_load(self, names: list[str] | None, map_location: Any, mmap: bool) -> Any:
-        reason = self.fallback_reason or _torch_state_reason(map_location, mmap)
+        self._load_fallback = None
+        reason = self._reader.fallback_reason or _torch_state_reason(map_location, mmap)
         if reason is None and self._reader.byteorder is None:
             reason = _default_endianness_reason()
         restore: Any = None
@@ -323,7 +326,8 @@ class PthFile:
         return OrderedDict(zip(names, loaded, strict=True))
 
     def _log_fallback(self, reason: str) -> None:
-        self.load_fallback_reason = reason
+        if self._reader.fallback_reason is None:
+            self._load_fallback = reason
         logger.info(
             "%s: loaded by torch's safe unpickler instead of ckptmap's reader (%s)",
             self.path,
