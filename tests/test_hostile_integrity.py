@@ -34,6 +34,7 @@ from ckptmap.errors import (
     CorruptCheckpointError,
     IncompleteDownloadError,
     InvalidResponseError,
+    InvalidTorchZipError,
     ManifestMismatchError,
     MissingManifestError,
     UnsafePathError,
@@ -436,11 +437,12 @@ def test_a_storage_record_smaller_than_declared(tmp_path, saved, mmap):
     _rewrite(saved, bad, lambda d: _replace_once(d, b"K\x10t", b"K\x20t"))
     with pytest.raises(CorruptCheckpointError) as info:
         load_file(bad, mmap=mmap)
-    assert type(info.value) is CorruptCheckpointError
+    # Checked by ckptmap's reader before anything is mapped or read, whatever mmap says.
+    assert type(info.value) is InvalidTorchZipError
+    assert info.value.kind == "storage_size_mismatch"
     message = str(info.value)
     assert str(bad) in message and "64 bytes" in message
-    if mmap:  # checked by ckptmap before torch maps it; torch checks it itself otherwise
-        assert "data/0" in message and "128 bytes" in message
+    assert "data/0" in message and "128 bytes" in message
 
 
 @pytest.mark.parametrize("mmap", [True, False])
@@ -450,7 +452,8 @@ def test_a_shape_beyond_its_storage(tmp_path, saved, mmap):
     _rewrite(saved, bad, lambda d: _replace_once(d, b"K\x00K\x04K\x04\x86", b"K\x00K\x08K\x04\x86"))
     with pytest.raises(CorruptCheckpointError) as info:
         load_file(bad, mmap=mmap)
-    assert type(info.value) is CorruptCheckpointError and str(bad) in str(info.value)
+    assert type(info.value) is InvalidTorchZipError and str(bad) in str(info.value)
+    assert info.value.kind == "tensor_out_of_bounds"
 
 
 def test_a_small_deflated_pickle_still_loads(tmp_path, saved):

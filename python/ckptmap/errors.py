@@ -660,6 +660,10 @@ class InvalidSafetensorsError(CorruptCheckpointError, ValueError):
         )
 
 
+_TORCH_ZIP_HINT = (
+    "re-download or re-copy it (if it came from a download cache, delete that cache entry so "
+    "the next run fetches it again); if your own code wrote it, save it again with torch.save"
+)
 # What to do, for the torch zip faults where the generic advice is not the best one.
 _TORCH_ZIP_HINTS = {
     "compressed_member": (
@@ -696,7 +700,7 @@ class InvalidTorchZipError(CorruptCheckpointError, ValueError):
             path,
             size,
             f"a damaged torch zip checkpoint ({kind.replace('_', ' ')}: {detail})",
-            _TORCH_ZIP_HINTS.get(kind, _GENERIC_HINT),
+            _TORCH_ZIP_HINTS.get(kind, _TORCH_ZIP_HINT),
         )
 
 

@@ -53,6 +53,7 @@ from ckptmap.formats.torch_zip_check import check_torch_zip
 __all__ = [
     "AllowedGlobal",
     "allowing",
+    "built_safely",
     "dangerous_globals",
     "load_pickle",
     "pickle_globals",
@@ -219,17 +220,31 @@ def load_pickle(
     # Checked before anything is read; DEFAULT is always part of what the unpickler gets.
     given = allowed_globals if isinstance(allowed_globals, (str, bytes)) else tuple(allowed_globals)
     allowed = allowlist.with_default(given)
-    explicit = [entry[0] if isinstance(entry, tuple) else entry for entry in given]
     if not weights_only and _env_forces_weights_only():
         weights_only = True
+    return built_safely(
+        sniffed.path, given, lambda: _load_any(sniffed, map_location, weights_only, allowed, mmap)
+    )
+
+
+def built_safely(path: str, given: Iterable[AllowedGlobal], build: Callable[[], Any]) -> Any:
+    """What `build` (a load with the default allowlist) returns, its stand-ins resolved.
+
+    The numpy and HistoryBuffer stand-ins of `allowlist.DEFAULT` are told which objects the
+    caller allowed explicitly (`given`); numpy recipes become real numpy objects afterwards.
+
+    Raises:
+        UnsafeCheckpointError: a recipe that does not check out.
+    """
+    explicit = [entry[0] if isinstance(entry, tuple) else entry for entry in given]
     with recipes_made() as made, explicitly_allowed(explicit):
-        loaded = _load_any(sniffed, map_location, weights_only, allowed, mmap)
+        loaded = build()
     if not made:
         return loaded
     try:
         return resolve(loaded)
     except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(sniffed.path, [], reason=str(err)) from None
+        raise UnsafeCheckpointError(path, [], reason=str(err)) from None
 
 
 def _load_any(
@@ -283,7 +298,13 @@ def _load_torch_zip(
     mmap: bool,
 ) -> Any:
     """A torch zip checkpoint through `torch.load` (read into memory if it can not be mapped)."""
-    check_torch_zip(sniffed.path, sniffed.size, mmap=mmap)  # inflation cap, record sizes
+    # Inflation cap, and record sizes where torch would map the records unchecked. (Files
+    # the Rust reader builds never get here: it checks all of this itself.)
+    if mmap and not check_torch_zip(sniffed.path, sniffed.size, mmap=True):
+        logger.info("%s has compressed storage records: reading it into memory", sniffed.path)
+        mmap = False
+    elif not mmap:
+        check_torch_zip(sniffed.path, sniffed.size, mmap=False)
     try:
         return _torch_load(sniffed, map_location, weights_only, allowed, mmap=mmap)
     except _MmapFailed as err:

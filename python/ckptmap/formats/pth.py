@@ -44,9 +44,11 @@ from ckptmap.errors import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
     InvalidTorchZipError,
+    MapLocationError,
     NoStateDictError,
     _TypeName,
 )
+from ckptmap.formats.map_location import checked_map_location
 
 __all__ = [
     "FALLBACK",
@@ -64,6 +66,7 @@ logger = logging.getLogger("ckptmap")
 
 #: What `load_fast` returns when torch's own loader must load the file.
 FALLBACK: Any = object()
+
 
 class PthTensorInfo(NamedTuple):
     """One tensor of the table (see `PthTable`)."""
@@ -151,31 +154,56 @@ class PthFile:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allowed_globals: Iterable[Any] = ()):
-        self.path = os.fspath(path)
-        self._allowed = _Allowlist.of(tuple(allowed_globals))
-        self._reader = _open(self.path, self._allowed.names)
+        from ckptmap.formats import allowlist
+
+        given = (
+            allowed_globals if isinstance(allowed_globals, str | bytes) else tuple(allowed_globals)
+        )
+        self._init(os.fspath(path), given, allowlist.with_default(given))
+
+    @classmethod
+    def _with_allowlist(
+        cls, path: str, given: tuple[Any, ...], allowed: tuple[Any, ...]
+    ) -> PthFile:
+        """A `PthFile` whose allowlist (`given` with the default) was checked already."""
+        f = cls.__new__(cls)
+        f._init(path, given, allowed)
+        return f
+
+    def _init(self, path: str, given: tuple[Any, ...], allowed: tuple[Any, ...]) -> None:
+        self.path = path
+        self._given = given
+        self._allowed = _Allowlist.of(allowed)
+        self._reader, self._unread = _open(self.path, self._allowed.names)
         self._load_fallback: str | None = None
 
     @property
     def fallback_reason(self) -> str | None:
         """Why torch's loader loads this file, or loaded it the last time (None: the Rust
         reader does)."""
+        if self._reader is None:
+            return self._unread
         return self._reader.fallback_reason or self._load_fallback
 
     @property
     def byteorder(self) -> str | None:
         """``"little"`` or ``"big"`` (None: no ``byteorder`` record, read as little)."""
-        return self._reader.byteorder
+        return self._ready().byteorder
 
     @property
     def version(self) -> int:
         """The archive format version."""
-        return self._reader.version
+        return self._ready().version
 
     @property
     def pickle_protocol(self) -> int:
         """The protocol of ``data.pkl``."""
-        return self._reader.protocol
+        return self._ready().protocol
+
+    def _ready(self) -> Any:
+        if self._reader is None:
+            raise PthFallback(f"{self.path}: only torch can read this checkpoint ({self._unread})")
+        return self._reader
 
     @functools.cached_property
     def table(self) -> PthTable:
@@ -185,7 +213,7 @@ class PthFile:
             ckptmap._core.PthFallback: the reader can not list them (see `fallback_reason`,
                 or a structure too deep or too shared to list).
         """
-        r = self._reader
+        r = self._ready()
         return PthTable(
             r.names,
             r.dtypes,
@@ -220,7 +248,12 @@ class PthFile:
         Raises:
             ckptmap.errors.TensorNotFoundError: a name not in the table.
         """
+        from ckptmap.formats.pickled import built_safely
+
         wanted = None if names is None else list(names)
+        return built_safely(self.path, self._given, lambda: self._load(wanted, map_location, mmap))
+
+    def _load(self, wanted: list[str] | None, map_location: Any, mmap: bool) -> Any:
         result = self._try_load(wanted, map_location, mmap)
         if result is not FALLBACK:
             return result
@@ -250,7 +283,25 @@ class PthFile:
             NoStateDictError: the checkpoint, or its ``state_dict`` / ``model`` entry, is not
                 a mapping.
         """
-        if self._reader.fallback_reason is not None:
+        path = self.state_dict_path()
+        if path is None:
+            return None
+        items = self._reader.mapping_items(path) or []
+        return OrderedDict(
+            (key, (shape, dtype) if shape is not None else (None, None))
+            for key, shape, dtype, _type in items
+        )
+
+    def state_dict_path(self) -> list[str] | None:
+        """Where the state dict sits, as `find_state_dict` finds it: ``[]`` (the whole
+        checkpoint), ``["state_dict"]`` or ``["model"]``; None when only loading the
+        checkpoint can tell (a fallback, or objects made by calls).
+
+        Raises:
+            NoStateDictError: the checkpoint, or its ``state_dict`` / ``model`` entry, is not
+                a mapping.
+        """
+        if self._reader is None or self._reader.fallback_reason is not None:
             return None
         r = self._reader
         root = r.value_type([])
@@ -259,7 +310,7 @@ class PthFile:
         if root not in _MAPPINGS:
             raise NoStateDictError(self.path, _TypeName(root), "top-level object")
         keys = {item[0] for item in r.mapping_items([]) or ()}
-        path: list[str | int] = []
+        path: list[str] = []
         if "state_dict" in keys:
             found = r.value_type(["state_dict"])
             if found is None:
@@ -275,14 +326,35 @@ class PthFile:
                 path = ["model"]
             elif found not in _TENSORS:
                 raise NoStateDictError(self.path, _TypeName(found), "'model' entry")
-        items = r.mapping_items(path) or []
-        return OrderedDict(
-            (key, (shape, dtype) if shape is not None else (None, None))
-            for key, shape, dtype, _type in items
-        )
+        return path
+
+    def state_dict_items(self, path: list[str]) -> list[tuple[Any, Any, Any, Any]]:
+        """``(key, shape, dtype, type name)`` of the dict at `path` (see `state_dict_path`)."""
+        return self._ready().mapping_items(path) or []
+
+    def meta_value(self, path: list[str]) -> Any:
+        """The value at `path` with every tensor an empty ``meta`` tensor of its shape and
+        dtype (other values built as a load builds them; no tensor data read).
+
+        Raises:
+            ckptmap._core.PthFallback: only torch can build it.
+        """
+        from ckptmap.formats.pickled import built_safely
+
+        hooks = self._allowed.hooks(None)
+
+        def build() -> Any:
+            with _gc_paused():
+                return self._ready().load(hooks, path=path, meta=True)
+
+        return built_safely(self.path, self._given, build)
 
     def _try_load(self, names: list[str] | None, map_location: Any, mmap: bool) -> Any:
         self._load_fallback = None
+        if self._reader is None:
+            self._log_fallback(self._unread or "")
+            return FALLBACK
+        map_location = checked_map_location(map_location, self.path)
         reason = self._reader.fallback_reason or _torch_state_reason(map_location, mmap)
         if reason is None and self._reader.byteorder is None:
             reason = _default_endianness_reason()
@@ -313,7 +385,7 @@ class PthFile:
             raise InvalidTorchZipError(
                 self.path, self._reader.file_size, err.kind, err.detail
             ) from None
-        except OSError:
+        except (OSError, MapLocationError):
             raise
         except PthFallback as err:
             self._log_fallback(str(err))
@@ -326,7 +398,7 @@ class PthFile:
         return OrderedDict(zip(names, loaded, strict=True))
 
     def _log_fallback(self, reason: str) -> None:
-        if self._reader.fallback_reason is None:
+        if self._reader is not None and self._reader.fallback_reason is None:
             self._load_fallback = reason
         logger.info(
             "%s: loaded by torch's safe unpickler instead of ckptmap's reader (%s)",
@@ -335,7 +407,7 @@ class PthFile:
         )
 
     def __len__(self) -> int:
-        return len(self._reader)
+        return 0 if self._reader is None else len(self._reader)
 
     def __repr__(self) -> str:
         return f"PthFile({self.path!r}, tensors={len(self)}, fallback={self.fallback_reason!r})"
@@ -351,7 +423,7 @@ def tensor_table(
 ) -> PthTable | None:
     """The tensor table of the checkpoint at `path`, or None where only torch can read it."""
     f = PthFile(path, allowed_globals=allowed_globals)
-    if f.fallback_reason is not None or f._reader.table_error is not None:
+    if f._reader is None or f.fallback_reason is not None or f._reader.table_error is not None:
         return None
     return f.table
 
@@ -372,7 +444,8 @@ def load_fast(sniffed: Any, map_location: Any, allowed: Sequence[Any], *, mmap: 
     Raises:
         InvalidTorchZipError: the file fails validation.
     """
-    f = PthFile(sniffed.path, allowed_globals=allowed)
+    given = tuple(allowed)
+    f = PthFile._with_allowlist(sniffed.path, given, given)
     return f._try_load(None, map_location, mmap)
 
 
@@ -382,10 +455,18 @@ _MAPPINGS = frozenset({"dict", "collections.OrderedDict"})
 _TENSORS = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
 
 
-def _open(path: str, names: list[str]) -> Any:
+# Faults of the archive that torch's own reader handles under ckptmap's checks
+# (`ckptmap.formats.torch_zip_check`: compressed members inflate under a cap).
+_TORCH_READS = frozenset({"compressed_member"})
+
+
+def _open(path: str, names: list[str]) -> tuple[Any, str | None]:
+    """The reader of `path`, or None and why torch's reader must read it."""
     try:
-        return PthReader.open(path, names)
+        return PthReader.open(path, names), None
     except PthFormatError as err:
+        if err.kind in _TORCH_READS:
+            return None, f"{err.kind.replace('_', ' ')}: {err.detail}"
         size = os.stat(path).st_size if os.path.exists(path) else 0
         raise InvalidTorchZipError(path, size, err.kind, err.detail) from None
     except IsADirectoryError as err:

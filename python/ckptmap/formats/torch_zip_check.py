@@ -196,13 +196,17 @@ def _pickle_bytes(f: BinaryIO, entry: ZipEntry) -> bytes:
     return data
 
 
-def check_torch_zip(path: str, size: int, *, mmap: bool) -> None:
+def check_torch_zip(path: str, size: int, *, mmap: bool) -> bool:
     """Checks the archive at `path` before `torch.load` reads it (see the module docstring).
 
     Args:
         path: a file sniffed as a torch zip checkpoint.
         size: its size, for messages.
         mmap: whether torch will map it (only then are record sizes checked here).
+
+    Returns:
+        Whether torch may map it: False when a storage record is compressed (a mapped
+        storage would hold the compressed bytes; read into memory, torch inflates them).
 
     Raises:
         CorruptCheckpointError: a compressed member past the inflation cap, a storage record
@@ -212,14 +216,16 @@ def check_torch_zip(path: str, size: int, *, mmap: bool) -> None:
         try:
             directory = read_zip_directory(f, strict=False)
         except ZipDirectoryError:
-            return  # torch's reader reports a damaged archive in its own words
+            return mmap  # torch's reader reports a damaged archive in its own words
         for entry in directory.entries:
             _bomb_check(path, size, entry)
+        if any(e.compressed and "/data/" in e.name for e in directory.entries):
+            return False
         if not mmap:
-            return
+            return False
         pickles = [e for e in directory.entries if e.name.endswith("data.pkl")]
         if len(pickles) != 1:
-            return
+            return True
         prefix = pickles[0].name[: -len("data.pkl")]
         records = {
             e.name[len(prefix) + len("data/") :]: e.size
@@ -229,7 +235,7 @@ def check_torch_zip(path: str, size: int, *, mmap: bool) -> None:
         try:
             data = _pickle_bytes(f, pickles[0])
         except ZipDirectoryError:
-            return
+            return True
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -243,7 +249,8 @@ def check_torch_zip(path: str, size: int, *, mmap: bool) -> None:
             "re-download or re-save it; do not load it with other tools either",
         ) from None
     except Exception:
-        return  # a pickle the replay can not follow: torch's safe loader decides
+        return True  # a pickle the replay can not follow: torch's safe loader decides
     finally:
         if collecting:
             gc.enable()
+    return True
