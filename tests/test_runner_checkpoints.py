@@ -12,6 +12,7 @@ import copy
 import io
 import itertools
 import json
+import logging
 import subprocess
 import sys
 import zipfile
@@ -31,7 +32,9 @@ import ckptmap
 from ckptmap.cli import main as cli_main
 from ckptmap.formats import load_file
 from ckptmap.formats.pickled import pickle_globals
+from ckptmap.formats.pth import read_pth
 from ckptmap.integrations import mmengine as dropin
+from ckptmap.opened import walk_tensors
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning",
@@ -194,6 +197,22 @@ def test_runner_checkpoint_references_exactly_these_globals(trained) -> None:
     assert all(
         isinstance(v, HistoryBuffer) for v in checkpoint["message_hub"]["log_scalars"].values()
     )
+
+
+def test_it_loads_through_ckptmaps_reader_by_default(trained, caplog) -> None:
+    # Everything a Runner writes is in the default allowlist, so the Rust reader builds it
+    # (calling the allowlist's checked stand-ins), and torch's unpickler is never needed.
+    path, _ = trained
+    opened = read_pth(path)
+    assert opened.fallback_reason is None
+    assert len(opened.table) == len(unrestricted(path)["state_dict"]) + sum(
+        1 for _ in walk_tensors(unrestricted(path)["optimizer"])
+    )
+    with caplog.at_level(logging.INFO, logger="ckptmap"):
+        loaded = load_file(path)
+    assert "instead of ckptmap's reader" not in caplog.text
+    assert opened.fallback_reason is None
+    assert_same(loaded, unrestricted(path))
 
 
 # -- every entry point, no opt-in ------------------------------------------------------------------

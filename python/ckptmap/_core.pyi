@@ -258,6 +258,14 @@ class PthReader:
         self, path: Sequence[_PathPart]
     ) -> list[tuple[str | int, tuple[int, ...] | None, str | None, str | None]] | None:
         """`(key, shape, dtype, type name)` of the dict at `path`; None if not a dict."""
-    def load(self, hooks: object, mmap: bool = True, rows: Sequence[int] | None = None) -> Any:
-        """Builds the checkpoint, or the tensors of table rows `rows`."""
+    def load(
+        self,
+        hooks: object,
+        mmap: bool = True,
+        rows: Sequence[int] | None = None,
+        path: Sequence[_PathPart] | None = None,
+        meta: bool = False,
+    ) -> Any:
+        """Builds the checkpoint, the value at `path`, or the tensors of table rows `rows`
+        (`meta`: empty meta tensors, the file's data untouched)."""
     def __len__(self) -> int: ...

@@ -9,7 +9,9 @@ touching tensor bytes depends on the format:
 safetensors       the validated header: names, dtypes, shapes, byte ranges
 sharded           the index plus each safetensors shard's header (torch shards are mapped)
 DCP               ``.metadata``: names, dtypes, shapes, chunks and byte ranges
-torch zip         the pickle, with every tensor a view of the mapped file (pages unread)
+torch zip         ckptmap's Rust reader: names, dtypes, shapes and byte ranges from
+                  ``data.pkl`` alone (`ckptmap.formats.pth`); files only torch can read
+                  load through torch's safe loader, every tensor a view of the mapped file
 legacy / pickle   nothing until the file is read whole (`Checkpoint.header_only` is False)
 remote            http(s) / s3 safetensors and shard sets: headers read by byte range
                   (`ckptmap.remote`); other remote files are downloaded whole
@@ -257,6 +259,103 @@ class _Safetensors(Checkpoint):
         self._loaded = None
 
 
+class _TorchZip(Checkpoint):
+    """A torch zip checkpoint opened by ckptmap's Rust reader (`ckptmap.formats.pth`): the
+    tables come from ``data.pkl`` alone, tensors are built only when asked for (views of a
+    private map of the file). Where the reader can not tell (a file only torch can read,
+    a state dict made by allowlisted calls), the checkpoint is loaded whole, as before."""
+
+    def __init__(self, pth_file: Any, looks_like: str, map_location: Any, options: dict) -> None:
+        from ckptmap.errors import NoStateDictError
+
+        try:
+            where = pth_file.state_dict_path()
+        except NoStateDictError:
+            where = None  # raised again, with the loaded object, where it is asked for
+        table_ok = where is not None and pth_file._reader.table_error is None
+        mapped = options["mmap"] is not False
+        super().__init__(pth_file.path, Format.TORCH_ZIP, looks_like, header_only=True)
+        self.header_only = table_ok or mapped
+        self._file = pth_file
+        self._where: list[str] | None = where if table_ok else None
+        self._map_location = map_location
+        self._options = options
+        self._loaded: Any = None
+
+    def _rows(self) -> dict[str, int]:
+        """Table row of each tensor of the state dict, by its key there."""
+        assert self._where is not None
+        lead = "".join(f"{part}." for part in self._where)
+        rows: dict[str, int] = {}
+        for i, name in enumerate(self._file.table.names):
+            if name.startswith(lead):
+                rows.setdefault(name[len(lead) :], i)
+        return rows
+
+    def entries(self) -> list[TensorEntry]:
+        if self._where is None:
+            return super().entries()
+        table = self._file.table
+        rows = self._rows()
+        out = []
+        for key, shape, dtype, _type in self._file.state_dict_items(self._where):
+            row = rows.get(key) if isinstance(key, str) else None
+            if shape is None or row is None:
+                continue
+            start = table.byte_ranges[row][0]
+            out.append(TensorEntry(key, dtype, tuple(shape), table.nbytes[row], self.source, start))
+        return out
+
+    def all_entries(self) -> list[TensorEntry]:
+        if self._where is None:
+            return super().all_entries()
+        t = self._file.table
+        return [
+            TensorEntry(name, dtype, tuple(shape), nbytes, self.source, span[0])
+            for name, dtype, shape, nbytes, span in zip(
+                t.names, t.dtypes, t.shapes, t.nbytes, t.byte_ranges, strict=True
+            )
+        ]
+
+    def keys(self) -> list[str]:
+        if self._where is None:
+            return super().keys()
+        return [item[0] for item in self._file.state_dict_items(self._where)]
+
+    def meta_state_dict(self) -> Mapping[str, Any]:
+        if self._where is not None:
+            from ckptmap._core import PthFallback
+
+            try:
+                # Built by the reader with meta tensors: no tensor data, no torch unpickler.
+                return self._file.meta_value(self._where)
+            except PthFallback:
+                pass
+        return super().meta_state_dict()
+
+    def load(self) -> Any:
+        if self._loaded is None:
+            self._loaded = load_file(self.source, self._map_location, **self._options)
+        return self._loaded
+
+    def state_dict(self, names: Iterable[str] | None = None) -> Mapping[str, Any]:
+        if names is None or self._where is None or self._loaded is not None:
+            return super().state_dict(names)
+        wanted = list(names)
+        rows = self._rows()
+        if not all(isinstance(n, str) and n in rows for n in wanted):
+            return super().state_dict(wanted)  # not only tensors: build the whole thing
+        # Only the tensors asked for are built (views of a private map of the file).
+        lead = "".join(f"{part}." for part in self._where)
+        built = self._file.load(
+            [lead + n for n in wanted], self._map_location, mmap=self._options["mmap"] is not False
+        )
+        return OrderedDict(zip(wanted, built.values(), strict=True))
+
+    def close(self) -> None:
+        self._loaded = None
+
+
 class _Sharded(Checkpoint):
     def __init__(self, path: str, looks_like: str, map_location: Any, options: dict) -> None:
         super().__init__(path, Format.SHARDED, looks_like, header_only=True)
@@ -419,6 +518,11 @@ def open_file(
         opened = _Sharded(sniffed.path, sniffed.looks_like, map_location, options)
     elif sniffed.format is Format.DCP:
         opened = _Dcp(sniffed.path, sniffed.looks_like, map_location, options)
+    elif sniffed.format is Format.TORCH_ZIP and weights_only:
+        from ckptmap.formats.pth import PthFile
+
+        pth_file = PthFile(sniffed.path, allowed_globals=options["allowed_globals"])
+        opened = _TorchZip(pth_file, sniffed.looks_like, map_location, options)
     else:
         # Pickles, and formats that `load_file` knows but this module does not plan yet.
         obj = load_file(sniffed.path, map_location, **options)

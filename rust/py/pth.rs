@@ -15,7 +15,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyKeyError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -458,24 +458,35 @@ impl PthReader {
         Ok(Some(out))
     }
 
-    /// Builds the checkpoint (`rows` None) or the tensors of table rows `rows`, from a
-    /// fresh private map of the file (`mmap`) or a copy read into memory.
+    /// Builds the checkpoint (`rows` and `path` None), the value at `path` (dict keys and
+    /// list indices from the root), or the tensors of table rows `rows`, from a fresh
+    /// private map of the file (`mmap`) or a copy read into memory. With `meta`, tensors are
+    /// empty `meta` tensors of their shapes and dtypes and the file's data is not touched.
     ///
     /// Raises `PthFallback` where only torch can build an object (and whatever an
-    /// allowlisted callable raises): the caller then loads the file with torch.
-    #[pyo3(signature = (hooks, mmap = true, rows = None))]
+    /// allowlisted callable raises): the caller then loads the file with torch; `KeyError`
+    /// when `path` leads nowhere.
+    #[pyo3(signature = (hooks, mmap = true, rows = None, path = None, meta = false))]
     fn load<'py>(
         &self,
         py: Python<'py>,
         hooks: Hooks<'py>,
         mmap: bool,
         rows: Option<Vec<usize>>,
+        path: Option<Vec<PathPart>>,
+        meta: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let p = self.ready()?;
         let expected = self.opened.bytes.len();
         let file = &self.opened.file;
-        let path = &self.path;
-        let (base, owner) = py.detach(|| load_buffer(file, expected, mmap, p, path))?;
+        let file_path = &self.path;
+        let (base, owner) = if meta {
+            // Never dereferenced: meta tensors have no data.
+            let mut none = memmap2::MmapMut::map_anon(1)?;
+            (Base(none.as_mut_ptr()), Arc::new(none))
+        } else {
+            py.detach(|| load_buffer(file, expected, mmap, p, file_path))?
+        };
         let bytes: &[u8] = &self.opened.bytes;
         let mut conv = Convert {
             py,
@@ -489,7 +500,17 @@ impl PthReader {
             params: vec![None; p.pickle.params.len()],
             storages: vec![None; p.records.len()],
             depth: 0,
+            meta,
         };
+        if let Some(path) = path {
+            let Some(v) = self.value_at(p, &path) else {
+                return Err(PyKeyError::new_err(format!(
+                    "{}: nothing at that path in the checkpoint",
+                    self.path
+                )));
+            };
+            return Ok(conv.value(v)?.0);
+        }
         match rows {
             None => Ok(conv.value(p.pickle.root())?.0),
             Some(rows) => {
@@ -739,6 +760,8 @@ struct Convert<'a, 'py> {
     params: Vec<Option<Bound<'py, PyAny>>>,
     storages: Vec<Option<Bound<'py, PyAny>>>,
     depth: usize,
+    /// Build `meta` tensors (shapes and dtypes only).
+    meta: bool,
 }
 
 fn fallback<T>(reason: impl Into<String>) -> PyResult<T> {
@@ -975,6 +998,25 @@ impl<'py> Convert<'_, 'py> {
         Ok(storage)
     }
 
+    /// An empty `meta` tensor of tensor `t`'s shape and dtype (its `requires_grad` kept).
+    fn meta_tensor(&self, t: u32) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
+        let def = &self.p.tensors[t as usize];
+        let Some(Some(dtype)) = self.hooks.dtypes.get(usize::from(def.dtype)) else {
+            let name = pickle::dtype(def.dtype).name;
+            return fallback(format!("torch.{name} is not a dtype of this torch"));
+        };
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(intern!(py, "dtype"), dtype)?;
+        kwargs.set_item(intern!(py, "device"), intern!(py, "meta"))?;
+        let shape = PyTuple::new(py, self.p.shape(t as usize))?;
+        let obj = self.hooks.empty.call((shape,), Some(&kwargs))?;
+        if def.requires_grad {
+            obj.call_method1(intern!(py, "requires_grad_"), (true,))?;
+        }
+        Ok(obj)
+    }
+
     fn tensor(&mut self, t: u32) -> PyResult<Bound<'py, PyAny>> {
         if let Some(x) = &self.tensors[t as usize] {
             return Ok(x.clone());
@@ -983,6 +1025,11 @@ impl<'py> Convert<'_, 'py> {
         let def = &self.p.tensors[t as usize];
         let rec = &self.p.records[def.record as usize];
         let info = pickle::dtype(def.dtype);
+        if self.meta {
+            let obj = self.meta_tensor(t)?;
+            self.tensors[t as usize] = Some(obj.clone());
+            return Ok(obj);
+        }
         let alone = rec.tensors == 1 && def.offset == 0 && def.span == rec.size;
         let obj = match info.dlpack {
             Some(code) if alone && self.hooks.restore.is_none() => {
