@@ -156,20 +156,29 @@ def many(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
 
 
 def inspect_before(path: Path) -> dict[str, Any]:
-    """`inspect_checkpoint` as it ran before the reader: torch.load, then a walk."""
-    from ckptmap.formats import pth
-    from ckptmap.inspect import inspect_checkpoint
+    """`inspect_checkpoint` as it ran before the reader: torch.load(mmap=True), then a walk."""
+    from types import SimpleNamespace
+
+    from ckptmap import opened
+    from ckptmap.cli.summary import inspect_checkpoint
+    from ckptmap.formats import load_file, pth
+    from ckptmap.formats.sniff import Format
+
+    def loaded(pth_file: Any, looks_like: str, map_location: Any, options: dict) -> Any:
+        obj = load_file(pth_file.path, map_location, **options)
+        return opened._Loaded(obj, pth_file.path, Format.TORCH_ZIP, looks_like, header_only=True)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(pth, "tensor_table", lambda *args, **kwargs: None)
+        m.setattr(pth, "PthFile", lambda path, **kwargs: SimpleNamespace(path=path))
         m.setattr(pth, "load_fast", lambda *args, **kwargs: pth.FALLBACK)
+        m.setattr(opened, "_TorchZip", loaded)
         return inspect_checkpoint(path)
 
 
 @pytest.mark.benchmark(group=GROUP_INSPECT)
 @pytest.mark.parametrize("impl", ["ckptmap", "torch"])
 def test_inspect_100k_pth(benchmark, many: Path, impl: str, capsys) -> None:
-    from ckptmap.inspect import inspect_checkpoint
+    from ckptmap.cli.summary import inspect_checkpoint
 
     benchmark.extra_info["impl"] = impl
     fn = inspect_checkpoint if impl == "ckptmap" else inspect_before

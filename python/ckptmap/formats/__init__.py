@@ -3,7 +3,8 @@
 =================  =====================================================================
 format             how `load_file` reads it
 =================  =====================================================================
-torch zip          ``torch.load(mmap=True, weights_only=True)``: zero-copy, paged lazily
+torch zip          ckptmap's Rust reader (`ckptmap.formats.pth`): zero-copy, paged lazily;
+                   what it can not build, ``torch.load(mmap=True, weights_only=True)``
 legacy torch       ``torch.load(weights_only=True)`` read into memory (no mmap; one log line)
 plain pickle       torch's weights-only unpickler, after a scan of the globals it needs
 safetensors        `ckptmap.formats.safetensors` (validated header, zero-copy views)

@@ -1,6 +1,9 @@
 """Pickle checkpoints: torch zip, legacy torch and plain pickles, loaded safely.
 
-Every load goes through torch's ``weights_only`` unpickler, with ``weights_only=True`` passed
+torch zip checkpoints are read by ckptmap's Rust reader first (`ckptmap.formats.pth`), with the
+same allowlist; what it can not build (and any ``weights_only=False`` load) goes to torch, and
+one INFO line says why. Every other load goes through torch's ``weights_only`` unpickler, with
+``weights_only=True`` passed
 explicitly: `torch.load` lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` switch the safe loader off
 only for callers that leave the argument out. Besides torch's own list, the unpickler always
 gets `ckptmap.formats.allowlist.DEFAULT` (numpy values and mmengine's HistoryBuffer through
