@@ -447,7 +447,7 @@ fn read_entry(r: &Reader<'_>, at: usize, stop: usize, index: u64) -> ZipResult<(
             format!("central directory entry {index} at offset {at} is cut short"),
         )
     };
-    if at.checked_add(CENTRAL_LEN).map_or(true, |e| e > stop) || r.u32(at) != Some(CENTRAL_SIG) {
+    if at.checked_add(CENTRAL_LEN).is_none_or(|e| e > stop) || r.u32(at) != Some(CENTRAL_SIG) {
         return Err(if r.u32(at) == Some(CENTRAL_SIG) {
             cut()
         } else {
@@ -548,7 +548,7 @@ fn read_entry(r: &Reader<'_>, at: usize, stop: usize, index: u64) -> ZipResult<(
     }
     let data = read_local_header(r, header, name, method, &shown)?;
     let data_end = data.checked_add(size);
-    if data_end.map_or(true, |e| e > r.bytes.len() as u64) {
+    if data_end.is_none_or(|e| e > r.bytes.len() as u64) {
         return Err(ZipError::new(
             K::Truncated,
             format!(
