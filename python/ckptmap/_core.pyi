@@ -265,7 +265,9 @@ class PthReader:
         rows: Sequence[int] | None = None,
         path: Sequence[_PathPart] | None = None,
         meta: bool = False,
+        attrs: bool = False,
     ) -> Any:
         """Builds the checkpoint, the value at `path`, or the tensors of table rows `rows`
-        (`meta`: empty meta tensors, the file's data untouched)."""
+        (`meta`: empty meta tensors, the file's data untouched; `attrs`: the attributes BUILD
+        sets on the OrderedDict at `path`, as a dict)."""
     def __len__(self) -> int: ...

@@ -345,12 +345,21 @@ class _TorchZip(Checkpoint):
         rows = self._rows()
         if not all(isinstance(n, str) and n in rows for n in wanted):
             return super().state_dict(wanted)  # not only tensors: build the whole thing
+        from ckptmap._core import PthFallback
+
+        try:
+            attrs = self._file.attrs_of(self._where)  # _metadata, checked where it is used
+        except PthFallback:
+            return super().state_dict(wanted)
         # Only the tensors asked for are built (views of a private map of the file).
         lead = "".join(f"{part}." for part in self._where)
         built = self._file.load(
             [lead + n for n in wanted], self._map_location, mmap=self._options["mmap"] is not False
         )
-        return OrderedDict(zip(wanted, built.values(), strict=True))
+        out: OrderedDict[str, Any] = OrderedDict(zip(wanted, built.values(), strict=True))
+        if "_metadata" in attrs:
+            out._metadata = attrs["_metadata"]  # type: ignore[attr-defined]
+        return out
 
     def close(self) -> None:
         self._loaded = None

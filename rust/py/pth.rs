@@ -462,11 +462,15 @@ impl PthReader {
     /// list indices from the root), or the tensors of table rows `rows`, from a fresh
     /// private map of the file (`mmap`) or a copy read into memory. With `meta`, tensors are
     /// empty `meta` tensors of their shapes and dtypes and the file's data is not touched.
+    /// With `attrs`, only the attributes that BUILD sets on the OrderedDict at `path` (such
+    /// as `_metadata`), as a dict (empty for other values).
     ///
     /// Raises `PthFallback` where only torch can build an object (and whatever an
     /// allowlisted callable raises): the caller then loads the file with torch; `KeyError`
     /// when `path` leads nowhere.
-    #[pyo3(signature = (hooks, mmap = true, rows = None, path = None, meta = false))]
+    #[pyo3(signature = (hooks, mmap = true, rows = None, path = None, meta = false, attrs = false))]
+    // Python keyword arguments with defaults, not a Rust call site to simplify.
+    #[allow(clippy::too_many_arguments)]
     fn load<'py>(
         &self,
         py: Python<'py>,
@@ -475,6 +479,7 @@ impl PthReader {
         rows: Option<Vec<usize>>,
         path: Option<Vec<PathPart>>,
         meta: bool,
+        attrs: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let p = self.ready()?;
         let expected = self.opened.bytes.len();
@@ -509,6 +514,9 @@ impl PthReader {
                     self.path
                 )));
             };
+            if attrs {
+                return conv.attrs(v);
+            }
             return Ok(conv.value(v)?.0);
         }
         match rows {
@@ -902,6 +910,25 @@ impl<'py> Convert<'_, 'py> {
             }
         };
         Ok((obj, stamp))
+    }
+
+    /// The attributes BUILD sets on `v` when it is an OrderedDict, merged into one dict.
+    fn attrs(&mut self, v: V) -> PyResult<Bound<'py, PyAny>> {
+        let py = self.py;
+        let out = PyDict::new(py);
+        if let Some(&Node::Dict(d)) = self.p.pickle.node(v) {
+            let dict = &self.p.pickle.dicts[d as usize];
+            if dict.kind == DictKind::OrderedDict {
+                for &(state, at) in &dict.attrs {
+                    let (state, s) = self.value(state)?;
+                    if s > at {
+                        return fallback("an OrderedDict state changed after its BUILD");
+                    }
+                    out.call_method1(intern!(py, "update"), (state,))?;
+                }
+            }
+        }
+        Ok(out.into_any())
     }
 
     fn global(&self, g: Global) -> PyResult<Bound<'py, PyAny>> {

@@ -31,7 +31,7 @@ from ckptmap.errors import (
     InvalidStateDictError,
     TorchScriptArchiveError,
 )
-from ckptmap.formats import codec
+from ckptmap.formats import codec, pth
 from ckptmap.formats.pickled import AllowedGlobal, load_pickle
 from ckptmap.formats.sniff import Format, Sniffed, sniff
 
@@ -105,6 +105,7 @@ def load_file(
             weights_only=weights_only,
             allowed_globals=allowed_globals,
             mmap=mmap,
+            zip_reader=pth.load_fast,
         )
     if sniffed.format is Format.SAFETENSORS:
         return _load_safetensors(sniffed, map_location, mmap)

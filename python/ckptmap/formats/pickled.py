@@ -199,6 +199,7 @@ def load_pickle(
     weights_only: bool = True,
     allowed_globals: Iterable[AllowedGlobal] = (),
     mmap: bool | None = None,
+    zip_reader: Callable[..., Any] | None = None,
 ) -> Any:
     """Loads a pickle checkpoint as `torch.load` would, safely.
 
@@ -213,6 +214,10 @@ def load_pickle(
             "module.name")`` pairs); each is checked by `allowlist.check_entry`.
         mmap: map zip checkpoints instead of reading them (None: yes). Legacy and plain
             pickles can not be mapped; they are read, with one log line.
+        zip_reader: tried first for a torch zip loaded with ``weights_only``:
+            ``zip_reader(sniffed, map_location, allowed, mmap=...)`` returns the checkpoint, or
+            `ckptmap.formats.pth.FALLBACK` to let torch load it (`ckptmap.formats.pth.load_fast`
+            is ckptmap's Rust reader; passed in, so that this module does not import it).
 
     Raises:
         UnsafeCheckpointError: the pickle needs globals outside the allowlist, or uses the
@@ -226,7 +231,9 @@ def load_pickle(
     if not weights_only and _env_forces_weights_only():
         weights_only = True
     return built_safely(
-        sniffed.path, given, lambda: _load_any(sniffed, map_location, weights_only, allowed, mmap)
+        sniffed.path,
+        given,
+        lambda: _load_any(sniffed, map_location, weights_only, allowed, mmap, zip_reader),
     )
 
 
@@ -256,6 +263,7 @@ def _load_any(
     weights_only: bool,
     allowed: tuple[AllowedGlobal, ...],
     mmap: bool | None,
+    zip_reader: Callable[..., Any] | None,
 ) -> Any:
     path = sniffed.path
     if not weights_only:
@@ -282,12 +290,10 @@ def _load_any(
     if sniffed.format is not Format.TORCH_ZIP:
         raise ValueError(f"load_pickle can not load {sniffed.format.value} files")
     use_mmap = True if mmap is None else bool(mmap)
-    if weights_only:
+    if weights_only and zip_reader is not None:
         # ckptmap's Rust reader first; it hands back what it can not build (see formats.pth).
-        from ckptmap.formats import pth
-
-        loaded = pth.load_fast(sniffed, map_location, allowed, mmap=use_mmap)
-        if loaded is not pth.FALLBACK:
+        loaded = zip_reader(sniffed, map_location, allowed, mmap=use_mmap)
+        if loaded is not _ZIP_FALLBACK:
             return loaded
     return _load_torch_zip(sniffed, map_location, weights_only, allowed, mmap=use_mmap)
 
@@ -315,6 +321,10 @@ def _load_torch_zip(
             "%s can not be memory-mapped (%s): reading it into memory", sniffed.path, err
         )
         return _torch_load(sniffed, map_location, weights_only, allowed, mmap=False)
+
+
+#: What a `zip_reader` returns to let torch load the file (`ckptmap.formats.pth.FALLBACK`).
+_ZIP_FALLBACK: Any = object()
 
 
 class _MmapFailed(Exception):

@@ -49,6 +49,7 @@ from ckptmap.errors import (
     _TypeName,
 )
 from ckptmap.formats.map_location import checked_map_location
+from ckptmap.formats.pickled import _ZIP_FALLBACK, _load_torch_zip, built_safely
 
 __all__ = [
     "FALLBACK",
@@ -65,7 +66,7 @@ __all__ = [
 logger = logging.getLogger("ckptmap")
 
 #: What `load_fast` returns when torch's own loader must load the file.
-FALLBACK: Any = object()
+FALLBACK: Any = _ZIP_FALLBACK
 
 
 class PthTensorInfo(NamedTuple):
@@ -248,8 +249,6 @@ class PthFile:
         Raises:
             ckptmap.errors.TensorNotFoundError: a name not in the table.
         """
-        from ckptmap.formats.pickled import built_safely
-
         wanted = None if names is None else list(names)
         return built_safely(self.path, self._given, lambda: self._load(wanted, map_location, mmap))
 
@@ -257,7 +256,6 @@ class PthFile:
         result = self._try_load(wanted, map_location, mmap)
         if result is not FALLBACK:
             return result
-        from ckptmap.formats.pickled import _load_torch_zip
         from ckptmap.formats.sniff import sniff
 
         loaded = _load_torch_zip(
@@ -332,6 +330,18 @@ class PthFile:
         """``(key, shape, dtype, type name)`` of the dict at `path` (see `state_dict_path`)."""
         return self._ready().mapping_items(path) or []
 
+    def attrs_of(self, path: list[str]) -> dict[str, Any]:
+        """The attributes ``data.pkl`` sets on the OrderedDict at `path` (``_metadata``), built
+        without any tensor.
+
+        Raises:
+            ckptmap._core.PthFallback: only torch can build them.
+        """
+        hooks = self._allowed.hooks(None)
+        return built_safely(
+            self.path, self._given, lambda: self._ready().load(hooks, path=path, attrs=True)
+        )
+
     def meta_value(self, path: list[str]) -> Any:
         """The value at `path` with every tensor an empty ``meta`` tensor of its shape and
         dtype (other values built as a load builds them; no tensor data read).
@@ -339,8 +349,6 @@ class PthFile:
         Raises:
             ckptmap._core.PthFallback: only torch can build it.
         """
-        from ckptmap.formats.pickled import built_safely
-
         hooks = self._allowed.hooks(None)
 
         def build() -> Any:

@@ -43,6 +43,7 @@ from ckptmap.errors import (
     ShardTensorMissingError,
     TensorNotFoundError,
 )
+from ckptmap.formats import pth
 from ckptmap.formats.index import find_index, read_index, shard_path
 from ckptmap.formats.pickled import load_pickle
 from ckptmap.formats.safetensors import SafetensorsFile
@@ -255,7 +256,9 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
         if sniffed is None:
             raise ValueError(f"{self.index_path!r}: this ShardedCheckpoint is closed")
 
-        loaded = load_pickle(sniffed, self._map_location, **self._pickle_options)
+        loaded = load_pickle(
+            sniffed, self._map_location, **self._pickle_options, zip_reader=pth.load_fast
+        )
         if not isinstance(loaded, Mapping):
             raise CorruptCheckpointError(
                 sniffed.path,
