@@ -124,12 +124,12 @@ def test_wide_nodes_are_capped(tmp_path: Path) -> None:
     st.integers(1, 5),
 )
 def test_tree_totals_are_consistent(names: list[list[str]], depth: int) -> None:
-    from ckptmap.cli.summary import _build_tree, _cap_children, _fold
+    from ckptmap.cli.summary import _cap_children, _prefix_tree
 
     keys = [".".join(parts) for parts in names]
     # A key can not also be a prefix of another in a real state dict; drop those.
     keys = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]
-    tree = _cap_children(_fold(_build_tree((k, len(k)) for k in keys), depth, 0), 4)
+    tree = _cap_children(_prefix_tree([(k, len(k)) for k in keys], depth), 4)
     assert tree["count"] == len(keys) and tree["bytes"] == sum(len(k) for k in keys)
 
     def check(node: dict[str, Any], level: int) -> None:
@@ -229,3 +229,13 @@ def test_bad_files_raise_the_loader_errors(tmp_path: Path) -> None:
     path.write_text("<!doctype html><html>Not Found</html>")
     with pytest.raises(CorruptCheckpointError, match="HTML"):
         inspect_checkpoint(path)
+
+
+def test_digit_like_names_that_are_not_numbers_are_not_merged() -> None:
+    from ckptmap.cli.summary import _prefix_tree
+
+    # "²".isdigit() is True, but it is no number: such siblings stay as they are.
+    rows = [("a.\u00b2.w", 4), ("a.\u00b3.w", 4), ("a.1.w", 4), ("a.2.w", 4)]
+    (a,) = _prefix_tree(rows, 3)["children"]
+    assert [c["name"] for c in a["children"]] == ["\u00b2", "\u00b3", "1-2"]
+    assert a["children"][2]["repeat"] == 2 and a["children"][2]["bytes"] == 8

@@ -9,7 +9,6 @@ test_bench_remote.py` measures the same on 1 GiB.)
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import logging
@@ -152,7 +151,7 @@ def test_the_opened_checkpoint_answers_from_the_header(model_file, server, home)
         assert opened.metadata == local.metadata == {"format": "pt", "seed": "0"}
         for remote_entry, local_entry in zip(opened.entries(), local.entries(), strict=True):
             assert remote_entry.file == url
-            assert remote_entry == dataclasses.replace(local_entry, file=url)
+            assert remote_entry == local_entry._replace(file=url)
         assert opened.meta_state_dict().keys() == local.meta_state_dict().keys()
         assert server.bytes_sent["/m.safetensors"] == len(header)
         with pytest.raises(TensorNotFoundError):

@@ -27,8 +27,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -44,9 +43,9 @@ from ckptmap.statedict import find_state_dict
 __all__ = ["URI_OPENERS", "Checkpoint", "TensorEntry", "open_checkpoint", "walk_tensors"]
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One row of a checkpoint's tensor table.
+class TensorEntry(NamedTuple):
+    """One row of a checkpoint's tensor table (immutable; a named tuple, so that tables of
+    100k rows build in a fraction of a frozen dataclass's time).
 
     Attributes:
         name: the tensor's key (in the state dict for `Checkpoint.entries`, a dotted path from

@@ -5,8 +5,8 @@ with counts and bytes per prefix); `format_inspect` renders it for people. Nothi
 tensor data:
 
 - safetensors and sharded safetensors: the validated header (and index) only;
-- torch zip: ``torch.load(mmap=True, weights_only=True)``, which builds tensors as views of
-  the mapped file without touching their pages;
+- torch zip: the table the Rust reader takes from ``data.pkl`` (files only torch can read:
+  ``torch.load(mmap=True, weights_only=True)``, whose tensors are views of the mapped file);
 - legacy torch and plain pickles can not be mapped: they are read (``header_only`` False).
 
 Tensors nested anywhere in a checkpoint (``state_dict``, ``optimizer.state`` ...) are listed
@@ -66,7 +66,7 @@ def inspect_checkpoint(
         slot = dtypes.setdefault(dtype, {"count": 0, "bytes": 0})
         slot["count"] += 1
         slot["bytes"] += nbytes
-    tree = _fold(_build_tree((name, nbytes) for name, _dtype, nbytes in entries), depth, 0)
+    tree = _prefix_tree([(name, nbytes) for name, _dtype, nbytes in entries], depth)
     return {
         "path": opened.source,
         "format": opened.format.value if opened.format is not None else "object",
@@ -141,87 +141,115 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_node(name: str) -> dict[str, Any]:
-    return {"name": name, "count": 0, "bytes": 0, "children": {}}
+def _prefix_tree(rows: list[tuple[str, int]], depth: int) -> dict[str, Any]:
+    """The prefix tree of `rows` (name, bytes), `depth` levels deep, as nested dicts."""
+    return _fold(_build_tree(rows, depth), depth, signature=_Signatures(rows))
 
 
-def _build_tree(entries: Iterable[tuple[str, int]]) -> dict[str, Any]:
-    root = _new_node("")
-    for name, nbytes in entries:
+# The prefix tree's nodes are lists, [count, bytes, children by name, rows below], built only
+# `depth` levels deep; `rows` are the positions of the entries below a node, from which two
+# numbered siblings are compared.
+_COUNT, _BYTES, _CHILDREN, _ROWS = 0, 1, 2, 3
+
+
+def _build_tree(entries: list[tuple[str, int]], depth: int) -> list[Any]:
+    root: list[Any] = [0, 0, {}, []]
+    for row, (name, nbytes) in enumerate(entries):
         node = root
-        node["count"] += 1
-        node["bytes"] += nbytes
-        for part in name.split("."):
-            children = node["children"]
-            node = children.get(part)
-            if node is None:  # not setdefault: that builds a node per visit (600k for 100k)
-                node = children[part] = _new_node(part)
-            node["count"] += 1
-            node["bytes"] += nbytes
+        node[_COUNT] += 1
+        node[_BYTES] += nbytes
+        for part in name.split(".", depth)[:depth]:
+            children = node[_CHILDREN]
+            child = children.get(part)
+            if child is None:
+                child = children[part] = [0, 0, {}, []]
+            child[_COUNT] += 1
+            child[_BYTES] += nbytes
+            child[_ROWS].append(row)
+            node = child
     return root
 
 
-def _merge_into(target: dict[str, Any], source: dict[str, Any]) -> None:
-    target["count"] += source["count"]
-    target["bytes"] += source["bytes"]
-    for name, child in source["children"].items():
-        if name in target["children"]:
-            _merge_into(target["children"][name], child)
-        else:
-            target["children"][name] = _copy(child)
+class _Signatures:
+    """What makes two numbered siblings alike: the names below them (relative to them) and
+    their sizes, in order. Computed once per node, as a small int."""
+
+    def __init__(self, entries: list[tuple[str, int]]) -> None:
+        self._entries = entries
+        self._ids: dict[tuple[Any, ...], int] = {}
+        self._of: dict[int, int] = {}
+
+    def __call__(self, node: list[Any], level: int) -> int:
+        found = self._of.get(id(node))
+        if found is None:
+            shape = tuple(
+                (self._below(self._entries[row][0], level), self._entries[row][1])
+                for row in node[_ROWS]
+            )
+            found = self._of[id(node)] = self._ids.setdefault(shape, len(self._ids))
+        return found
+
+    @staticmethod
+    def _below(name: str, level: int) -> str | None:
+        parts = name.split(".", level)
+        return parts[level] if len(parts) > level else None
 
 
-def _copy(node: dict[str, Any]) -> dict[str, Any]:
-    copied = {k: v for k, v in node.items() if k != "_signature"}
-    copied["children"] = {k: _copy(v) for k, v in node["children"].items()}
-    return copied
-
-
-def _fold(node: dict[str, Any], depth: int, level: int) -> dict[str, Any]:
-    """Merges alike numbered siblings and cuts the tree at `depth`.
+def _fold(
+    node: list[Any],
+    depth: int,
+    level: int = 0,
+    *,
+    name: str = "",
+    scale: int = 1,
+    repeat: int | None = None,
+    signature: _Signatures,
+) -> dict[str, Any]:
+    """The tree's top `depth` levels as dicts, alike numbered siblings merged.
 
     ``layers.0`` .. ``layers.47`` with the same names and sizes inside become one node
     ``0-47`` (``repeat`` 48), placed where the first of them was, so a 48-layer model reads
-    like its definition. Children become lists.
+    like its definition. A merged node's subtree is its first member's with counts and
+    bytes multiplied by `scale` (the members are alike, so that is their sum).
     """
-    out = {k: v for k, v in node.items() if k not in ("children", "_signature")}
-    if level >= depth or not node["children"]:
+    out: dict[str, Any] = {
+        "name": name,
+        "count": node[_COUNT] * scale,
+        "bytes": node[_BYTES] * scale,
+    }
+    if repeat is not None:
+        out["repeat"] = repeat
+    children = node[_CHILDREN]
+    if level >= depth or not children:
         out["children"] = []
         return out
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for name, child in node["children"].items():
-        if name.isdigit():
-            groups.setdefault(_signature(child), []).append(child)
-    grouped: list[dict[str, Any]] = []
-    emitted: set[int] = set()
-    for name, child in node["children"].items():
-        if not name.isdigit():
-            grouped.append(child)
-            continue
-        members = groups[_signature(child)]
-        if len(members) == 1:
-            grouped.append(child)
-        elif id(members) not in emitted:
-            emitted.add(id(members))
-            numbers = [int(m["name"]) for m in members]
-            merged = _new_node(f"{min(numbers)}-{max(numbers)}")
-            for member in sorted(members, key=lambda m: int(m["name"])):
-                _merge_into(merged, member)
-            merged["repeat"] = len(members)
-            grouped.append(merged)
-    out["children"] = [_fold(child, depth, level + 1) for child in grouped]
+    groups: dict[int, list[str]] = {}
+    for child_name, child in children.items():
+        if child_name.isdecimal():
+            groups.setdefault(signature(child, level + 1), []).append(child_name)
+    folded = []
+    for child_name, child in children.items():
+        members = groups[signature(child, level + 1)] if child_name.isdecimal() else None
+        if members is None or len(members) == 1:
+            folded.append(
+                _fold(child, depth, level + 1, name=child_name, scale=scale, signature=signature)
+            )
+        elif members[0] == child_name:  # a group is placed where its first member was
+            first = min(members, key=int)
+            label = f"{first}-{max(members, key=int)}"
+            folded.append(
+                _fold(
+                    children[first],
+                    depth,
+                    level + 1,
+                    name=label,
+                    scale=scale * len(members),
+                    repeat=len(members),
+                    signature=signature,
+                )
+            )
+    out["children"] = folded
     return out
-
-
-def _signature(node: dict[str, Any]) -> tuple:
-    """What makes two numbered siblings alike: the names and sizes below them."""
-    cached = node.get("_signature")
-    if cached is None:
-        cached = node["_signature"] = (
-            node["bytes"],
-            tuple((name, _signature(child)) for name, child in node["children"].items()),
-        )
-    return cached
 
 
 def _cap_children(node: dict[str, Any], limit: int) -> dict[str, Any]:
