@@ -52,6 +52,7 @@ SUITES = (
     "test_bench_keys.py",
     "test_bench_load.py",
     "test_bench_e2e.py",
+    "test_bench_pth_reader.py",
     "test_bench_safetensors.py",
     "test_bench_remote.py",
     "test_bench_save.py",

@@ -1,8 +1,8 @@
 """The torch zip reader end to end: ``load_checkpoint`` of a 49k-tensor ``.pth`` and ``ckptmap
 inspect`` of a 100k-tensor one, side by side with mmengine and torch.
 
-Run with ``pytest benches/test_bench_pth_reader.py --benchmark-enable -s`` (skipped
-otherwise), or ``make bench``. Two groups:
+Run with ``python benches/report.py`` (or ``pytest benches/test_bench_pth_reader.py
+--benchmark-enable``; skipped otherwise). Two groups, every side with the same rounds:
 
 - ``load_checkpoint`` of the MoE checkpoint of ``test_bench_load`` (4 layers x 4096 experts of
   three bias-free ``Linear(4, 4)``, plus 8 BatchNorms and a head: 49,194 tensors, 24 MiB) saved
@@ -24,7 +24,8 @@ otherwise), or ``make bench``. Two groups:
     switched off).
 
 Copies run on one thread for every loader (see ``test_bench_load``). Goals (issue 11): at
-least 30x mmengine and 10x torch on the first, 20x on the second.
+least 30x mmengine and 10x torch on the first, 20x on the second. ``--small`` runs 256
+experts per layer and 10,000 tensors.
 """
 
 from __future__ import annotations
@@ -35,12 +36,30 @@ from typing import Any
 
 import pytest
 import torch
+from harness import Rounds, Side, require_enabled, sized, timed
 from torch import nn
 
-GROUP_LOAD = "load_checkpoint: 49k-tensor MoE .pth, end to end"
-GROUP_INSPECT = "inspect: 100k-tensor .pth"
-ROUNDS = {"ckptmap": 5, "torch": 2, "mmengine": 1}
-RESULTS: dict[str, dict[str, float]] = {GROUP_LOAD: {}, GROUP_INSPECT: {}}
+EXPERTS = sized(4096, 256)
+TENSORS = 4 * EXPERTS * 3 + 42
+MANY = sized(100_000, 10_000)
+GROUP_LOAD = (
+    f"MoE .pth read by the Rust reader: 4 layers x {EXPERTS:,} experts, {TENSORS:,} tensors, "
+    "keys under `module.`"
+)
+GROUP_INSPECT = f"`ckptmap inspect` of a {MANY:,}-tensor .pth"
+LOAD_ROUNDS = Rounds(sized(1, 2), 1)  # mmengine takes about 20 s per round at full size
+INSPECT_ROUNDS = Rounds(sized(2, 3), 1)
+SIDES = {
+    "ckptmap": Side("ckptmap", "`load_checkpoint(model, f)`", "copy"),
+    "torch": Side(
+        "torch",
+        "`torch.load(f, weights_only=True)` + ckptmap's `_load_checkpoint_to_model`",
+        "copy",
+        "torch reading: torch's restricted unpickler, then ckptmap's key rules and "
+        "load_state_dict, so the ratio is the reader's alone",
+    ),
+    "mmengine": Side("mmengine", "`load_checkpoint(model, f)`", "copy"),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,11 +68,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _require_enabled(request: pytest.FixtureRequest) -> None:
-    if not request.config.getoption("benchmark_enable", False):
-        pytest.skip("benchmark: run with --benchmark-enable")
 
 
 class Expert(nn.Module):
@@ -71,9 +85,10 @@ class MoELayer(nn.Module):
 
 
 class MoE(nn.Module):
-    """49,194 tensors: 49,152 expert weights, 8 BatchNorms (40 tensors), a head (2)."""
+    """49,194 tensors at full size: 49,152 expert weights, 8 BatchNorms (40 tensors), a head
+    (2)."""
 
-    def __init__(self, layers: int = 4, experts: int = 4096) -> None:
+    def __init__(self, layers: int = 4, experts: int = EXPERTS) -> None:
         super().__init__()
         self.layers = nn.ModuleList(MoELayer(experts) for _ in range(layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(4) for _ in range(8))
@@ -88,7 +103,7 @@ def build_model() -> MoE:
 
 @pytest.fixture(scope="module")
 def moe(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[MoE, Path, dict[str, Any]]:
-    _require_enabled(request)
+    require_enabled(request)
     model = build_model()
     torch.manual_seed(0)
     source = model.state_dict()
@@ -102,7 +117,7 @@ def moe(request: pytest.FixtureRequest, tmp_path_factory) -> tuple[MoE, Path, di
     )
     path = tmp_path_factory.mktemp("moe") / "moe_ddp.pth"
     torch.save({"meta": {"epoch": 12, "iter": 48_000}, "state_dict": state}, path)
-    assert len(state) == 49_194
+    assert len(state) == TENSORS
     expected = {k.removeprefix("module."): state[k] for k in list(state)[::997]}
     return model, path, expected
 
@@ -127,20 +142,19 @@ def load(impl: str, model: nn.Module, path: Path) -> None:
 
 @pytest.mark.benchmark(group=GROUP_LOAD)
 @pytest.mark.parametrize("impl", ["ckptmap", "torch", "mmengine"])
-def test_load_checkpoint_moe_pth(benchmark, moe, impl: str, capsys) -> None:
-    if impl == "mmengine":
-        pytest.importorskip("mmengine")
+def test_load_checkpoint_moe_pth(benchmark, moe, impl: str) -> None:
     model, path, expected = moe
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    benchmark.extra_info["impl"] = impl
-    benchmark.extra_info["tensors"] = 49_194
-    benchmark.pedantic(load, args=(impl, model, path), rounds=ROUNDS[impl], iterations=1)
+
+    def zero() -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+
+    timed(benchmark, SIDES[impl], lambda: load(impl, model, path), LOAD_ROUNDS,
+          kind="end to end", setup=zero)  # fmt: skip
     state = model.state_dict()
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
-    report(GROUP_LOAD, impl, benchmark.stats.stats.min, capsys)
 
 
 # -- inspect -------------------------------------------------------------------------------------
@@ -148,9 +162,9 @@ def test_load_checkpoint_moe_pth(benchmark, moe, impl: str, capsys) -> None:
 
 @pytest.fixture(scope="module")
 def many(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
-    _require_enabled(request)
+    require_enabled(request)
     path = tmp_path_factory.mktemp("inspect") / "many.pth"
-    state = {f"blocks.{i // 100}.part.{i % 100}.weight": torch.ones(4) for i in range(100_000)}
+    state = {f"blocks.{i // 100}.part.{i % 100}.weight": torch.ones(4) for i in range(MANY)}
     torch.save({"state_dict": state, "meta": {"step": 1}}, path)
     return path
 
@@ -177,27 +191,19 @@ def inspect_before(path: Path) -> dict[str, Any]:
 
 @pytest.mark.benchmark(group=GROUP_INSPECT)
 @pytest.mark.parametrize("impl", ["ckptmap", "torch"])
-def test_inspect_100k_pth(benchmark, many: Path, impl: str, capsys) -> None:
+def test_inspect_100k_pth(benchmark, many: Path, impl: str) -> None:
     from ckptmap.cli.summary import inspect_checkpoint
 
-    benchmark.extra_info["impl"] = impl
-    fn = inspect_checkpoint if impl == "ckptmap" else inspect_before
-    summary = benchmark.pedantic(fn, args=(many,), rounds=ROUNDS[impl], iterations=1)
-    assert summary["tensor_count"] == 100_000 and summary["total_bytes"] == 1_600_000
+    if impl == "ckptmap":
+        side = Side("ckptmap", "`inspect_checkpoint(f)`: the reader's table", "summary")
+        fn = inspect_checkpoint
+    else:
+        side = Side(
+            "torch",
+            "`inspect_checkpoint(f)` as before the reader: `torch.load(mmap=True)`, then a walk",
+            "summary",
+        )
+        fn = inspect_before
+    summary = timed(benchmark, side, lambda: fn(many), INSPECT_ROUNDS, kind="format")
+    assert summary["tensor_count"] == MANY and summary["total_bytes"] == 16 * MANY
     assert summary == inspect_before(many)
-    report(GROUP_INSPECT, impl, benchmark.stats.stats.min, capsys)
-
-
-def report(group: str, impl: str, seconds: float, capsys) -> None:
-    """Prints the group's times so far, with ckptmap's ratio to each."""
-    results = RESULTS[group]
-    results[impl] = seconds
-    if "ckptmap" not in results or len(results) < 2:
-        return
-    ours = results["ckptmap"]
-    lines = [group]
-    for name, t in results.items():
-        ratio = "" if name == "ckptmap" else f"   ckptmap is {t / ours:.1f}x faster"
-        lines.append(f"  {name:<10}{t:>9.3f} s{ratio}")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
