@@ -4,8 +4,10 @@
 //! `cargo bench` run without an interpreter. The PyO3 layer lives in [`py`] behind the
 //! `python` feature, which maturin turns on.
 
+pub mod charset;
 pub mod dialect;
 pub mod error;
+pub mod exact;
 pub mod header;
 pub mod index;
 pub mod pattern;

@@ -59,8 +59,8 @@ pub enum Assertion {
     TextStart,
     /// `\Z`
     TextEnd,
-    /// `\b` (`negated`: `\B`)
-    WordBoundary { negated: bool },
+    /// `\b` (`negated`: `\B`); `ascii` under the ASCII flag.
+    WordBoundary { negated: bool, ascii: bool },
 }
 
 /// The parsed pattern; flags are resolved into the nodes they affect.
@@ -70,6 +70,7 @@ pub enum Node {
     Literal {
         ch: char,
         icase: bool,
+        ascii: bool,
     },
     Any {
         dotall: bool,
@@ -78,6 +79,9 @@ pub enum Node {
         items: Vec<ClassItem>,
         negated: bool,
         icase: bool,
+        ascii: bool,
+        /// The class as written (`[...]`), for asking Python's `re` what it matches.
+        source: String,
     },
     Perl {
         kind: Perl,
@@ -119,6 +123,14 @@ pub struct Translation {
     /// Has a capture group inside a repeat (where CPython 3.10 can report other captures,
     /// see [`crate::dialect::Dialect`]).
     pub captures_in_repeat: bool,
+    /// Uses `^` or `$` under MULTILINE.
+    pub multiline_anchors: bool,
+    /// Uses `\b` or `\B` without the ASCII flag (Python's word characters decide).
+    pub unicode_boundary: bool,
+    /// Uses `\B` without the ASCII flag.
+    pub unicode_non_boundary: bool,
+    /// The parsed pattern, for the exact form of the rule ([`crate::exact`]).
+    pub node: Node,
 }
 
 fn unsupported<T>(what: impl Into<String>) -> CoreResult<T> {
@@ -139,9 +151,53 @@ pub fn translate(pattern: &str, initial_flags: u32) -> CoreResult<Translation> {
         empty_sensitive: false,
         nullable: nullable(&node),
         captures_in_repeat: captures_in_repeat(&node, false),
+        multiline_anchors: false,
+        unicode_boundary: false,
+        unicode_non_boundary: false,
+        node: Node::Empty,
     };
     emit(&node, &mut out)?;
+    out.node = node;
     Ok(out)
+}
+
+/// The fast translation of a parsed pattern for the empty key only, where CPython (up to 3.13)
+/// never matches `\B`: each `\B` becomes a one-character item, which cannot match there.
+pub fn translate_for_empty_key(t: &Translation) -> CoreResult<String> {
+    fn replace(node: &Node) -> Node {
+        match node {
+            Node::Assert(Assertion::WordBoundary { negated: true, .. }) => Node::Literal {
+                ch: 'x',
+                icase: false,
+                ascii: true,
+            },
+            Node::Group { capture, node } => Node::Group {
+                capture: *capture,
+                node: Box::new(replace(node)),
+            },
+            Node::Concat(items) => Node::Concat(items.iter().map(replace).collect()),
+            Node::Alt(items) => Node::Alt(items.iter().map(replace).collect()),
+            Node::Repeat {
+                node,
+                min,
+                max,
+                greedy,
+            } => Node::Repeat {
+                node: Box::new(replace(node)),
+                min: *min,
+                max: *max,
+                greedy: *greedy,
+            },
+            other => other.clone(),
+        }
+    }
+    let mut out = Translation {
+        regex: String::new(),
+        node: Node::Empty,
+        ..t.clone()
+    };
+    emit(&replace(&t.node), &mut out)?;
+    Ok(out.regex)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,6 +381,7 @@ impl Parser {
         Node::Literal {
             ch,
             icase: self.has(flags::IGNORECASE),
+            ascii: self.has(flags::ASCII),
         }
     }
 
@@ -530,8 +587,14 @@ impl Parser {
         Ok(match e {
             'A' => Node::Assert(Assertion::TextStart),
             'Z' => Node::Assert(Assertion::TextEnd),
-            'b' => Node::Assert(Assertion::WordBoundary { negated: false }),
-            'B' => Node::Assert(Assertion::WordBoundary { negated: true }),
+            'b' => Node::Assert(Assertion::WordBoundary {
+                negated: false,
+                ascii,
+            }),
+            'B' => Node::Assert(Assertion::WordBoundary {
+                negated: true,
+                ascii,
+            }),
             'd' => perl(Perl::Digit, false),
             'D' => perl(Perl::Digit, true),
             's' => perl(Perl::Space, false),
@@ -617,6 +680,7 @@ impl Parser {
 
     /// `[` has been consumed (`re._parser`'s set parsing).
     fn parse_class(&mut self) -> CoreResult<Node> {
+        let start = self.pos - 1;
         let negated = self.eat('^');
         let mut items: Vec<ClassItem> = Vec::new();
         loop {
@@ -651,6 +715,8 @@ impl Parser {
             items,
             negated,
             icase: self.has(flags::IGNORECASE),
+            ascii: self.has(flags::ASCII),
+            source: self.chars[start..self.pos].iter().collect(),
         })
     }
 
@@ -776,7 +842,7 @@ fn perl_set(kind: Perl, ascii: bool) -> &'static str {
 fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
     match node {
         Node::Empty => t.regex.push_str("(?:)"),
-        Node::Literal { ch, icase } => {
+        Node::Literal { ch, icase, .. } => {
             if *icase && has_case(*ch) {
                 if !ch.is_ascii() {
                     return unsupported("case-insensitive non-ASCII literal");
@@ -804,6 +870,7 @@ fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
             items,
             negated,
             icase,
+            ..
         } => {
             if *icase {
                 let non_ascii = items.iter().any(|item| match item {
@@ -844,16 +911,24 @@ fn emit(node: &Node, t: &mut Translation) -> CoreResult<()> {
             }
         }
         Node::Assert(a) => t.regex.push_str(match a {
-            Assertion::LineStart { multiline: true } => "(?m:^)",
+            Assertion::LineStart { multiline: true } => {
+                t.multiline_anchors = true;
+                "(?m:^)"
+            }
             Assertion::LineStart { multiline: false } | Assertion::TextStart => "\\A",
-            Assertion::LineEnd { multiline: true } => "(?m:$)",
+            Assertion::LineEnd { multiline: true } => {
+                t.multiline_anchors = true;
+                "(?m:$)"
+            }
             Assertion::LineEnd { multiline: false } => {
                 t.dollar_sensitive = true;
                 "\\z"
             }
             Assertion::TextEnd => "\\z",
-            Assertion::WordBoundary { negated } => {
+            Assertion::WordBoundary { negated, ascii } => {
                 t.unicode_sensitive = true;
+                t.unicode_boundary |= !ascii;
+                t.unicode_non_boundary |= !ascii && *negated;
                 t.empty_sensitive |= *negated;
                 if *negated {
                     "\\B"

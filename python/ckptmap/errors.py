@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AmbiguousIndexError",
     "BackendArgsError",
+    "BacktrackingRuleError",
     "CheckpointIsADirectoryError",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidStateDictError",
     "InvalidTorchZipError",
     "InvalidURIError",
+    "KeyNotUnicodeError",
     "LoadHookError",
     "ManifestMismatchError",
     "MapLocationError",
@@ -1217,6 +1219,59 @@ class CheckpointPointerWarning(UserWarning):
 
 class IncompleteCheckpointError(CkptmapError, ValueError):
     """A checkpoint file exists but is cut short or is not a checkpoint (e.g. a killed write)."""
+
+
+# --- key rules --------------------------------------------------------------------------------
+
+
+class BacktrackingRuleError(CkptmapError, ValueError):
+    """A key rule that has to run on Python's `re` (a callable replacement, a backreference,
+    a lookaround, ...) has a shape on which `re` can backtrack exponentially, and so hang on
+    one unlucky key: a repeat of something that ends in a repeat of what it starts with
+    (`(\\w+)+`, `(x\\w*)*`), or a repeat of overlapping alternatives (`(a|ab)*`).
+
+    Attributes:
+        rule: the rule's position in the list.
+        pattern: the pattern as given.
+        part: the part of the pattern at fault.
+    """
+
+    def __init__(self, rule: int, pattern: str, part: str, why: str) -> None:
+        super().__init__(
+            f"key rule {rule} ({pattern!r}) would run on Python's re, where {part!r} can "
+            f"backtrack exponentially and hang on a long key ({why}). Rewrite it so each "
+            "character can be matched one way only: drop the outer repeat (`(\\w+)+` -> "
+            "`\\w+`), make the alternatives exclusive, or make the outer repeat possessive "
+            "(`(?:...)*+`, Python 3.11+); or let the rule run natively (a str replacement "
+            "and no backreference or lookaround; see KeyRules.fallback_reasons)."
+        )
+        self.rule = rule
+        self.pattern = pattern
+        self.part = part
+
+
+class KeyNotUnicodeError(CkptmapError, UnicodeError):
+    """A key holds a lone surrogate (it is not valid Unicode text, so it has no UTF-8 form)
+    and reached a rule that runs on the native engine, which reads UTF-8 only. Rules that run
+    on Python's `re` take such keys as `re.sub` does.
+
+    Attributes:
+        index: the key's position in the input.
+        key: the key.
+        rule: the native rule it reached.
+    """
+
+    def __init__(self, index: int, key: str, rule: int) -> None:
+        bad = next((c for c in key if 0xD800 <= ord(c) <= 0xDFFF), "")
+        super().__init__(
+            f"key {index} ({key!r}) holds the lone surrogate U+{ord(bad or chr(0)):04X}, so it "
+            f"is not valid Unicode text and key rule {rule} (native) cannot read it. Fix the "
+            "name where it was made (e.g. decode bytes with errors='replace' instead of "
+            "'surrogateescape'), or rename the key before applying the rules."
+        )
+        self.index = index
+        self.key = key
+        self.rule = rule
 
 
 # --- command line -----------------------------------------------------------------------------

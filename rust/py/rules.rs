@@ -5,14 +5,21 @@
 //! `regex` crate cannot reproduce exactly.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString, PyTuple};
 use pyo3::{intern, IntoPyObjectExt};
 use rayon::prelude::*;
 
+use crate::charset::Ranges;
 use crate::dialect::Dialect;
+use crate::error::{CoreError, CoreResult};
+use crate::exact::Oracle;
+use crate::pattern::Perl;
 use crate::rules::{self, Engine, Pending, Scratch};
 
 /// Below this many keys, threads cost more than they save.
@@ -46,6 +53,105 @@ enum Value<'k, 'py> {
     Object(Bound<'py, PyAny>),
 }
 
+/// The running interpreter's `re`, asked through `ckptmap._re_tables` (answers cached for the
+/// process: one interpreter per process).
+struct PyOracle<'py> {
+    py: Python<'py>,
+    /// The Python exception behind a failed call, to re-raise as it is.
+    err: RefCell<Option<PyErr>>,
+}
+
+impl<'py> PyOracle<'py> {
+    fn new(py: Python<'py>) -> Self {
+        Self {
+            py,
+            err: RefCell::new(None),
+        }
+    }
+
+    fn ask(
+        &self,
+        function: &str,
+        args: impl IntoPyObjectExt<'py> + pyo3::call::PyCallArgs<'py>,
+    ) -> CoreResult<Ranges> {
+        let answer = self
+            .py
+            .import(intern!(self.py, "ckptmap._re_tables"))
+            .and_then(|m| m.call_method1(function, args))
+            .and_then(|r| r.extract::<Vec<(u32, u32)>>());
+        match answer {
+            Ok(ranges) => Ok(Ranges::new(ranges)),
+            Err(e) => {
+                let why = e.to_string();
+                *self.err.borrow_mut() = Some(e);
+                Err(CoreError::Invalid(why))
+            }
+        }
+    }
+
+    /// A core error from building an exact form, as a Python exception.
+    fn error(&self, err: CoreError) -> PyErr {
+        match self.err.borrow_mut().take() {
+            Some(e) => e,
+            None => PyValueError::new_err(format!("internal error in a native key rule: {err}")),
+        }
+    }
+}
+
+fn cached(
+    cell: &OnceLock<Arc<Ranges>>,
+    make: impl FnOnce() -> CoreResult<Ranges>,
+) -> CoreResult<Arc<Ranges>> {
+    if let Some(v) = cell.get() {
+        return Ok(v.clone());
+    }
+    let v = Arc::new(make()?);
+    Ok(cell.get_or_init(|| v).clone())
+}
+
+impl Oracle for PyOracle<'_> {
+    fn category(&self, kind: Perl) -> CoreResult<Arc<Ranges>> {
+        static CELLS: [OnceLock<Arc<Ranges>>; 3] =
+            [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        let (cell, name) = match kind {
+            Perl::Digit => (&CELLS[0], "digit"),
+            Perl::Word => (&CELLS[1], "word"),
+            Perl::Space => (&CELLS[2], "space"),
+        };
+        cached(cell, || self.ask("category", (name,)))
+    }
+
+    fn cased(&self) -> CoreResult<Arc<Ranges>> {
+        static CELL: OnceLock<Arc<Ranges>> = OnceLock::new();
+        cached(&CELL, || self.ask("cased", ()))
+    }
+
+    fn icase(&self, source: &str, ascii: bool) -> CoreResult<Ranges> {
+        static CACHE: OnceLock<Mutex<HashMap<(String, bool), Ranges>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let key = (source.to_string(), ascii);
+        if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return Ok(v);
+        }
+        let v = self.ask("icase", (source, ascii))?;
+        if let Ok(mut c) = cache.lock() {
+            c.insert(key, v.clone());
+        }
+        Ok(v)
+    }
+}
+
+fn key_not_unicode(py: Python<'_>, index: usize, key: &Bound<'_, PyString>, rule: usize) -> PyErr {
+    let made = py
+        .import(intern!(py, "ckptmap.errors"))
+        .and_then(|m| m.getattr(intern!(py, "KeyNotUnicodeError")))
+        .and_then(|cls| cls.call1((index, key, rule)));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
 impl KeyRules {
     /// Runs rule `rule` on Python's `re`.
     fn python_sub<'py>(
@@ -59,49 +165,87 @@ impl KeyRules {
             .call_method1(intern!(py, "sub"), (self.repls[rule].bind(py), key))
     }
 
-    /// Finishes a key from rule `rule` on, natively where possible.
+    fn prepare_exact(&self, oracle: &PyOracle<'_>, rule: usize) -> PyResult<()> {
+        self.core
+            .prepare_exact(rule, Some(oracle))
+            .map_err(|e| oracle.error(e))
+    }
+
+    /// Finishes a key where its native run stopped: builds an exact form, or runs a rule
+    /// on Python's `re`, and goes on natively wherever possible.
+    #[allow(clippy::too_many_arguments)]
     fn finish<'k, 'py>(
         &self,
         py: Python<'py>,
+        oracle: &PyOracle<'py>,
         scratch: &mut [Option<Scratch>],
-        mut value: Cow<'k, str>,
-        mut rule: usize,
+        start: Pending<'k>,
+        index: usize,
+        key: &Bound<'py, PyString>,
     ) -> PyResult<Value<'k, 'py>> {
+        let Pending {
+            mut value,
+            mut rule,
+            mut exact,
+        } = start;
         loop {
-            let key = PyString::new(py, &value).into_any();
-            let out = self.python_sub(py, rule, &key)?;
-            rule += 1;
-            let Ok(text) = out
-                .cast::<PyString>()
-                .map_err(PyErr::from)
-                .and_then(|s| s.to_cow())
-            else {
-                // Not representable as UTF-8 (lone surrogates): stay on Python for the rest.
-                return self.finish_on_python(py, out, rule);
-            };
-            match self
-                .core
-                .run_native(scratch, Cow::Owned(text.into_owned()), rule)
-            {
+            if exact {
+                self.prepare_exact(oracle, rule)?;
+            } else {
+                let out = self.python_sub(py, rule, &PyString::new(py, &value).into_any())?;
+                rule += 1;
+                let text = out
+                    .cast::<PyString>()
+                    .ok()
+                    .and_then(|s| s.to_str().ok().map(str::to_owned));
+                match text {
+                    Some(text) => value = Cow::Owned(text),
+                    // Not valid Unicode (lone surrogates): only Python's `re` can take it.
+                    None => return self.finish_object(py, oracle, scratch, out, rule, index, key),
+                }
+            }
+            match self.core.run_native(scratch, value, rule) {
                 Ok(done) => return Ok(Value::Text(done)),
-                Err(Pending { value: v, rule: r }) => {
-                    value = v;
-                    rule = r;
+                Err(p) => {
+                    value = p.value;
+                    rule = p.rule;
+                    exact = p.exact;
                 }
             }
         }
     }
 
-    fn finish_on_python<'k, 'py>(
+    /// Runs rules `from..` on a key that is not valid Unicode: rules on Python's `re` take
+    /// it as `re.sub` does; a native rule cannot, unless the key became valid on the way.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_object<'k, 'py>(
         &self,
         py: Python<'py>,
-        mut key: Bound<'py, PyAny>,
+        oracle: &PyOracle<'py>,
+        scratch: &mut [Option<Scratch>],
+        mut obj: Bound<'py, PyAny>,
         from: usize,
+        index: usize,
+        key: &Bound<'py, PyString>,
     ) -> PyResult<Value<'k, 'py>> {
         for rule in from..self.core.len() {
-            key = self.python_sub(py, rule, &key)?;
+            if let Engine::Python(_) = self.core.engines()[rule] {
+                obj = self.python_sub(py, rule, &obj)?;
+                continue;
+            }
+            let text = obj
+                .cast::<PyString>()
+                .ok()
+                .and_then(|s| s.to_str().ok().map(str::to_owned));
+            let Some(text) = text else {
+                return Err(key_not_unicode(py, index, key, rule));
+            };
+            return match self.core.run_native(scratch, Cow::Owned(text), rule) {
+                Ok(done) => Ok(Value::Text(done)),
+                Err(p) => self.finish(py, oracle, scratch, p, index, key),
+            };
         }
-        Ok(Value::Object(key))
+        Ok(Value::Object(obj))
     }
 }
 
@@ -170,6 +314,28 @@ impl KeyRules {
                     repl.get_type().name()?
                 )));
             };
+            let engine = match engine {
+                // Whether a Unicode \b rule has an exact form depends on this interpreter's
+                // tables: build it now, so that `native` never promises what a key breaks.
+                Engine::Native(rule) if rule.exact_decides_nativeness() => {
+                    let oracle = PyOracle::new(py);
+                    match rule.prepare_exact(Some(&oracle)) {
+                        Ok(()) => Engine::Native(rule),
+                        Err(e) => match oracle.err.borrow_mut().take() {
+                            Some(py_err) => return Err(py_err),
+                            None => Engine::Python(match e {
+                                CoreError::Unsupported(why) | CoreError::Invalid(why) => why,
+                            }),
+                        },
+                    }
+                }
+                other => other,
+            };
+            if let Engine::Python(_) = engine {
+                // A rule on Python's `re` must not be able to hang on a key.
+                py.import(intern!(py, "ckptmap._backtracking"))?
+                    .call_method1(intern!(py, "check"), (i, &regex))?;
+            }
             engines.push(engine);
             compiled.push(regex.unbind());
             repls.push(repl.unbind());
@@ -194,6 +360,19 @@ impl KeyRules {
         // Borrow the UTF-8 of each key; `None` for strings with lone surrogates.
         let texts: Vec<Option<&str>> = keys.iter().map(|k| k.to_str().ok()).collect();
         let core = &self.core;
+        let oracle = PyOracle::new(py);
+        // Keys the fast forms cannot take: build the exact forms before leaving the GIL.
+        if texts
+            .iter()
+            .flatten()
+            .any(|t| !t.is_ascii() || t.ends_with('\n'))
+        {
+            for rule in 0..core.len() {
+                if core.may_need_exact(rule) {
+                    self.prepare_exact(&oracle, rule)?;
+                }
+            }
+        }
         fn run<'k>(
             core: &rules::KeyRules,
             scratch: &mut [Option<Scratch>],
@@ -214,11 +393,21 @@ impl KeyRules {
         });
         let mut out = Vec::with_capacity(keys.len());
         let mut scratch = self.core.scratch();
-        for ((key, text), result) in keys.iter().zip(&texts).zip(native) {
+        for (index, ((key, text), result)) in keys.iter().zip(&texts).zip(native).enumerate() {
             let value = match result {
                 Some(Ok(done)) => Value::Text(done),
-                Some(Err(Pending { value, rule })) => self.finish(py, &mut scratch, value, rule)?,
-                None => self.finish_on_python(py, key.clone().into_any(), 0)?,
+                Some(Err(pending)) => {
+                    self.finish(py, &oracle, &mut scratch, pending, index, key)?
+                }
+                None => self.finish_object(
+                    py,
+                    &oracle,
+                    &mut scratch,
+                    key.clone().into_any(),
+                    0,
+                    index,
+                    key,
+                )?,
             };
             out.push(match value {
                 Value::Text(Cow::Borrowed(s)) if text.is_some_and(|t| std::ptr::eq(t, s)) => {

@@ -60,7 +60,7 @@ impl Compiled {
             let Engine::Native(rule) = engine else {
                 unreachable!("Compiled::new admits native rules only")
             };
-            let next = rule.sub_with(s, &cur);
+            let next = rule.sub_fast(s, &cur);
             if next != cur.as_str() {
                 let next = next.into_owned();
                 if let Some(f) = fired.as_deref_mut() {

@@ -16,6 +16,7 @@ import warnings
 import pytest
 
 from ckptmap import KeyRules
+from ckptmap.errors import BacktrackingRuleError, CkptmapError, KeyNotUnicodeError
 
 
 def re_sub(pattern, repl, key):
@@ -289,7 +290,7 @@ def test_native(pattern):
         "(?x) a",
         "\\N{DIGIT ONE}",
         "(?i)é",
-        "(a*)*",
+        "(a|)+",
         "a??",
         "(|a)",
     ],
@@ -384,10 +385,35 @@ def test_apply_takes_any_iterable_of_str():
     assert kr.apply([]) == []
 
 
-def test_keys_with_lone_surrogates_go_through_re():
+def test_keys_with_lone_surrogates_are_refused_by_native_rules():
+    # A lone surrogate has no UTF-8 form, which the native engine reads: a typed error that
+    # names the key and the rule, never a silent trip through `re`.
     kr = KeyRules([("a", "b"), ("\\w", "w")])
-    keys = ["a\ud800", "\udfffa"]
-    assert kr.apply(keys) == [re.sub("\\w", "w", re.sub("a", "b", k)) for k in keys]
+    with pytest.raises(KeyNotUnicodeError) as got:
+        kr.apply(["ok", "a\ud800"])
+    assert isinstance(got.value, UnicodeError) and isinstance(got.value, CkptmapError)
+    assert (got.value.index, got.value.key, got.value.rule) == (1, "a\ud800", 0)
+    assert "U+D800" in str(got.value)
+    copy = pickle.loads(pickle.dumps(got.value))
+    assert (type(copy), str(copy), copy.rule) == (KeyNotUnicodeError, str(got.value), 0)
+
+
+def test_keys_with_lone_surrogates_pass_through_rules_on_re():
+    # Rules on Python's `re` take them as `re.sub` does; a native rule after them refuses.
+    def upper(m):
+        return m.group(0).upper()
+
+    python_only = KeyRules([("(a)\\1", "b"), ("x", upper)])
+    keys = ["aa\ud800x", "\udfffa"]
+    assert python_only.apply(keys) == [re.sub("x", upper, re.sub("(a)\\1", "b", k)) for k in keys]
+    mixed = KeyRules([("(a)\\1", "b"), ("^b", "c")])
+    with pytest.raises(KeyNotUnicodeError) as got:
+        mixed.apply(["aa\ud800"])
+    assert got.value.rule == 1
+    # A rule on `re` that removes the surrogate hands a valid key on to the native rules.
+    healed = KeyRules([("\ud800", lambda m: "?"), ("\\?", "!")])
+    assert healed.native == [False, True]
+    assert healed.apply(["a\ud800"]) == ["a!"]
 
 
 def test_callable_replacement():
