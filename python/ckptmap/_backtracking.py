@@ -258,9 +258,7 @@ def _matches(item: Item, ch: str) -> bool:
 def _overlap(a: list[Item], b: list[Item], sample: list[str]) -> bool:
     if not a or not b:
         return False
-    return any(
-        any(_matches(x, ch) for x in a) and any(_matches(y, ch) for y in b) for ch in sample
-    )
+    return any(any(_matches(x, ch) for x in a) and any(_matches(y, ch) for y in b) for ch in sample)
 
 
 def _show(body: list[Item]) -> str:
@@ -287,7 +285,7 @@ def _render(item: Item) -> str:
         if len(av[2]) > 1 or (av[2] and av[2][0][0] not in (_c.LITERAL, _c.IN, _c.ANY)):
             inner = f"(?:{inner})"
         count = {(0, _c.MAXREPEAT): "*", (1, _c.MAXREPEAT): "+", (0, 1): "?"}.get(
-            (lo, hi), "{%d,%s}" % (lo, "" if hi is _c.MAXREPEAT else hi)
+            (lo, hi), "{{{},{}}}".format(lo, "" if hi is _c.MAXREPEAT else hi)
         )
         return inner + count + ("?" if op is _c.MIN_REPEAT else "")
     if op is _c.SUBPATTERN:

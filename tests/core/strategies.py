@@ -55,7 +55,7 @@ def template_ok(compiled: re.Pattern[str], repl: str) -> bool:
 
 # Characters that matter for case folding and Unicode classes: Kelvin sign, long s, dotless
 # i, dotted I, sharp s (and its capital), final sigma, micro sign, an Arabic-Indic digit, NEL
-# (a Unicode space), a non-breaking space, an emoji outside the BMP.
+# (a Unicode space), a non-breaking space, an emoji outside the BMP; then word-boundary traps.
 UNICODE_CHARS = [
     "é",
     "É",
@@ -73,6 +73,20 @@ UNICODE_CHARS = [
     "\x85",
     "\xa0",
     "😀",
+    # Where Python's word characters and the regex crate's differ (its \b uses its own): a
+    # combining mark, a spacing mark, superscript two and a circled digit (No), a roman
+    # numeral (Nl), a connector punctuation, ZERO WIDTH JOINER, a circled letter, and
+    # characters newer than CPython 3.10's Unicode 13.
+    "\u0301",
+    "\u0903",
+    "\u00b2",
+    "\u2460",
+    "\u216b",
+    "\u203f",
+    "\u200d",
+    "\u24b6",
+    "\U0001fae8",
+    "\U00031350",
 ]
 
 _PLAIN = list("abkmsxyzAKSI019_-,/:=@'<>!&~%;")

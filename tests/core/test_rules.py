@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import pickle
 import re
+import subprocess
 import sys
 import warnings
 
 import pytest
+from spy import spied_rules
 
 from ckptmap import KeyRules
 from ckptmap.errors import BacktrackingRuleError, CkptmapError, KeyNotUnicodeError
@@ -614,3 +616,188 @@ def test_errors_raised_by_the_replacement_propagate_like_re_sub(repl):
     got = _raised(lambda: KeyRules([("^", ""), ("a", repl)]).apply(["b", "xa"]))
     assert type(got) is type(want)
     assert str(got) == str(want)
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing hangs: native rules never run on `re`; rules on `re` that could backtrack
+# exponentially are refused.
+
+# Keys the fast translation cannot take: non-ASCII (case folding traps, characters whose word-ness
+# Python and the regex crate disagree on, characters newer than some CPython's Unicode), keys
+# ending in a newline, the empty key.
+EXACT_KEYS = [
+    "",
+    "\n",
+    "a\n",
+    "a\n\n",
+    "x.weight\n",
+    "é.weight\n",
+    "é",
+    "straße.w1",
+    "k\u212ak",
+    "\u017fs",
+    "\u0130i\u0131",
+    "x\u0301y",
+    "\u0301x",
+    "x\u00b2y",
+    "\u00b2x",
+    "a\u2460b\u216b",
+    "a\u203fb\u200dc",
+    "\u24b6x\u24b6",
+    "\U0001fae8x\U00031350",
+    "\u0661\u0662.\u0663",
+    "a\x1cb\x85c\xa0d",
+    "\u0301\n",
+    "x\u0301\n",
+]
+
+EXACT_RULES = [
+    r"\w+",
+    r"^(\w+)+$",
+    r"\W",
+    r"\d+",
+    r"\D+",
+    r"\s",
+    r"\S+$",
+    r"\bx",
+    r"x\b",
+    r"\Bx",
+    r"\B",
+    r"\b",
+    r"\b\w+\b",
+    r"(?i)k",
+    r"(?i)[a-z]+",
+    r"(?i)[^k]",
+    r"(?i)S$",
+    r"(?ai)k",
+    r"(?a)\w+",
+    r"(?a)\b",
+    r"$",
+    r"\.weight$",
+    r"(\w)$",
+    r"(?s).$",
+    r".$",
+    r"\n$",
+    r"[^a]$",
+    r"(?m)^\w",
+    r"[\w\u0301]+",
+    r"[^\W\d]+",
+]
+
+
+@pytest.mark.parametrize("pattern", EXACT_RULES)
+def test_native_rules_never_run_on_re(pattern):
+    kr, spies = spied_rules([(pattern, "<\\g<0>>")])
+    assert kr.native == [True], kr.fallback_reasons
+    got = kr.apply(EXACT_KEYS)
+    assert got == [re.sub(pattern, "<\\g<0>>", k) for k in EXACT_KEYS]
+    assert [kr.sub(k) for k in EXACT_KEYS] == got
+    assert spies[0].calls == 0
+
+
+def test_rules_on_re_still_run_on_re():
+    # The spies are live: a fallback rule does reach them.
+    kr, spies = spied_rules([("^module\\.", ""), ("(a)\\1", "b")])
+    assert kr.native == [True, False]
+    assert kr.apply(["module.aa", "é\n"]) == ["b", "é\n"]
+    assert (spies[0].calls, spies[1].calls) == (0, 2)
+
+
+def test_catastrophic_pattern_on_a_long_non_ascii_key_returns_promptly():
+    # Before: a non-ASCII key sent `^(\w+)+$` to re, which never returned. In a child process
+    # with a deadline, so that a regression fails instead of hanging the suite.
+    code = (
+        "from ckptmap import KeyRules\n"
+        "kr = KeyRules([(r'^(\\w+)+$', 'x')])\n"
+        "assert kr.native == [True]\n"
+        "key = 'é' * 20000 + '!'\n"
+        "assert kr.apply([key, 'é' * 20000, key + '\\n']) == [key, 'x', key + '\\n']\n"
+        "print('done')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("\\b[\u0301]", "stand in"),  # nothing else is in that class: no stand-in for U+0301
+        ("a$|(?m:^b)", "MULTILINE"),
+        ("(?m:^a)b$", "MULTILINE"),
+        ("\\Bx$", "\\B"),
+        ("\\w{5000}", "too large"),
+    ],
+)
+def test_rules_without_an_exact_form_are_not_native(pattern, why):
+    kr, _ = spied_rules([(pattern, "-")])
+    assert kr.native == [False]
+    assert why in kr.fallback_reasons[0]
+    keys = ["", "a", "x\u0301", "a\n", "b\n", "x" * 5000]
+    assert kr.apply(keys) == [re.sub(pattern, "-", k) for k in keys]
+    # The ASCII-flag forms of the same rules are native.
+    if "\\B" in pattern or "\\b" in pattern:
+        assert KeyRules([("(?a)" + pattern, "-")]).native == [True]
+
+
+REFUSED = [
+    "^(\\w+)+$",
+    "(x\\w*)*y",
+    "(a+b?)+c",
+    "(\\w*x)*",
+    "(\\d+|\\w+)+$",
+    "(a|aa)*b",
+    "(a?b?)+c",
+    "(.*)*x",
+    "(.*?,)*x",
+    "(\\.?\\w+)*\\.",
+]
+ACCEPTED = [
+    "(?:\\.\\w+)*",
+    "(\\w+\\.)+weight",
+    "(\\d+\\.){3}\\d+",
+    "^(?:[a-z_]+\\.)*(\\d+)\\.w$",
+    "(|a)+",
+    "(a?)+b",
+    "([^.]+\\.)*w",
+    "(a|ab)*c",
+    "(?:(?:layers|blocks)\\.\\d+\\.)*",
+]
+
+
+@pytest.mark.parametrize("pattern", REFUSED)
+def test_rules_on_re_that_can_backtrack_exponentially_are_refused(pattern):
+    with pytest.raises(BacktrackingRuleError) as got:
+        KeyRules([("^m\\.", ""), (pattern, lambda m: "x")])
+    err = got.value
+    assert isinstance(err, ValueError) and isinstance(err, CkptmapError)
+    assert (err.rule, err.pattern) == (1, pattern)
+    assert err.part and repr(err.part) in str(err) and "Rewrite" in str(err)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (type(copy), str(copy), copy.part) == (BacktrackingRuleError, str(err), err.part)
+    # With a backreference (re only) too. With a str replacement the rule is native (and
+    # linear) where the translator takes it, else refused the same way.
+    with pytest.raises(BacktrackingRuleError):
+        KeyRules([(f"(?P<q>q)?{pattern}(?P=q)", "x")])
+    try:
+        native = KeyRules([(pattern, "x")])
+    except BacktrackingRuleError:
+        assert pattern in {"(x\\w*)*y", "(\\w*x)*", "(a?b?)+c", "(.*)*x", "(.*?,)*x"}
+    else:
+        assert native.native == [True], native.fallback_reasons
+
+
+@pytest.mark.parametrize("pattern", ACCEPTED)
+def test_rules_on_re_that_backtrack_boundedly_are_accepted(pattern):
+    kr = KeyRules([(pattern, lambda m: "<" + m.group(0) + ">")])
+    assert kr.native == [False]
+    keys = ["layers.1.blocks.2.w", "1.2.3.4", "a.b.c.weight", "aab" * 10 + "!"]
+    assert kr.apply(keys) == [re.sub(pattern, lambda m: "<" + m.group(0) + ">", k) for k in keys]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="possessive repeats are Python 3.11+")
+def test_a_possessive_outer_repeat_is_accepted():
+    kr = KeyRules([("^(\\w+)++$", lambda m: "x")])
+    assert kr.native == [False]
+    assert kr.apply(["é" * 30 + "!", "ab"]) == ["é" * 30 + "!", "x"]

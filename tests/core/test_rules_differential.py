@@ -14,6 +14,7 @@ import warnings
 import pytest
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
+from spy import spied_rules
 from strategies import (
     FLAG_SETS,
     SEGMENTS,
@@ -152,8 +153,10 @@ def test_apply_equals_re_sub_chain_native_grammar(case):
 def test_sub_equals_re_sub(r, data):
     key = data.draw(keys_for([r[0]]))
     kr = check([r], [key, *probe_keys([r[0]])])
-    if kr is not None and _raises([r], key) is None and not _reaches_native_with_surrogate(
-        kr, [r], key
+    if (
+        kr is not None
+        and _raises([r], key) is None
+        and not _reaches_native_with_surrogate(kr, [r], key)
     ):
         assert kr.sub(key) == re.sub(r[0], r[1], key)
 
@@ -214,6 +217,52 @@ def test_generated_patterns_mostly_native():
     total = counts[True] + counts[False]
     assert total >= 100
     assert counts[True] >= 0.6 * total, (counts, reasons)
+
+
+# --------------------------------------------------------------------------------------------
+# Native means native: the keys the fast translation cannot take (non-ASCII, a final newline,
+# the empty key) go to the rule's exact form, never to `re`.
+
+_EXACT_ALPHABET = [*UNICODE_CHARS, "\n", "a", "k", "K", "s", "x", "_", "0", "1", ".", " ", "\x1c"]
+
+
+@_FILTERING
+@given(st.data())
+def test_native_rules_never_run_on_re_for_any_key(data):
+    rules = []
+    for _ in range(data.draw(st.integers(1, 2))):
+        text = data.draw(patterns(full=False))
+        flags = data.draw(st.sampled_from([f for f in FLAG_SETS if not f & re.VERBOSE]))
+        compiled = compile_or_none(text, flags)
+        assume(compiled is not None)
+        repl = data.draw(templates(compiled))
+        assume(template_ok(compiled, repl))
+        rules.append((compiled, repl))
+    keys = data.draw(
+        st.lists(
+            st.one_of(
+                st.lists(st.sampled_from(_EXACT_ALPHABET), max_size=8).map("".join),
+                keys_for([c for c, _ in rules]).filter(
+                    lambda k: not any(0xD800 <= ord(c) <= 0xDFFF for c in k)
+                ),
+            ),
+            min_size=1,
+            max_size=10,
+        )
+    )
+    keys += ["", "\n", "a\n", "\u0301\n", "é", "x\u0301", "\u00b2x"]
+    keys = [k for k in keys if _raises(rules, k) is None]
+    try:
+        kr, spies = spied_rules(rules)
+    except BacktrackingRuleError:
+        event("rule refused: exponential backtracking")
+        return
+    assert kr.apply(keys) == expected(rules, keys), _explain(
+        kr, rules, keys, kr.apply(keys), expected(rules, keys)
+    )
+    for spy, native in zip(spies, kr.native, strict=True):
+        event("native rule" if native else "fallback rule")
+        assert spy.calls == 0 or not native
 
 
 # --------------------------------------------------------------------------------------------
