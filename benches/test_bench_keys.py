@@ -88,3 +88,62 @@ def test_revise_mmengine(benchmark, state_dict):
     )
     out = timed(benchmark, side, lambda: seeds_revise(state_dict), ROUNDS, kind="key work")
     assert list(out.items()) == list(revise_keys(state_dict, DEMO_RULES).state_dict.items())
+
+
+# What a rule on Python's `re` costs next to a native one (README, "what a fallback costs"):
+# the same three renames, native, with callable replacements, and with lookarounds, over 100k
+# keys; the native rules also over keys that need their exact form.
+_NATIVE = [(r"^module\.", ""), (r"layers\.(\d+)", r"blocks.\1"), (r"\.weight$", ".w")]
+_KINDS = {
+    "native, ASCII keys": (_NATIVE, lambda k: k),
+    "native, non-ASCII keys": (_NATIVE, lambda k: k.replace("weight", "wéight")),
+    "native, keys ending in newline": (_NATIVE, lambda k: k + "\n"),
+    "callable replacements": (
+        [
+            (r"^module\.", lambda m: ""),
+            (r"layers\.(\d+)", lambda m: "blocks." + m.group(1)),
+            (r"\.weight$", lambda m: ".w"),
+        ],
+        lambda k: k,
+    ),
+    "lookarounds": (
+        [
+            (r"^(m)odule\.(?!\1)", ""),
+            (r"layers\.(\d+)(?=\.)", r"blocks.\1"),
+            (r"\.weight$(?<=t)", ".w"),
+        ],
+        lambda k: k,
+    ),
+}
+
+
+@pytest.mark.benchmark(group="rules: native vs fallback, 100k keys")
+@pytest.mark.parametrize("kind", list(_KINDS))
+def test_native_vs_fallback(benchmark, keys, kind):
+    rules, make = _KINDS[kind]
+    some = [make(k) for k in keys[:100_000]]
+    kr = KeyRules(rules)
+    assert all(kr.native) == kind.startswith("native")
+    out = benchmark.pedantic(kr.apply, args=(some,), rounds=3, iterations=1)
+    assert out[:500] == [
+        re.sub(
+            _NATIVE[2][0], ".w", re.sub(_NATIVE[1][0], r"blocks.\1", re.sub(_NATIVE[0][0], "", k))
+        )
+        for k in some[:500]
+    ]
+
+
+@pytest.mark.benchmark(group="rules: native vs fallback, 100k keys")
+def test_native_vs_fallback_re_sub_loop(benchmark, keys):
+    some = keys[:100_000]
+
+    def loop(ks: list[str]) -> list[str]:
+        out = []
+        for k in ks:
+            for pattern, repl in _NATIVE:
+                k = re.sub(pattern, repl, k)
+            out.append(k)
+        return out
+
+    out = benchmark.pedantic(loop, args=(some,), rounds=3, iterations=1)
+    assert out == KeyRules(_NATIVE).apply(some)

@@ -160,14 +160,12 @@ impl NativeRule {
         scratch: &mut Scratch,
         key: &'k str,
     ) -> Result<Cow<'k, str>, NeedsExact> {
-        if key.is_empty() {
-            if let Some(out) = &self.empty_result {
-                return Ok(if out.is_empty() {
-                    Cow::Borrowed(key)
-                } else {
-                    Cow::Owned(out.clone())
-                });
-            }
+        if let Some(out) = self.empty_result.as_ref().filter(|_| key.is_empty()) {
+            return Ok(if out.is_empty() {
+                Cow::Borrowed(key)
+            } else {
+                Cow::Owned(out.clone())
+            });
         }
         if !self.needs_exact(key) {
             return Ok(sub_loop(
@@ -213,7 +211,9 @@ fn build_regex(pattern: &str) -> CoreResult<Regex> {
 }
 
 /// Python's `re.sub` loop over `hay`, which has the same length and char boundaries as `key`
-/// (the exact form may search stand-in bytes); the result is built from `key`.
+/// (the exact form may search stand-in bytes); the result is built from `key`. Inlined: it is
+/// the hot loop of the fast form.
+#[inline(always)]
 fn sub_loop<'k>(
     regex: &Regex,
     cache: &mut meta::Cache,

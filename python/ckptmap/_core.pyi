@@ -37,19 +37,22 @@ _Repl = str | Callable[[re.Match[str]], str]
 class KeyRules:
     """An ordered list of `(pattern, replacement)` key rules, compiled once.
 
-    Each rule is applied as Python's `re.sub(pattern, replacement, key)`.
+    Each rule is applied as Python's `re.sub(pattern, replacement, key)`. A rule reported
+    native runs every key on the linear Rust engine; a rule that runs on `re` and could
+    backtrack exponentially raises `ckptmap.errors.BacktrackingRuleError` here.
     """
 
     def __new__(cls, rules: Iterable[tuple[_Pattern, _Repl]]) -> Self: ...
     def apply(self, keys: Iterable[str]) -> list[str]:
-        """Applies every rule in order to each key."""
+        """Applies every rule in order to each key. A key holding a lone surrogate raises
+        `ckptmap.errors.KeyNotUnicodeError` when it reaches a native rule."""
     def sub(self, key: str) -> str:
         """Applies every rule in order to one key."""
     @property
     def rules(self) -> list[tuple[_Pattern, _Repl]]: ...
     @property
     def native(self) -> list[bool]:
-        """For each rule, whether it runs on the Rust engine."""
+        """For each rule, whether it runs on the Rust engine (for every key)."""
     @property
     def fallback_reasons(self) -> list[str | None]:
         """For each rule, why it runs on Python's `re` (None: it runs natively)."""

@@ -36,6 +36,11 @@ const PARALLEL_MIN_KEYS: usize = 16_384;
 /// callables (callables run on Python's `re`). Invalid patterns and templates raise what
 /// `re.sub` raises, at construction. "Python's `re`" is the running interpreter's: where
 /// CPython versions differ, so do the results, exactly as `re.sub`'s do.
+///
+/// Nothing hangs: a native rule never hands a key to `re` (keys its fast form cannot take
+/// run its exact form, [`crate::exact`]), and a rule on `re` whose shape lets `re` backtrack
+/// exponentially is refused at construction (`ckptmap._backtracking`). A key holding a lone
+/// surrogate raises `KeyNotUnicodeError` when it reaches a native rule.
 #[pyclass(frozen, module = "ckptmap._core")]
 pub struct KeyRules {
     core: rules::KeyRules,
@@ -361,16 +366,19 @@ impl KeyRules {
         let texts: Vec<Option<&str>> = keys.iter().map(|k| k.to_str().ok()).collect();
         let core = &self.core;
         let oracle = PyOracle::new(py);
-        // Keys the fast forms cannot take: build the exact forms before leaving the GIL.
-        if texts
-            .iter()
-            .flatten()
-            .any(|t| !t.is_ascii() || t.ends_with('\n'))
+        // Keys the fast forms cannot take: build the exact forms (once per rule) before leaving
+        // the GIL. Keys that only become such keys on the way are finished below.
+        let unbuilt: Vec<usize> = (0..core.len())
+            .filter(|&r| core.may_need_exact(r))
+            .collect();
+        if !unbuilt.is_empty()
+            && texts
+                .iter()
+                .flatten()
+                .any(|t| !t.is_ascii() || t.ends_with('\n'))
         {
-            for rule in 0..core.len() {
-                if core.may_need_exact(rule) {
-                    self.prepare_exact(&oracle, rule)?;
-                }
+            for rule in unbuilt {
+                self.prepare_exact(&oracle, rule)?;
             }
         }
         fn run<'k>(
