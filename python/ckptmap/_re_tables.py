@@ -54,9 +54,7 @@ def _cased() -> tuple[int, ...]:
         chunk = every[start : start + _CHUNK]
         if chunk.lower() == chunk and chunk.upper() == chunk and chunk.casefold() == chunk:
             continue
-        out += [
-            ord(c) for c in chunk if c.lower() != c or c.upper() != c or c.casefold() != c
-        ]
+        out += [ord(c) for c in chunk if c.lower() != c or c.upper() != c or c.casefold() != c]
     return tuple(out)
 
 
