@@ -544,11 +544,18 @@ CAPTURES_IN_REPEATS = [
 
 @pytest.mark.parametrize(("pattern", "repl", "key"), CAPTURES_IN_REPEATS)
 def test_captures_inside_repeats_follow_this_python(pattern, repl, key):
-    kr = KeyRules([(pattern, repl)])
-    assert kr.apply([key, "z" + key]) == [re.sub(pattern, repl, k) for k in (key, "z" + key)]
+    try:
+        kr = KeyRules([(pattern, repl)])
+    except BacktrackingRuleError:
+        # 3.10 only: the rule runs on re there (bpo-35859), and its alternatives overlap.
+        assert sys.version_info < (3, 11), pattern
+        kr = None
+    if kr is not None:
+        keys = [key, "z" + key]
+        assert kr.apply(keys) == [re.sub(pattern, repl, k) for k in keys]
     whole = KeyRules([(pattern, "<\\g<0>>")])
     assert whole.sub(key) == re.sub(pattern, "<\\g<0>>", key)
-    if whole.native == [True]:
+    if whole.native == [True] and kr is not None:
         # Only the groups can differ, so only rules that use them leave the native engine.
         assert kr.native == [sys.version_info >= (3, 11)]
         if sys.version_info < (3, 11):
