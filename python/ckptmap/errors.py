@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "IncompleteDownloadError",
     "InvalidDcpCheckpointError",
+    "InvalidKeyRuleError",
     "InvalidResponseError",
     "InvalidSafetensorsError",
     "InvalidShardIndexError",
@@ -1248,6 +1250,30 @@ class BacktrackingRuleError(CkptmapError, ValueError):
         self.rule = rule
         self.pattern = pattern
         self.part = part
+
+
+class InvalidKeyRuleError(CkptmapError, re.error):
+    """A key rule whose pattern or replacement Python's `re` rejects, raised when the rules are
+    built. It is exactly the `re.error` that `re.sub(pattern, repl, key)` raises (same class
+    by inheritance, same message, `msg`, `pattern`, `pos`, `lineno`, `colno`), so code that
+    catches `re.error` keeps working, and a `CkptmapError`.
+
+    Attributes:
+        rule: the rule's position in the list.
+    """
+
+    def __init__(self, rule: int, error: re.error) -> None:
+        re.error.__init__(self, error.msg, error.pattern, error.pos)
+        self.rule = rule
+
+    @classmethod
+    def from_re(cls, rule: int, error: BaseException) -> BaseException:
+        """The error to raise for rule `rule` when `re` raised `error` (others unchanged)."""
+        if isinstance(error, re.error) and not isinstance(error, cls):
+            made = cls(rule, error)
+            made.__cause__ = error.__cause__
+            return made
+        return error
 
 
 class KeyNotUnicodeError(CkptmapError, UnicodeError):

@@ -146,6 +146,19 @@ impl Oracle for PyOracle<'_> {
     }
 }
 
+/// `re`'s error for rule `rule` as `ckptmap.errors.InvalidKeyRuleError` (an `re.error` and a
+/// `CkptmapError`); any other error unchanged.
+fn invalid_rule(py: Python<'_>, rule: usize, err: PyErr) -> PyErr {
+    let made = py
+        .import(intern!(py, "ckptmap.errors"))
+        .and_then(|m| m.getattr(intern!(py, "InvalidKeyRuleError")))
+        .and_then(|cls| cls.call_method1(intern!(py, "from_re"), (rule, err.value(py))));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
 fn key_not_unicode(py: Python<'_>, index: usize, key: &Bound<'_, PyString>, rule: usize) -> PyErr {
     let made = py
         .import(intern!(py, "ckptmap.errors"))
@@ -296,7 +309,9 @@ impl KeyRules {
                 ))
             })?;
             let (pattern, repl) = pair;
-            let regex = re.call_method1(intern!(py, "compile"), (&pattern,))?;
+            let regex = re
+                .call_method1(intern!(py, "compile"), (&pattern,))
+                .map_err(|e| invalid_rule(py, i, e))?;
             let source = regex.getattr(intern!(py, "pattern"))?;
             let Ok(source) = source.cast::<PyString>() else {
                 return Err(PyTypeError::new_err(format!(
@@ -306,7 +321,9 @@ impl KeyRules {
             let flags: u32 = regex.getattr(intern!(py, "flags"))?.extract()?;
             let engine = if let Ok(template) = repl.cast::<PyString>() {
                 // Parses the template as re.sub does, raising its errors now.
-                regex.call_method1(intern!(py, "sub"), (&repl, ""))?;
+                regex
+                    .call_method1(intern!(py, "sub"), (&repl, ""))
+                    .map_err(|e| invalid_rule(py, i, e))?;
                 match (source.to_str(), template.to_str()) {
                     (Ok(p), Ok(t)) => Engine::compile_for(p, flags, t, dialect),
                     _ => Engine::Python("pattern or replacement is not valid UTF-8".into()),

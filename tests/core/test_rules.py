@@ -18,7 +18,12 @@ import pytest
 from spy import spied_rules
 
 from ckptmap import KeyRules
-from ckptmap.errors import BacktrackingRuleError, CkptmapError, KeyNotUnicodeError
+from ckptmap.errors import (
+    BacktrackingRuleError,
+    CkptmapError,
+    InvalidKeyRuleError,
+    KeyNotUnicodeError,
+)
 
 
 def re_sub(pattern, repl, key):
@@ -57,7 +62,15 @@ def accepted_here(pattern: str, repl: str = "x") -> bool:
 
 
 def same_error(want: BaseException, got: BaseException) -> None:
-    assert (type(got), str(got)) == (type(want), str(want))
+    """`got` is what re.sub raised (`want`): the same class and message, except that an
+    `re.error` comes as `InvalidKeyRuleError`, an `re.error` and a `CkptmapError` that keeps
+    `msg`, `pattern` and `pos`."""
+    if type(want) is re.error:
+        assert type(got) is InvalidKeyRuleError
+        assert (got.msg, got.pattern, got.pos) == (want.msg, want.pattern, want.pos)
+    else:
+        assert type(got) is type(want)
+    assert str(got) == str(want)
 
 
 # (pattern, repl, key). Every case: KeyRules gives exactly re.sub's result.
@@ -808,3 +821,13 @@ def test_a_possessive_outer_repeat_is_accepted():
     kr = KeyRules([("^(\\w+)++$", lambda m: "x")])
     assert kr.native == [False]
     assert kr.apply(["é" * 30 + "!", "ab"]) == ["é" * 30 + "!", "x"]
+
+
+def test_a_bad_rule_is_an_re_error_and_ours_and_survives_pickling():
+    with pytest.raises(re.error) as caught:
+        KeyRules([("a", "b"), ("(?P<x", "")])
+    err = caught.value
+    assert isinstance(err, CkptmapError) and err.rule == 1
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is InvalidKeyRuleError
+    assert (str(back), back.msg, back.pos, back.rule) == (str(err), err.msg, err.pos, 1)
