@@ -334,10 +334,9 @@ def test_device_to_host_and_empty_pairs_use_copy_one_by_one():
     assert engine.issued == []
 
 
-def test_default_engine_without_cuda_is_inline():
-    if torch.cuda.is_available():
-        pytest.skip("the default engine on this machine is CUDA's")
-    assert isinstance(current_engine(), HostEngine)
+def test_default_engine_is_the_machines():
+    expected = CudaEngine if torch.cuda.is_available() else HostEngine
+    assert isinstance(current_engine(), expected)
 
 
 def test_length_mismatch_is_an_error():
