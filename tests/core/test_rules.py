@@ -221,6 +221,11 @@ TRAPS = [
     ("(?<=a)b", "-", "ab cb"),
     ("(?<!a)b", "-", "ab cb"),
     ("(a)?(?(1)b|c)", "-", "ab c"),
+    # Empty lookarounds: CPython 3.13 compiles `(?<!)` to a FAILURE opcode.
+    ("a(?<!)", "-", "a"),
+    ("a(?!)|b", "-", "ab"),
+    ("(?<=)a(?=)", "-", "a"),
+    ("(?P<g>1)?(?a:layers{,}?)+(?-m:\\1\\Z)(?<!(?#a\\)b))*", "-", "layerss"),
     ("(?x) a b # c", "-", "ab"),
     ("\\N{DIGIT ONE}", "-", "1"),
     # Inline flags and comments.
