@@ -9,6 +9,12 @@
 //! (computed with checked arithmetic, as torch's `set_` bounds check does). What the pickle
 //! machine does not implement is not an error: the result is then [`Contents::Fallback`] with
 //! the reason, and the caller hands the file to torch's own safe loader.
+//!
+//! A remote checkpoint is parsed from the parts fetched so far ([`parse_known`],
+//! [`open_known`]): first the end records and central directory, then `data.pkl` and the
+//! small records ([`ReadError::Unfetched`] names the ranges to fetch, and the caller parses
+//! again), then, per load, the records of the tensors wanted ([`Record::fetch`]). Records
+//! fetched this way have their CRC-32 checked, as they crossed a network.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,7 +24,7 @@ use std::path::Path;
 
 use crate::header::{io_error, ReadError as HeaderReadError};
 use crate::pickle::{self, dtype, DtypeId, Node, Pickle, Span, V};
-use crate::zipfile::{self, Archive, ZipErrorKind};
+use crate::zipfile::{self, Archive, Known, ZipErrorKind};
 
 /// Largest `data.pkl` accepted (its CRC is checked and it is parsed in memory).
 pub const MAX_PICKLE_LEN: u64 = u32::MAX as u64;
@@ -26,6 +32,10 @@ pub const MAX_PICKLE_LEN: u64 = u32::MAX as u64;
 const MAX_CHECKED_RECORD: u64 = 1 << 20;
 /// Deepest container nesting the table walk follows.
 const MAX_TABLE_DEPTH: usize = 256;
+/// Bytes fetched past a local header's name when the header is not at hand yet: torch pads
+/// the extra field so data starts on a 64-byte boundary (plus zip64 fields past 4 GiB). A
+/// longer extra field costs one more fetch, of the data alone.
+const LOCAL_EXTRA_GUESS: u64 = 128;
 
 /// What is wrong with a checkpoint: one variant per check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -86,6 +96,8 @@ impl fmt::Display for PthErrorKind {
 pub struct PthError {
     pub kind: PthErrorKind,
     pub detail: String,
+    /// For `Zip(Unfetched)`: the byte ranges to fetch before parsing again.
+    pub need: Vec<(u64, u64)>,
 }
 
 impl PthError {
@@ -93,11 +105,18 @@ impl PthError {
         Self {
             kind,
             detail: detail.into(),
+            need: Vec::new(),
         }
     }
 
     /// The error for the file at `path`.
     pub fn at(self, path: &str) -> ReadError {
+        if self.kind == PthErrorKind::Zip(ZipErrorKind::Unfetched) {
+            return ReadError::Unfetched {
+                path: path.to_owned(),
+                need: self.need,
+            };
+        }
         ReadError::Invalid {
             path: path.to_owned(),
             kind: self.kind,
@@ -108,7 +127,11 @@ impl PthError {
 
 impl From<zipfile::ZipError> for PthError {
     fn from(e: zipfile::ZipError) -> Self {
-        PthError::new(PthErrorKind::Zip(e.kind), e.detail)
+        Self {
+            kind: PthErrorKind::Zip(e.kind),
+            detail: e.detail,
+            need: e.need,
+        }
     }
 }
 
@@ -131,6 +154,9 @@ pub enum ReadError {
     /// An I/O failure, keeping its kind and errno (see [`crate::header::ReadError::Io`]).
     #[error("{0}")]
     Io(HeaderReadError),
+    /// (A file read in part) the parse needs bytes that are not fetched yet.
+    #[error("{path}: {} byte range(s) must be fetched first", need.len())]
+    Unfetched { path: String, need: Vec<(u64, u64)> },
 }
 
 /// The byte order a checkpoint's `byteorder` record names.
@@ -155,6 +181,10 @@ pub struct Record {
     pub location: Span,
     /// How many tensors of the pickle use it.
     pub tensors: u32,
+    /// (A file read in part) the bytes to fetch before its data can be used: its local
+    /// header and data, or its data alone; None when they are at hand (always, for a whole
+    /// file).
+    pub fetch: Option<(u64, u64)>,
 }
 
 /// A tensor, checked against its record (its sizes and strides: [`Parsed::shape`],
@@ -243,7 +273,16 @@ const KNOWN_VERSIONS: std::ops::RangeInclusive<u64> = 1..=3;
 /// Parses and validates the checkpoint `bytes` (the whole file); `allowed` resolves globals
 /// beyond the machine's own table.
 pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, PthError> {
-    let archive = zipfile::parse(bytes)?;
+    parse_known(bytes, Known::All, allowed)
+}
+
+/// [`parse`] of a file of which only the `known` bytes are at hand (see the module docs).
+pub fn parse_known(
+    bytes: &[u8],
+    known: Known<'_>,
+    allowed: &dyn pickle::Allowlist,
+) -> Result<Contents, PthError> {
+    let archive = zipfile::parse_known(bytes, known)?;
     let prefix = String::from_utf8_lossy(archive.prefix(bytes)).into_owned();
     let mut records: Vec<(&[u8], usize)> = Vec::with_capacity(archive.members.len());
     let mut metadata: Vec<usize> = Vec::new();
@@ -272,6 +311,25 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
             format!("the archive has no {prefix}/data.pkl (the checkpoint's pickle)"),
         ));
     };
+    // A file read in part: every record read below must be at hand first, asked for at once.
+    let mut read_here: Vec<usize> = [Some(data_pkl), byteorder_member, version_member]
+        .into_iter()
+        .chain([data_version_member])
+        .flatten()
+        .collect();
+    read_here.extend(
+        metadata
+            .iter()
+            .copied()
+            .filter(|&i| archive.members[i].size <= MAX_CHECKED_RECORD),
+    );
+    let need: Vec<(u64, u64)> = read_here
+        .iter()
+        .filter_map(|&i| to_fetch(&archive, i, known))
+        .collect();
+    if !need.is_empty() {
+        return Err(zipfile::ZipError::unfetched(need).into());
+    }
     let small = |i: usize, what: &str| -> Result<&[u8], PthError> {
         let data = archive.data(bytes, i);
         let expected = archive.members[i].crc32;
@@ -348,7 +406,8 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
         Err(e) => return Ok(Contents::Fallback(e.to_string())),
     };
     let index = RecordIndex::new(records);
-    let (mut records, storage_record) = resolve_storages(bytes, &archive, &index, &pickle, pkl)?;
+    let (mut records, storage_record) =
+        resolve_storages(bytes, known, &archive, &index, &pickle, pkl)?;
     let tensors = check_tensors(&pickle, pkl, &mut records, &storage_record)?;
     Ok(Contents::Ready(Box::new(Parsed {
         pickle_start: pkl_member.data,
@@ -362,6 +421,20 @@ pub fn parse(bytes: &[u8], allowed: &dyn pickle::Allowlist) -> Result<Contents, 
         version,
         archive: prefix,
     })))
+}
+
+/// What to fetch of member `i` before its data can be read: None when it is at hand.
+fn to_fetch(archive: &Archive, i: usize, known: Known<'_>) -> Option<(u64, u64)> {
+    let m = &archive.members[i];
+    let end = m.data.saturating_add(m.size);
+    if m.located {
+        return (!known.has(m.data, end)).then_some((m.data, end));
+    }
+    // The local header, its extra field (guessed) and the data, in one range.
+    let guess = end
+        .saturating_add(LOCAL_EXTRA_GUESS)
+        .min(archive.central_directory);
+    Some((m.header, guess.max(end)))
 }
 
 type Resolved = (Vec<Record>, Vec<u32>);
@@ -411,6 +484,7 @@ fn decimal(key: &[u8]) -> Option<usize> {
 /// itemsize bytes.
 fn resolve_storages(
     bytes: &[u8],
+    known: Known<'_>,
     archive: &Archive,
     members: &RecordIndex<'_>,
     pickle: &Pickle,
@@ -464,6 +538,22 @@ fn resolve_storages(
         let slot = &mut by_member[member];
         if *slot == u32::MAX {
             *slot = records.len() as u32;
+            let fetch = to_fetch(archive, member, known);
+            if fetch.is_none() && matches!(known, Known::Ranges(_)) {
+                // Fetched over a network: its CRC-32 is worth checking.
+                let actual = zipfile::crc32(archive.data(bytes, member));
+                if actual != m.crc32 {
+                    return Err(PthError::new(
+                        PthErrorKind::CrcMismatch,
+                        format!(
+                            "{prefix}/data/{} has CRC-32 {actual:#010x}, the archive says {:#010x}: \
+                             its bytes were damaged in transit or at the source",
+                            shown(),
+                            m.crc32
+                        ),
+                    ));
+                }
+            }
             records.push(Record {
                 key: s.key,
                 start: m.data,
@@ -471,6 +561,7 @@ fn resolve_storages(
                 dtype: s.dtype,
                 location: s.location,
                 tensors: 0,
+                fetch,
             });
         }
         storage_record.push(*slot);
@@ -786,9 +877,19 @@ pub fn records(path: &Path) -> Result<Vec<String>, ReadError> {
 
 /// Opens and parses the checkpoint at `path`.
 pub fn open(path: &Path, allowed: &dyn pickle::Allowlist) -> Result<Opened, ReadError> {
+    open_known(path, Known::All, allowed)
+}
+
+/// Opens and parses the file at `path`, of which only the `known` bytes hold the
+/// checkpoint's (a remote checkpoint fetched in part into a sparse file of its size).
+pub fn open_known(
+    path: &Path,
+    known: Known<'_>,
+    allowed: &dyn pickle::Allowlist,
+) -> Result<Opened, ReadError> {
     let shown = path.display().to_string();
     let (file, bytes) = map_path(path, &shown)?;
-    let contents = parse(&bytes, allowed).map_err(|e| e.at(&shown))?;
+    let contents = parse_known(&bytes, known, allowed).map_err(|e| e.at(&shown))?;
     Ok(Opened {
         file,
         bytes,
@@ -893,6 +994,85 @@ mod tests {
             Ok(Contents::Ready(_)) => panic!("accepted"),
             Ok(Contents::Fallback(r)) => panic!("fallback: {r}"),
         }
+    }
+
+    /// Parses `full` as a remote reader would: starting from `known`, fetching what each
+    /// `Unfetched` error names (into a buffer that holds only fetched bytes) until it parses.
+    fn parse_in_part(full: &[u8], mut known: Vec<(u64, u64)>) -> (Box<Parsed>, Vec<u8>, usize) {
+        let mut sparse = vec![0u8; full.len()];
+        let mut rounds = 0;
+        loop {
+            for &(a, b) in &known {
+                sparse[a as usize..b as usize].copy_from_slice(&full[a as usize..b as usize]);
+            }
+            known.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (a, b) in known.drain(..) {
+                match merged.last_mut() {
+                    Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            known = merged;
+            rounds += 1;
+            assert!(rounds < 10, "no progress");
+            match parse_known(&sparse, Known::Ranges(&known), &none()) {
+                Ok(Contents::Ready(p)) => return (p, sparse, rounds),
+                Ok(Contents::Fallback(r)) => panic!("fallback: {r}"),
+                Err(e) if e.kind == PthErrorKind::Zip(ZipErrorKind::Unfetched) => {
+                    assert!(!e.need.is_empty());
+                    for &(a, b) in &e.need {
+                        assert!(!Known::Ranges(&known).has(a, b), "asked again for {a}..{b}");
+                    }
+                    known.extend(e.need);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_read_in_part_parses_as_the_whole_file() {
+        let pkl = state_dict(&[
+            ("a", "0", 25_000, 0, &[250, 100], &[100, 1]),
+            ("b", "1", 25_000, 1, &[2], &[1]),
+        ]);
+        // Records larger than the end-record search window (64 KiB): the tail is not all.
+        let (r0, r1) = (vec![1; 100_000], vec![2; 100_000]);
+        let full = archive(pkl, &[("0", r0), ("1", r1)], "little");
+        let whole = ready(&full);
+        // From the last bytes only: the directory, then data.pkl and the small records.
+        let tail = full.len() as u64 - 30;
+        let (part, mut sparse, rounds) = parse_in_part(&full, vec![(tail, full.len() as u64)]);
+        assert!(rounds >= 2);
+        assert_eq!(part.tensors.len(), whole.tensors.len());
+        assert_eq!(
+            part.table(&sparse).as_ref().unwrap(),
+            whole.table(&full).as_ref().unwrap()
+        );
+        // Records are not fetched: each names its local header and data.
+        for (r, w) in part.records.iter().zip(&whole.records) {
+            let (a, b) = r.fetch.expect("not fetched");
+            assert!(a <= w.start && b >= w.start + w.size && w.fetch.is_none());
+        }
+        // Fetch one record: it is located, CRC-checked and matches the whole parse.
+        let pkl_end = part.pickle_start + part.pickle_len;
+        let need = part.records[0].fetch.unwrap();
+        let (again, _, _) =
+            parse_in_part(&full, vec![(tail, full.len() as u64), (0, pkl_end), need]);
+        assert_eq!(again.records[0].fetch, None);
+        assert_eq!(again.records[0].start, whole.records[0].start);
+        assert!(again.records[1].fetch.is_some());
+        // A record damaged in transit fails its CRC.
+        sparse.copy_from_slice(&full);
+        sparse[whole.records[0].start as usize] ^= 1;
+        let everything = [(0, full.len() as u64)];
+        match parse_known(&sparse, Known::Ranges(&everything), &none()) {
+            Err(e) => assert_eq!(e.kind, PthErrorKind::CrcMismatch),
+            Ok(_) => panic!("accepted a damaged record"),
+        }
+        // A whole file never CRC-checks its records (too costly); the damage is not seen.
+        assert!(parse(&sparse, &none()).is_ok());
     }
 
     #[test]
@@ -1114,6 +1294,7 @@ mod tests {
             dtype: pickle::dtype_by_name(dtype).unwrap(),
             location: span,
             tensors: 1,
+            fetch: None,
         };
         byteswap_records(&mut buf, &[rec("float32")]);
         assert_eq!(&buf[..8], &[3, 2, 1, 0, 7, 6, 5, 4]);
@@ -1148,6 +1329,41 @@ mod tests {
                 }
                 Ok(Contents::Fallback(r)) => prop_assert!(false, "fallback {}", r),
                 Err(e) => prop_assert_eq!(e.kind, PthErrorKind::TensorOutOfBounds),
+            }
+        }
+
+        #[test]
+        fn parts_of_a_file_never_panic(
+            cuts in prop::collection::vec((any::<prop::sample::Index>(), 0usize..70_000), 0..6),
+        ) {
+            let pkl = state_dict(&[("a", "0", 20_000, 0, &[20_000], &[1])]);
+            let full = archive(pkl, &[("0", vec![7; 80_000])], "little");
+            let mut known: Vec<(u64, u64)> = cuts
+                .iter()
+                .map(|(at, len)| {
+                    let a = at.index(full.len());
+                    (a as u64, (a + len).min(full.len()) as u64)
+                })
+                .collect();
+            known.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (a, b) in known {
+                match merged.last_mut() {
+                    Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                    _ => merged.push((a, b)),
+                }
+            }
+            let mut sparse = vec![0u8; full.len()];
+            for &(a, b) in &merged {
+                sparse[a as usize..b as usize].copy_from_slice(&full[a as usize..b as usize]);
+            }
+            match parse_known(&sparse, Known::Ranges(&merged), &none()) {
+                Err(e) if e.kind == PthErrorKind::Zip(ZipErrorKind::Unfetched) => {
+                    prop_assert!(e.need.iter().all(|&(a, b)| a < b && b <= full.len() as u64));
+                    prop_assert!(e.need.iter().any(|&(a, b)| !Known::Ranges(&merged).has(a, b)));
+                }
+                Ok(Contents::Ready(p)) => prop_assert_eq!(p.tensors.len(), 1),
+                other => prop_assert!(false, "{:?}", other.map(|_| ())),
             }
         }
 

@@ -20,6 +20,12 @@
 //!   backslashes or NUL bytes.
 //!
 //! Member data is never read here; [`crc32`] checks the small records that the caller reads.
+//!
+//! A file read in part (a remote checkpoint fetched by byte range into a sparse buffer) is
+//! parsed with [`parse_known`]: bytes outside the [`Known`] ranges are never read. Where the
+//! end records or the central directory are not at hand, the result is an
+//! [`ZipErrorKind::Unfetched`] error naming the ranges to fetch; a member whose local header
+//! is not at hand is listed unlocated (its data offset a lower bound) and checked once it is.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -73,11 +79,13 @@ pub enum ZipErrorKind {
     BadName,
     /// An archive without members.
     Empty,
+    /// (A file read in part) bytes the parse needs are not fetched yet: see `ZipError::need`.
+    Unfetched,
 }
 
 impl ZipErrorKind {
     /// Every kind, for tests and documentation.
-    pub const ALL: [ZipErrorKind; 13] = [
+    pub const ALL: [ZipErrorKind; 14] = [
         ZipErrorKind::NoEndRecord,
         ZipErrorKind::BadZip64,
         ZipErrorKind::MultiDisk,
@@ -91,6 +99,7 @@ impl ZipErrorKind {
         ZipErrorKind::DuplicateName,
         ZipErrorKind::BadName,
         ZipErrorKind::Empty,
+        ZipErrorKind::Unfetched,
     ];
 
     /// A stable snake_case name, the `kind` seen from Python.
@@ -109,6 +118,7 @@ impl ZipErrorKind {
             ZipErrorKind::DuplicateName => "duplicate_member",
             ZipErrorKind::BadName => "bad_member_name",
             ZipErrorKind::Empty => "empty_archive",
+            ZipErrorKind::Unfetched => "unfetched",
         }
     }
 }
@@ -124,6 +134,8 @@ impl fmt::Display for ZipErrorKind {
 pub struct ZipError {
     pub kind: ZipErrorKind,
     pub detail: String,
+    /// For [`ZipErrorKind::Unfetched`]: the byte ranges to fetch before parsing again.
+    pub need: Vec<(u64, u64)>,
 }
 
 impl ZipError {
@@ -131,6 +143,51 @@ impl ZipError {
         Self {
             kind,
             detail: detail.into(),
+            need: Vec::new(),
+        }
+    }
+
+    /// The error that asks for bytes `need` of a file read in part.
+    pub fn unfetched(need: Vec<(u64, u64)>) -> Self {
+        let detail = format!("{} byte range(s) are not fetched yet", need.len());
+        Self {
+            kind: ZipErrorKind::Unfetched,
+            detail,
+            need,
+        }
+    }
+}
+
+/// Which bytes of the buffer being parsed hold the file's bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Known<'a> {
+    /// All of them: a whole file.
+    All,
+    /// Only these ranges (sorted, not overlapping): a file fetched in part, the rest holes.
+    Ranges(&'a [(u64, u64)]),
+}
+
+impl Known<'_> {
+    /// Whether bytes `[start, end)` are at hand.
+    pub fn has(&self, start: u64, end: u64) -> bool {
+        match self {
+            Known::All => true,
+            Known::Ranges(ranges) => {
+                if start >= end {
+                    return true;
+                }
+                let i = ranges.partition_point(|&(s, _)| s <= start);
+                i > 0 && ranges[i - 1].1 >= end
+            }
+        }
+    }
+
+    /// `Err(Unfetched)` unless bytes `[start, end)` are at hand.
+    fn need(&self, start: u64, end: u64) -> ZipResult<()> {
+        if self.has(start, end) {
+            Ok(())
+        } else {
+            Err(ZipError::unfetched(vec![(start, end)]))
         }
     }
 }
@@ -156,6 +213,10 @@ pub struct Member {
     pub size: u64,
     /// The CRC-32 the central directory gives for the data.
     pub crc32: u32,
+    /// Whether `data` comes from the local header (always, for a whole file). When false
+    /// (its local header not fetched), `data` is a lower bound: the header without extra
+    /// fields.
+    pub located: bool,
 }
 
 impl Member {
@@ -207,6 +268,7 @@ impl Archive {
 /// Little-endian reads that fail instead of panicking.
 struct Reader<'a> {
     bytes: &'a [u8],
+    known: Known<'a>,
 }
 
 impl<'a> Reader<'a> {
@@ -236,7 +298,13 @@ struct End {
 
 /// Parses and validates the archive `bytes` (the whole file; member data is never read).
 pub fn parse(bytes: &[u8]) -> ZipResult<Archive> {
-    let r = Reader { bytes };
+    parse_known(bytes, Known::All)
+}
+
+/// [`parse`] of a file of which only the `known` bytes are at hand (`bytes` is as long as
+/// the file; see the module docs).
+pub fn parse_known(bytes: &[u8], known: Known<'_>) -> ZipResult<Archive> {
+    let r = Reader { bytes, known };
     let end = find_end(&r)?;
     let members = read_central_directory(&r, &end)?;
     let prefix = check_names(bytes, &members)?;
@@ -261,6 +329,7 @@ fn find_end(r: &Reader<'_>) -> ZipResult<End> {
     // The record whose comment ends exactly at the end of the file; the last one wins, as a
     // comment could itself contain the signature.
     let lowest = len.saturating_sub(EOCD_LEN + MAX_COMMENT);
+    r.known.need(lowest as u64, len as u64)?;
     let eocd = (lowest..=len - EOCD_LEN)
         .rev()
         .find(|&at| {
@@ -280,6 +349,9 @@ fn find_end(r: &Reader<'_>) -> ZipResult<End> {
     let (disk_entries, entries) = (field16(8), field16(10));
     let (cd_size, cd_offset) = (field32(12), field32(16));
     let locator = eocd.checked_sub(ZIP64_LOCATOR_LEN);
+    if let Some(at) = locator {
+        r.known.need(at as u64, eocd as u64)?;
+    }
     let has_locator = locator.is_some_and(|at| r.u32(at) == Some(ZIP64_LOCATOR_SIG));
     if !has_locator {
         let saturated = entries == u16::MAX || cd_size == u32::MAX || cd_offset == u32::MAX;
@@ -332,6 +404,7 @@ fn find_end(r: &Reader<'_>) -> ZipResult<End> {
                 ),
             )
         })?;
+    r.known.need(at as u64, locator as u64)?;
     if r.u32(at) != Some(ZIP64_EOCD_SIG) {
         return Err(ZipError::new(
             K::BadZip64,
@@ -401,6 +474,7 @@ fn read_central_directory(r: &Reader<'_>, end: &End) -> ZipResult<Vec<Member>> {
             ),
         ));
     }
+    r.known.need(end.cd_offset, end.cd_end)?;
     // Both fit in usize: they are at most end.cd_end, an offset into `bytes`.
     let start = end.cd_offset as usize;
     let stop = end.cd_end as usize;
@@ -546,7 +620,14 @@ fn read_entry(r: &Reader<'_>, at: usize, stop: usize, index: u64) -> ZipResult<(
             ),
         ));
     }
-    let data = read_local_header(r, header, name, method, &shown)?;
+    let (data, located) = match read_local_header(r, header, name, method, &shown)? {
+        Some(data) => (data, true),
+        // Not fetched: at least the fixed header and the central entry's name precede it.
+        None => (
+            header.saturating_add((LOCAL_LEN + name.1 - name.0) as u64),
+            false,
+        ),
+    };
     let data_end = data.checked_add(size);
     if data_end.is_none_or(|e| e > r.bytes.len() as u64) {
         return Err(ZipError::new(
@@ -565,6 +646,7 @@ fn read_entry(r: &Reader<'_>, at: usize, stop: usize, index: u64) -> ZipResult<(
             data,
             size,
             crc32,
+            located,
         },
         next,
     ))
@@ -595,14 +677,14 @@ fn find_extra(extra: &[u8], id: u16) -> Result<Option<&[u8]>, String> {
 }
 
 /// Checks the local header at `header` against its central entry; returns where the data
-/// starts.
+/// starts (None: a file read in part whose local header is not fetched).
 fn read_local_header(
     r: &Reader<'_>,
     header: u64,
     name: (usize, usize),
     method: u16,
     shown: &str,
-) -> ZipResult<u64> {
+) -> ZipResult<Option<u64>> {
     use ZipErrorKind as K;
     let bad = |what: String| {
         ZipError::new(
@@ -610,6 +692,17 @@ fn read_local_header(
             format!("member {shown:?}: {what} (local header at offset {header})"),
         )
     };
+    let fixed_end = header.saturating_add(LOCAL_LEN as u64);
+    if !r.known.has(header, fixed_end) {
+        return Ok(None);
+    }
+    let local_name_len = r.u16(header as usize + 26).unwrap_or(0);
+    if !r
+        .known
+        .has(fixed_end, fixed_end.saturating_add(local_name_len.into()))
+    {
+        return Ok(None);
+    }
     let at = usize::try_from(header)
         .ok()
         .filter(|&at| r.slice(at, LOCAL_LEN).is_some())
@@ -643,7 +736,7 @@ fn read_local_header(
     if data > r.bytes.len() as u64 {
         return Err(bad("the local header is cut short".to_owned()));
     }
-    Ok(data)
+    Ok(Some(data))
 }
 
 /// Checks every name; returns the archive directory (the first name up to its first `/`).

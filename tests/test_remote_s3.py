@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import logging
+import zipfile
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from servers import SUBTREE, counting_moto_s3_server, random_checkpoint
+from servers import SUBTREE, counting_moto_s3_server, random_checkpoint, random_state
 
 from ckptmap import objectstore, open_checkpoint
 from ckptmap.checkpoint import _load_checkpoint_with_prefix
@@ -114,17 +115,40 @@ def test_a_missing_key_is_not_found(s3):
     assert "models/none.safetensors" in str(info.value)
 
 
-def test_a_torch_zip_falls_back_in_one_log_line(s3, caplog):
+def test_a_torch_zip_prefix_load_transfers_its_subtree(s3):
+    """The bar for ``.pth`` on S3: a 64 MiB `torch.save` file, its 10% subtree by range."""
+    counter, client, home = s3
+    state = random_state(SIZE, seed=4)
+    buffer = io.BytesIO()
+    torch.save({"meta": {"epoch": 2}, "state_dict": state}, buffer)
+    body = buffer.getvalue()
+    client.put_object(Bucket=BUCKET, Key="models/model.pth", Body=body)
+    counter.reset()
+    got = _load_checkpoint_with_prefix(SUBTREE, f"s3://{BUCKET}/models/model.pth")
+    lead = SUBTREE + "."
+    expected = {k[len(lead) :]: v for k, v in state.items() if k.startswith(lead)}
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    sent = counter.bytes_sent[f"/{BUCKET}/models/model.pth"]
+    subtree = sum(t.nbytes for t in expected.values())
+    assert subtree <= sent <= 0.15 * len(body), (sent, len(body))
+    assert cached(home) == []
+
+
+def test_a_compressed_torch_zip_falls_back_in_one_log_line(s3, caplog):
     _, client, home = s3
     buffer = io.BytesIO()
     torch.save({"state_dict": {"w": torch.arange(5.0)}}, buffer)
-    client.put_object(Bucket=BUCKET, Key="models/tiny.pth", Body=buffer.getvalue())
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(deflated, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    client.put_object(Bucket=BUCKET, Key="models/tiny.pth", Body=deflated.getvalue())
     uri = f"s3://{BUCKET}/models/tiny.pth"
     with caplog.at_level(logging.INFO, logger="ckptmap"), open_checkpoint(uri) as opened:
         assert torch.equal(opened.state_dict()["w"], torch.arange(5.0))
     lines = [r.getMessage() for r in caplog.records if "whole through the cache" in r.getMessage()]
-    assert lines == [
-        f"Downloading {uri} whole through the cache: it is a torch zip checkpoint, which is not "
-        "read by byte range yet"
-    ]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"Downloading {uri} whole through the cache: only torch can read it (compressed member"
+    )
     assert len(cached(home)) == 1

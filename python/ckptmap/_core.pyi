@@ -15,6 +15,7 @@ __all__ = [
     "PthFallback",
     "PthFormatError",
     "PthReader",
+    "PthUnfetched",
     "SafetensorsHeader",
     "SafetensorsHeaderError",
     "__version__",
@@ -190,6 +191,12 @@ class PthFormatError(ValueError):
 class PthFallback(Exception):
     """Raised by `PthReader.load` when an object must be built by torch's own loader."""
 
+class PthUnfetched(Exception):
+    """Raised by `PthReader.open(path, known=...)` when the parse needs bytes of the file that
+    are not fetched yet; `need` lists them as ``(start, end)`` ranges."""
+
+    need: list[tuple[int, int]]
+
 _PathPart = str | int
 
 @final
@@ -201,8 +208,15 @@ class PthReader:
     """
 
     @staticmethod
-    def open(path: str | os.PathLike[str], allowed: Sequence[str] = ...) -> PthReader:
-        """Maps the file, validates it and runs its pickle; `allowed` names extra globals."""
+    def open(
+        path: str | os.PathLike[str],
+        allowed: Sequence[str] = ...,
+        known: Sequence[tuple[int, int]] | None = None,
+    ) -> PthReader:
+        """Maps the file, validates it and runs its pickle; `allowed` names extra globals.
+        `known`: the byte ranges fetched so far of a remote file (`PthUnfetched` otherwise)."""
+    def fetch_ranges(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        """The byte ranges to fetch before table `rows` can be loaded (file order)."""
     @staticmethod
     def records(path: str | os.PathLike[str]) -> list[str]:
         """The archive's member names below its directory (as torch's reader lists them)."""

@@ -85,6 +85,8 @@ impl From<pth::ReadError> for PyErr {
                 exc
             }),
             pth::ReadError::Io(e) => e.into(),
+            // `PthReader.open` raises its own exception (with the ranges) for this one.
+            pth::ReadError::Unfetched { .. } => PyValueError::new_err(err.to_string()),
         }
     }
 }

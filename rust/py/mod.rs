@@ -20,7 +20,7 @@ mod _core {
     #[pymodule_export]
     use super::index::{diff_keys, filter_prefix_keys, find_collisions, group_by_owner};
     #[pymodule_export]
-    use super::pth::{PthFallback, PthFormatError, PthReader};
+    use super::pth::{PthFallback, PthFormatError, PthReader, PthUnfetched};
     #[pymodule_export]
     use super::rules::KeyRules;
     #[pymodule_export]

@@ -25,6 +25,7 @@ use pyo3::{intern, IntoPyObjectExt};
 
 use crate::pickle::{self, CallKind, DictKind, Global, Node, PyCallable, V};
 use crate::pth::{self, ByteOrder, Contents, Opened, Parsed};
+use crate::zipfile::Known;
 
 pyo3::create_exception!(
     ckptmap._core,
@@ -32,6 +33,14 @@ pyo3::create_exception!(
     PyValueError,
     "A torch zip checkpoint that fails validation.\n\nAttributes: `path` (the file), `kind` \
      (which check failed, e.g. \"storage_size_mismatch\"), `detail` (the specifics)."
+);
+
+pyo3::create_exception!(
+    ckptmap._core,
+    PthUnfetched,
+    PyException,
+    "Raised by `PthReader.open(path, known=...)` when the parse needs bytes of the file that \
+     are not fetched yet.\n\nAttributes: `need` (the `(start, end)` byte ranges to fetch)."
 );
 
 pyo3::create_exception!(
@@ -196,14 +205,54 @@ fn type_name(p: &Parsed, v: V) -> Option<&'static str> {
 impl PthReader {
     /// Maps the file at `path` read-only, validates it and runs its pickle; `allowed` names
     /// the globals (`"module.name"`) that resolve to the objects `load` is given.
+    ///
+    /// `known`: for a remote checkpoint fetched in part into a sparse file of its size, the
+    /// `(start, end)` byte ranges fetched so far (the rest is never read). `PthUnfetched`
+    /// then names what to fetch before opening again, and `fetch_ranges` what a load needs.
     #[staticmethod]
-    #[pyo3(signature = (path, allowed = Vec::new()))]
-    fn open(py: Python<'_>, path: PathBuf, allowed: Vec<String>) -> PyResult<Self> {
-        let opened = py.detach(|| pth::open(&path, &allowed))?;
+    #[pyo3(signature = (path, allowed = Vec::new(), known = None))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        allowed: Vec<String>,
+        known: Option<Vec<(u64, u64)>>,
+    ) -> PyResult<Self> {
+        let ranges = known.map(merged);
+        let known = ranges.as_deref().map_or(Known::All, Known::Ranges);
+        let opened = py.detach(|| pth::open_known(&path, known, &allowed));
+        let opened = match opened {
+            Err(pth::ReadError::Unfetched { need, .. }) => {
+                let err = PthUnfetched::new_err(format!(
+                    "{}: {} byte range(s) must be fetched first",
+                    path.display(),
+                    need.len()
+                ));
+                err.value(py).setattr("need", need)?;
+                return Err(err);
+            }
+            other => other?,
+        };
         Ok(Self {
             path: path.display().to_string(),
             opened,
         })
+    }
+
+    /// The `(start, end)` byte ranges to fetch before table `rows` can be loaded (file order,
+    /// none twice): each record not at hand, with its local header when that is not either.
+    fn fetch_ranges(&self, rows: Vec<usize>) -> PyResult<Vec<(u64, u64)>> {
+        let (p, table) = self.table()?;
+        let mut out = Vec::new();
+        for r in rows {
+            let Some(e) = table.entries.get(r) else {
+                return Err(PyValueError::new_err(format!("no table row {r}")));
+            };
+            let record = &p.records[p.tensors[e.tensor as usize].record as usize];
+            out.extend(record.fetch);
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     /// The member names of the zip archive at `path` below its directory, as torch's
@@ -560,6 +609,20 @@ impl PthReader {
             ),
         }
     }
+}
+
+/// `ranges` sorted, with overlapping and touching ones merged (what [`Known::Ranges`] wants).
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|&(s, e)| s < e);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// The memory tensors point into: a private copy-on-write map of the file, or a copy.
@@ -1005,6 +1068,13 @@ impl<'py> Convert<'_, 'py> {
             return Ok(s.clone());
         }
         let rec = &self.p.records[r as usize];
+        if let Some((start, end)) = rec.fetch {
+            return Err(PyValueError::new_err(format!(
+                "storage record {:?} is not fetched yet (bytes {start}..{end}): fetch \
+                 `fetch_ranges(rows)` and open the file again",
+                String::from_utf8_lossy(rec.key.of(self.pkl))
+            )));
+        }
         // SAFETY: the record lies inside the buffer (checked at parse, size checked at load).
         let data = unsafe { self.base.0.add(rec.start as usize) };
         let bytes = dlpack(

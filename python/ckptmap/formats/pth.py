@@ -171,11 +171,18 @@ class PthFile:
         f._init(path, given, allowed)
         return f
 
-    def _init(self, path: str, given: tuple[Any, ...], allowed: tuple[Any, ...]) -> None:
+    def _init(
+        self,
+        path: str,
+        given: tuple[Any, ...],
+        allowed: tuple[Any, ...],
+        known: list[tuple[int, int]] | None = None,
+    ) -> None:
+        # `known`: the byte ranges fetched so far of a remote file (`ckptmap.remote.pth`).
         self.path = path
         self._given = given
         self._allowed = _Allowlist.of(allowed)
-        self._reader, self._unread = _open(self.path, self._allowed.names)
+        self._reader, self._unread = _open(self.path, self._allowed.names, known)
         self._load_fallback: str | None = None
 
     @property
@@ -468,10 +475,16 @@ _TENSORS = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
 _TORCH_READS = frozenset({"compressed_member"})
 
 
-def _open(path: str, names: list[str]) -> tuple[Any, str | None]:
-    """The reader of `path`, or None and why torch's reader must read it."""
+def _open(
+    path: str, names: list[str], known: list[tuple[int, int]] | None = None
+) -> tuple[Any, str | None]:
+    """The reader of `path`, or None and why torch's reader must read it.
+
+    Raises:
+        ckptmap._core.PthUnfetched: (`known` given) bytes to fetch before opening again.
+    """
     try:
-        return PthReader.open(path, names), None
+        return PthReader.open(path, names, known), None
     except PthFormatError as err:
         if err.kind in _TORCH_READS:
             return None, f"{err.kind.replace('_', ' ')}: {err.detail}"

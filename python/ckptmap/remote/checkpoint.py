@@ -48,9 +48,7 @@ def fallback_reason(err: _NoRangeSupport | _NotSafetensors) -> str:
     if isinstance(err, _NoRangeSupport):
         return f"the server does not serve byte ranges ({err.reason})"
     if err.kind == "zip":
-        # The seam for .pth: a torch zip is planned from its central directory (at the end of
-        # the file) and data.pkl once the Rust zip reader can plan it; until then, whole.
-        return "it is a torch zip checkpoint, which is not read by byte range yet"
+        return "it is a torch zip shard (shard sets are read by range for safetensors shards)"
     if err.kind == "pickle":
         return "it is a pickle, which can only be read whole"
     return "it is not a safetensors file"

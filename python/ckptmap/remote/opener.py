@@ -6,7 +6,9 @@ None and is loaded as before, whole, through the scheme's download cache. That h
 one log line, when:
 
 - the server does not serve byte ranges (it answers a ranged request with the whole file);
-- the file is not a safetensors file (a torch zip, a pickle, anything else);
+- the file is neither a safetensors file nor a torch zip (``torch.save``'s format, read by
+  `ckptmap.remote.pth`), or a torch zip only torch can read (compressed members, a pickle
+  the Rust reader does not run, big-endian data);
 - an http(s) file name carries a SHA-256 prefix (``name-<8+ hex digits>.ext``), which only a
   whole download can check.
 
@@ -109,11 +111,48 @@ def open_remote(
     if loader is load_from_http and expected_hash_from_name(url_basename(uri)):
         _whole(uri, "its name carries a SHA-256 prefix, which only a whole download can check")
         return None
+    reader = transport(uri)
     try:
-        remote = RemoteSafetensors.open(transport(uri))
-    except (_NoRangeSupport, _NotSafetensors) as err:
+        remote = RemoteSafetensors.open(reader)
+    except _NotSafetensors as err:
+        if err.kind == "zip":
+            return _open_torch_zip(
+                reader, err.head, uri, loader, map_location, allowed_globals, options
+            )
+        _whole(uri, fallback_reason(err))
+        return None
+    except _NoRangeSupport as err:
         _whole(uri, fallback_reason(err))
         return None
     return RemoteSafetensorsCheckpoint(
         remote, lambda: loader(uri, map_location), map_location, options
     )
+
+
+def _open_torch_zip(
+    reader: RangeReader,
+    head: bytes,
+    uri: str,
+    loader: Any,
+    map_location: Any,
+    allowed_globals: Iterable[Any],
+    options: RangeOptions | None,
+) -> Checkpoint | None:
+    from ckptmap.formats import allowlist
+    from ckptmap.remote.pth import RemotePthFile, RemoteTorchZipCheckpoint, _NotByRange
+
+    allowed = tuple(allowed_globals)
+
+    def load_whole(location: Any) -> Any:
+        # Later, outside the caller's block: with the allowlist the checkpoint was opened with.
+        with allowlist.extended(allowed):
+            return loader(uri, location)
+
+    try:
+        pth_file = RemotePthFile.open(
+            reader, head, load_whole, allowed_globals=allowed, options=options
+        )
+    except _NotByRange as err:
+        _whole(uri, err.reason)
+        return None
+    return RemoteTorchZipCheckpoint(pth_file, map_location)

@@ -48,11 +48,13 @@ class RangeOptions:
 
 class _NotSafetensors(Exception):
     """The file is not a safetensors file; `kind` is what the first bytes look like
-    (``"zip"``, ``"pickle"``, or None when they look like no checkpoint)."""
+    (``"zip"``, ``"pickle"``, or None when they look like no checkpoint), `head` those
+    bytes."""
 
-    def __init__(self, kind: str | None) -> None:
+    def __init__(self, kind: str | None, head: bytes = b"") -> None:
         super().__init__(kind or "not a checkpoint")
         self.kind = kind
+        self.head = head
 
 
 class RemoteSafetensors:
@@ -85,7 +87,7 @@ class RemoteSafetensors:
         head = reader.probe(SNIFF_SIZE)
         kind = checkpoint_kind(head)
         if kind != "safetensors":
-            raise _NotSafetensors(kind)
+            raise _NotSafetensors(kind, head)
         size = reader.size
         assert size is not None
         try:
