@@ -1,4 +1,5 @@
-"""Remote prefix loads: 10% of a 1 GiB safetensors file over http(s) and S3, by byte range.
+"""Remote prefix loads: 10% of a 1 GiB safetensors or ``.pth`` file over http(s) and S3, by
+byte range.
 
 Run with ``python benches/report.py`` (or ``pytest benches/test_bench_remote.py
 --benchmark-enable -s``; skipped otherwise).
@@ -12,6 +13,10 @@ body bytes they send. Per transport:
   the file's bytes transferred, tensors equal to a full load.
 - whole download: the same call through the scheme's download cache, as every loader did
   before (and as mmengine does): the whole file is transferred, then read.
+
+The same for a ``.pth`` of the same tensors written by `torch.save` (a Runner-style dict
+with ``meta`` and ``state_dict``): ckptmap reads the end of the file, then ``data.pkl``, then
+the subtree's records (each record's local header fetched with it).
 
 Over http both are timed side by side, with the same rounds, and each row records the share
 of the file the server sent. The S3 figures are bytes only: moto copies the whole object in
@@ -41,12 +46,14 @@ from servers import (  # tests/servers.py: the counting servers
     checkpoint_server,
     counting_moto_s3_server,
     random_checkpoint,
+    random_state,
 )
 
 from ckptmap.checkpoint import _load_checkpoint_with_prefix
 
 SIZE = sized(1 << 30, 64 << 20)
 HTTP = f"prefix load of 10% of a {SIZE >> 20:,} MiB safetensors file over http (loopback)"
+HTTP_PTH = f"prefix load of 10% of a {SIZE >> 20:,} MiB .pth (torch.save) over http (loopback)"
 ROUNDS = Rounds(3, 1)  # the warm-up also lets the test server hash the file for its ETag
 FIGURES: dict[str, tuple[int, int]] = {}
 TIMES: dict[str, float] = {}
@@ -82,7 +89,31 @@ def http_url(model_file: Path) -> Iterator[tuple[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def s3_uri(model_file: Path) -> Iterator[tuple[str, Any]]:
+def pth_file(request: pytest.FixtureRequest, tmp_path_factory: Any) -> Path:
+    require_enabled(request)
+    path = tmp_path_factory.mktemp("remote") / "model_1gib.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": random_state(SIZE, seed=7)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected_pth(pth_file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`expected` in the order of the ``.pth`` (torch.save keeps the dict's order; safetensors
+    sorts its tensors)."""
+    state = torch.load(pth_file, mmap=True, weights_only=True)["state_dict"]
+    lead = SUBTREE + "."
+    return {k[len(lead) :]: expected[k[len(lead) :]] for k in state if k.startswith(lead)}
+
+
+@pytest.fixture(scope="module")
+def pth_url(pth_file: Path) -> Iterator[tuple[str, Any]]:
+    with checkpoint_server() as server:
+        url = server.add("/model_1gib.pth", pth_file.read_bytes(), ranges="bytes")
+        yield url, server
+
+
+@pytest.fixture(scope="module")
+def s3_uri(model_file: Path, pth_file: Path) -> Iterator[tuple[str, Any]]:
     import boto3
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -94,6 +125,7 @@ def s3_uri(model_file: Path) -> Iterator[tuple[str, Any]]:
             client = boto3.client("s3", endpoint_url=endpoint)
             client.create_bucket(Bucket="bench")
             client.upload_file(str(model_file), "bench", "model_1gib.safetensors")
+            client.upload_file(str(pth_file), "bench", "model_1gib.pth")
             yield "s3://bench/model_1gib.safetensors", counter
 
 
@@ -177,6 +209,51 @@ def test_http_whole_download(benchmark, http_url, expected, tmp_path, monkeypatc
     load, setup = whole(url, tmp_path, monkeypatch, server.reset_counts)
     run(benchmark, side, "http whole download", load, lambda: server.bytes_sent[path], setup,
         expected, size=len(server.routes[path].body))  # fmt: skip
+
+
+@pytest.mark.benchmark(group=HTTP_PTH)
+def test_http_pth_ckptmap_ranges(benchmark, pth_url, expected_pth, tmp_path, monkeypatch) -> None:
+    url, server = pth_url
+    monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / "home"))
+    side = Side(
+        "ckptmap",
+        "`_load_checkpoint_with_prefix('neck', url)`: the zip directory, data.pkl, then the "
+        "subtree's records",
+        "prefix",
+    )
+    path = "/model_1gib.pth"
+    load = lambda: _load_checkpoint_with_prefix(SUBTREE, url)  # noqa: E731
+    run(benchmark, side, "http .pth ranges", load, lambda: server.bytes_sent[path],
+        server.reset_counts, expected_pth, size=len(server.routes[path].body))  # fmt: skip
+    assert FIGURES["http .pth ranges"][0] <= 0.15 * FIGURES["http .pth ranges"][1]
+    assert not (tmp_path / "home").exists()  # nothing cached
+
+
+@pytest.mark.benchmark(group=HTTP_PTH)
+def test_http_pth_whole_download(benchmark, pth_url, expected_pth, tmp_path, monkeypatch) -> None:
+    url, server = pth_url
+    side = Side(
+        "whole download",
+        "the same call through the download cache: the file whole, then read",
+        "prefix",
+        "whole download: what mmengine's `_load_checkpoint_with_prefix` does with an http "
+        "`.pth` (`load_from_http` downloads the whole file, then `torch.load`s it)",
+    )
+    path = "/model_1gib.pth"
+    load, setup = whole(url, tmp_path, monkeypatch, server.reset_counts)
+    run(benchmark, side, "http .pth whole download", load, lambda: server.bytes_sent[path],
+        setup, expected_pth, size=len(server.routes[path].body))  # fmt: skip
+
+
+def test_s3_pth_ckptmap_ranges(pth_file, s3_uri, expected_pth, tmp_path, monkeypatch) -> None:
+    uri, counter = s3_uri
+    uri = uri.replace(".safetensors", ".pth")
+    monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / "home"))
+    load = lambda: _load_checkpoint_with_prefix(SUBTREE, uri)  # noqa: E731
+    run(None, None, "s3 .pth ranges", load, lambda: counter.bytes_sent["/bench/model_1gib.pth"],
+        counter.reset, expected_pth, size=pth_file.stat().st_size)  # fmt: skip
+    assert FIGURES["s3 .pth ranges"][0] <= 0.15 * FIGURES["s3 .pth ranges"][1]
+    assert not (tmp_path / "home").exists()
 
 
 def test_s3_ckptmap_ranges(model_file, s3_uri, expected, tmp_path, monkeypatch) -> None:
