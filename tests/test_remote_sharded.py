@@ -1,6 +1,7 @@
 """Remote shard sets (``*.index.json`` + shards) written by huggingface_hub, served over http by a
 real `http.server` and over S3 by moto: the index, then only the shards (and ranges) a load
-needs; torch ``.bin`` shards and servers without ranges are downloaded whole, shard by shard."""
+needs, by byte range for safetensors and torch ``.bin`` shards alike; servers without ranges
+are downloaded whole, shard by shard."""
 
 from __future__ import annotations
 
@@ -152,6 +153,28 @@ def test_torch_shards_and_servers_without_ranges_are_downloaded_shard_by_shard(
         assert line.startswith(f"Downloading the shard {server.url('/repo/' + shard)} whole")
     assert sorted(p.name for p in cached(home)) == needed
     assert all(server.hits[f"/repo/{s}"] == 0 for s in set(mapping.values()) - set(needed))
+
+
+def test_torch_bin_shards_are_read_by_range_too(tmp_path, server, home):
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    state = write_shards(directory, safe=False)  # pytorch_model-0000N-of-0000M.bin
+    url = serve(server, directory, ranges="bytes")
+    mapping = weight_map(directory)
+    lead = SUBTREE + "."
+    needed = {s for n, s in mapping.items() if n.startswith(lead)}
+    got = _load_checkpoint_with_prefix(SUBTREE, url)
+    expected = {k[len(lead) :]: v for k, v in state.items() if k.startswith(lead)}
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    subtree = sum(v.nbytes for v in expected.values())
+    sent = sum(server.bytes_sent.get(f"/repo/{s}", 0) for s in set(mapping.values()))
+    assert subtree <= sent <= subtree + len(needed) * (512 << 10), (sent, subtree)
+    assert all(server.hits[f"/repo/{s}"] == 0 for s in set(mapping.values()) - needed)
+    assert cached(home) == []
+    with open_checkpoint(url) as opened:
+        entries = opened.entries()
+    assert [(e.name, e.shape) for e in entries] == [(k, tuple(v.shape)) for k, v in state.items()]
 
 
 def test_a_shard_name_outside_the_directory_is_refused_first(shards, server, home):

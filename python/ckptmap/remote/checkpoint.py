@@ -6,8 +6,9 @@ checkpoint) goes through the scheme's download cache, as before.
 
 `RemoteShardedCheckpoint` reads a shard index (``*.index.json``), then a shard's header only
 when one of its tensors is needed (`keys` needs none: they come from the index; `entries`
-needs them all). A shard that can not be read by range (a server without range support, a
-torch ``.bin`` shard) is downloaded through the cache and opened locally, said in one log line.
+needs them all). Torch ``.bin`` shards are read by range too (`ckptmap.remote.pth`). A shard
+that can not be read by range (a server without range support, a ``.bin`` only torch can
+read) is downloaded through the cache and opened locally, said in one log line.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from ckptmap.errors import (
     UnsafePathError,
     UnsafeShardPathError,
 )
+from ckptmap.formats import load_file
 from ckptmap.formats.index import MAX_INDEX_BYTES, parse_index
 from ckptmap.formats.sniff import Format
 from ckptmap.opened import Checkpoint, TensorEntry, open_file
 from ckptmap.paths import check_relative_name
+from ckptmap.remote.pth import RemotePthFile, RemoteTorchZipCheckpoint, _NotByRange
 from ckptmap.remote.reader import RangeReader, _NoRangeSupport
 from ckptmap.remote.safetensors import (
     RangeOptions,
@@ -47,8 +50,6 @@ def fallback_reason(err: _NoRangeSupport | _NotSafetensors) -> str:
     """Why a file is downloaded whole instead of read by range, for the log line."""
     if isinstance(err, _NoRangeSupport):
         return f"the server does not serve byte ranges ({err.reason})"
-    if err.kind == "zip":
-        return "it is a torch zip shard (shard sets are read by range for safetensors shards)"
     if err.kind == "pickle":
         return "it is a pickle, which can only be read whole"
     return "it is not a safetensors file"
@@ -178,23 +179,53 @@ class RemoteShardedCheckpoint(Checkpoint):
     def _open_shard(self, shard: str) -> RemoteSafetensors | Checkpoint:
         uri = self.shard_uris[shard]
         reader = self._reader_for(uri)
-        opened: RemoteSafetensors | Checkpoint
+        opened: RemoteSafetensors | Checkpoint | None
         try:
             opened = RemoteSafetensors.open(reader)
             present: Container[str] = opened
         except (_NoRangeSupport, _NotSafetensors) as err:
-            log_message(
-                f"Downloading the shard {uri} whole through the cache: {fallback_reason(err)}",
-                level=logging.INFO,
-            )
-            path = fetch_on_local_leader(reader.download, uri)
-            opened = open_file(path, self._map_location, allowed_globals=self._allowed_globals)
+            opened = None
+            reason = fallback_reason(err)
+            if isinstance(err, _NotSafetensors) and err.kind == "zip":
+                opened, reason = self._open_torch_shard(reader, err.head)
+            if opened is None:
+                log_message(
+                    f"Downloading the shard {uri} whole through the cache: {reason}",
+                    level=logging.INFO,
+                )
+                opened = open_file(
+                    self._download(reader),
+                    self._map_location,
+                    allowed_globals=self._allowed_globals,
+                )
             present = set(opened.keys())
         # The index is authoritative: each tensor it places here must be here.
         for name, owner in self.weight_map.items():
             if owner == shard and name not in present:
                 raise ShardTensorMissingError(self.source, uri, name)
         return opened
+
+    def _download(self, reader: RangeReader) -> Any:
+        return fetch_on_local_leader(reader.download, reader.uri)
+
+    def _open_torch_shard(self, reader: RangeReader, head: bytes) -> tuple[Checkpoint | None, str]:
+        """A torch ``.bin`` shard by range, or None and why it must be downloaded whole."""
+
+        def load_whole(map_location: Any) -> Any:
+            path = self._download(reader)
+            return load_file(path, map_location, allowed_globals=self._allowed_globals)
+
+        try:
+            pth_file = RemotePthFile.open(
+                reader,
+                head,
+                load_whole,
+                allowed_globals=self._allowed_globals,
+                options=self._options,
+            )
+        except _NotByRange as err:
+            return None, err.reason
+        return RemoteTorchZipCheckpoint(pth_file, self._map_location), ""
 
     def _shards(self, shards: Iterable[str]) -> dict[str, RemoteSafetensors | Checkpoint]:
         """The shards named, opened (those not yet open in parallel)."""

@@ -22,12 +22,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ckptmap.cache import expected_hash_from_name, url_basename
+from ckptmap.formats import allowlist
 from ckptmap.opened import Checkpoint
 from ckptmap.remote.checkpoint import (
     RemoteSafetensorsCheckpoint,
     RemoteShardedCheckpoint,
     fallback_reason,
 )
+from ckptmap.remote.pth import RemotePthFile, RemoteTorchZipCheckpoint, _NotByRange
 from ckptmap.remote.reader import RangeReader, _NoRangeSupport
 from ckptmap.remote.safetensors import RangeOptions, RemoteSafetensors, _NotSafetensors
 from ckptmap.remote.uris import is_index_uri
@@ -138,9 +140,6 @@ def _open_torch_zip(
     allowed_globals: Iterable[Any],
     options: RangeOptions | None,
 ) -> Checkpoint | None:
-    from ckptmap.formats import allowlist
-    from ckptmap.remote.pth import RemotePthFile, RemoteTorchZipCheckpoint, _NotByRange
-
     allowed = tuple(allowed_globals)
 
     def load_whole(location: Any) -> Any:
