@@ -29,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from ckptmap._core import PthUnfetched
 from ckptmap.errors import InvalidTorchZipError, TensorNotFoundError
 from ckptmap.formats.pth import FALLBACK, PthFile, _missing, _walk_tensors
@@ -89,7 +91,7 @@ class _SparseFile:
                 out.append((at, end))
         return out
 
-    def write(self, start: int, data: bytes | bytearray | memoryview) -> None:
+    def write(self, start: int, data: bytes | np.ndarray) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, start)
@@ -103,7 +105,8 @@ class _SparseFile:
         how many bytes were asked for."""
         asked = 0
         for batch in _batches(self.missing(ranges), BATCH_BYTES):
-            buffers = [(start, bytearray(end - start)) for start, end in batch]
+            # Uninitialised: every byte is written by the fetch (zeroing them costs a pass).
+            buffers = [(start, np.empty(end - start, np.uint8)) for start, end in batch]
             requests = plan_requests(
                 [(start, memoryview(buf)) for start, buf in buffers],
                 gap_bytes=options.gap_bytes,
