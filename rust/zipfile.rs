@@ -697,10 +697,23 @@ fn read_local_header(
         return Ok(None);
     }
     let local_name_len = r.u16(header as usize + 26).unwrap_or(0);
+    let central_len = name.1 - name.0;
     if !r
         .known
         .has(fixed_end, fixed_end.saturating_add(local_name_len.into()))
     {
+        // The name is compared once fetched; a length that differs fails now (else the
+        // reader would ask for bytes that can never locate the member).
+        if r.u32(header as usize) == Some(LOCAL_SIG) && usize::from(local_name_len) != central_len {
+            return Err(ZipError::new(
+                K::BadLocalHeader,
+                format!(
+                    "member {shown:?}: the local header names a different member (a name of \
+                     {local_name_len} bytes, {central_len} in the central directory; local \
+                     header at offset {header})"
+                ),
+            ));
+        }
         return Ok(None);
     }
     let at = usize::try_from(header)

@@ -340,3 +340,46 @@ def test_any_subset_equals_torch_load(server, home, state, data):
     for name in names:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
     assert os.path.exists(home) is False or cached(home) == []
+
+
+def test_a_larger_storage_alignment_costs_one_more_fetch_not_a_failure(server, home, scratch):
+    """torch's ``storage_alignment`` pads local headers past the reader's first guess."""
+    from torch.utils.serialization import config
+
+    state = {"a": torch.arange(1_000_000.0), "b": torch.arange(1_000_000.0) * 3}
+    before = config.save.storage_alignment
+    config.save.storage_alignment = 4096
+    try:
+        body = saved({"state_dict": state})
+    finally:
+        config.save.storage_alignment = before
+    url = server.add("/aligned.pth", body, ranges="bytes")
+    with open_checkpoint(url) as opened:
+        got = opened.state_dict(["a"])
+    assert torch.equal(got["a"], state["a"])
+    assert server.bytes_sent["/aligned.pth"] < len(body) * 0.6
+    assert cached(home) == [] and list(scratch.iterdir()) == []
+
+
+def local_header_of(body: bytes, name: str) -> int:
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        return z.getinfo(f"archive/{name}").header_offset
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [(0, b"XXXX"), (26, b"\x40\x00")],
+    ids=["signature", "name length"],
+)
+def test_a_damaged_local_header_is_found_when_its_record_is_fetched(server, home, field, value):
+    state = {"a": torch.arange(300_000.0), "b": torch.ones(300_000)}
+    body = bytearray(saved({"state_dict": state}))
+    at = local_header_of(bytes(body), "data/1") + field  # b's, far from what opening reads
+    body[at : at + len(value)] = value
+    url = server.add("/bad-local.pth", bytes(body), ranges="bytes")
+    with open_checkpoint(url) as opened:
+        assert torch.equal(opened.state_dict(["a"])["a"], state["a"])
+        with pytest.raises(InvalidTorchZipError) as info:
+            opened.state_dict(["b"])
+    assert info.value.kind == "bad_local_header" and url in str(info.value)
+    assert cached(home) == []
