@@ -18,6 +18,16 @@ the machine does not implement — a global outside the allowlist, quantized or 
 tensors, tensor subclasses, a legacy file — is loaded by torch's own safe loader instead
 (never an unsafe one), and ``fallback_reason`` says why.
 
+When `map_location` names one device that a copy engine streams to (a CUDA device), tensors
+are read straight from the file through ckptmap's staging ring of pinned buffers
+(`ckptmap.streaming`) into new tensors there, instead of being built on the CPU and moved
+storage by storage: the rows asked for (`load(names)`), or a whole checkpoint that is a plain
+state dict. Only tensors whose bytes are the tensor can: contiguous, of a dtype this torch
+has, each the only user of its storage among the rows asked for; otherwise (tensors sharing
+a storage, which must keep sharing it, non-contiguous ones, Parameters with attributes, a
+file not in this machine's byte order) the call loads the usual way, and a debug log says
+why. Streamed tensors have storages of their own.
+
 Differences from torch that remain: tensors come without the empty ``_backward_hooks``
 dict that torch attaches to every loaded tensor (setting it costs more than building the
 tensor); pickles of protocol 3 to 5, which torch's ``weights_only`` unpickler refuses, load.
@@ -498,7 +508,11 @@ class PthFile:
     def _stream_device(self, map_location: Any) -> torch.device | None:
         """The one device every storage goes to under `map_location` (None: not one)."""
         device = streaming.named_device(map_location)
-        if device is None or not isinstance(map_location, dict):
+        if device is None:
+            return None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            return None  # torch.load's own message says which device is missing
+        if not isinstance(map_location, dict):
             return device
         for location in self._reader.locations:
             try:
