@@ -263,6 +263,8 @@ class PthFile:
         Args:
             names: table names to build (default: the whole checkpoint).
             map_location: as for `torch.load` (None, a device or str, a dict, a callable).
+                One device that the copy engine streams to (CUDA): tensors are read through
+                the staging ring where they can be (see the module docstring).
             mmap: map the file (tensors are views of its pages, read on use); False reads
                 it into memory once, tensors being views of that copy.
 
