@@ -330,3 +330,25 @@ def test_map_location_on_the_device(tmp_path, device):
     assert torch.equal(rows["bf16"].cpu(), obj["bf16"])
     if device == "cpu":
         assert engine.issued
+
+
+def test_a_remote_pth_streams_from_its_fetched_bytes(tmp_path, monkeypatch):
+    """Over http, by byte range: the ring reads the local copy of the fetched records, not
+    the URI."""
+    import io
+
+    from servers import checkpoint_server
+
+    from ckptmap.checkpoint import _load_checkpoint_with_prefix
+
+    monkeypatch.setenv("CKPTMAP_HOME", str(tmp_path / "home"))
+    sd = _model().state_dict()
+    buffer = io.BytesIO()
+    torch.save({"meta": {"epoch": 1}, "state_dict": sd}, buffer)
+    engine = _engine()
+    with checkpoint_server() as server, using_engine(engine):
+        url = server.add("/m.pth", buffer.getvalue(), ranges="bytes")
+        got = _load_checkpoint_with_prefix("3", url, map_location="cpu")
+    assert engine.issued
+    assert list(got) == ["weight", "bias"]
+    assert torch.equal(got["weight"], sd["3.weight"]) and torch.equal(got["bias"], sd["3.bias"])

@@ -498,7 +498,8 @@ class PthFile:
 
     def _plan(self, rows: list[int], target: torch.device) -> list[streaming.ReadItem]:
         t = self.table
-        source = streaming.SourceFile(self.path, self._identity)
+        # The reader's own file: a remote checkpoint's is the local copy of its fetched bytes.
+        source = streaming.SourceFile(self._ready().path, self._identity)
         items = []
         for i in rows:
             start, end = t.byte_ranges[i]
