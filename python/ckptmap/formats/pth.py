@@ -18,6 +18,16 @@ the machine does not implement — a global outside the allowlist, quantized or 
 tensors, tensor subclasses, a legacy file — is loaded by torch's own safe loader instead
 (never an unsafe one), and ``fallback_reason`` says why.
 
+When `map_location` names one device that a copy engine streams to (a CUDA device), tensors
+are read straight from the file through ckptmap's staging ring of pinned buffers
+(`ckptmap.streaming`) into new tensors there, instead of being built on the CPU and moved
+storage by storage: the rows asked for (`load(names)`), or a whole checkpoint that is a plain
+state dict. Only tensors whose bytes are the tensor can: contiguous, of a dtype this torch
+has, each the only user of its storage among the rows asked for; otherwise (tensors sharing
+a storage, which must keep sharing it, non-contiguous ones, Parameters with attributes, a
+file not in this machine's byte order) the call loads the usual way, and a debug log says
+why. Streamed tensors have storages of their own.
+
 Differences from torch that remain: tensors come without the empty ``_backward_hooks``
 dict that torch attaches to every loaded tensor (setting it costs more than building the
 tensor); pickles of protocol 3 to 5, which torch's ``weights_only`` unpickler refuses, load.
@@ -31,6 +41,7 @@ import functools
 import gc
 import logging
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +49,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ckptmap import streaming
 from ckptmap._core import PthFallback, PthFormatError, PthReader
 from ckptmap.errors import (
     CheckpointIsADirectoryError,
@@ -184,6 +196,7 @@ class PthFile:
         self._allowed = _Allowlist.of(allowed)
         self._reader, self._unread = _open(self.path, self._allowed.names, known)
         self._load_fallback: str | None = None
+        self._identity = _identity_of(self.path, self._reader)
 
     @property
     def fallback_reason(self) -> str | None:
@@ -250,6 +263,8 @@ class PthFile:
         Args:
             names: table names to build (default: the whole checkpoint).
             map_location: as for `torch.load` (None, a device or str, a dict, a callable).
+                One device that the copy engine streams to (CUDA): tensors are read through
+                the staging ring where they can be (see the module docstring).
             mmap: map the file (tensors are views of its pages, read on use); False reads
                 it into memory once, tensors being views of that copy.
 
@@ -274,6 +289,36 @@ class PthFile:
         return OrderedDict(
             (name, found[name] if name in found else _missing(self, name)) for name in wanted
         )
+
+    def read_plan(self, names: Iterable[str], target: torch.device) -> list[streaming.ReadItem]:
+        """The rows of `ckptmap.streaming.read_tensors` that read table rows `names` into new
+        tensors on `target`: byte ranges from the table, checked against this very file (a
+        file replaced or shortened since it was opened raises `CorruptCheckpointError` there).
+
+        Only rows whose bytes are the tensor, as it is stored, can be read this way (see
+        `stream_reason`); tensors come out contiguous, each with a storage of its own.
+
+        Raises:
+            ckptmap.errors.TensorNotFoundError: a name not in the table.
+            ValueError: a row that can not be read as plain bytes (the message says why).
+            ckptmap._core.PthFallback: the reader can not list the tensors.
+        """
+        rows = self._rows_of(names)
+        reason = self._rows_reason(rows)
+        if reason is not None:
+            raise ValueError(f"{self.path!r}: {reason}")
+        return self._plan(rows, target)
+
+    def stream_reason(self, names: Iterable[str] | None = None) -> str | None:
+        """Why table rows `names` (default: every row) can not be streamed to a device as
+        plain bytes, or None when they can: a dtype this torch lacks, strides that are not
+        the contiguous ones, two of the rows sharing a storage record (torch.load keeps them
+        sharing it), or a file whose bytes are not in this machine's byte order."""
+        reason = self._file_reason()
+        if reason is not None:
+            return reason
+        rows = range(len(self.table)) if names is None else self._rows_of(names)
+        return self._rows_reason(rows)
 
     def state_dict_shapes(
         self,
@@ -381,6 +426,9 @@ class PthFile:
         if reason is not None:
             self._log_fallback(reason)
             return FALLBACK
+        streamed = self._streamed(names, map_location)
+        if streamed is not None:
+            return streamed
         rows = None
         if names is not None:
             index = {name: i for i, name in enumerate(self.table.names)}
@@ -411,6 +459,165 @@ class PthFile:
         if names is None:
             return loaded
         return OrderedDict(zip(names, loaded, strict=True))
+
+    # -- streaming to a device (ckptmap.streaming) ---------------------------------------------
+
+    def _file_reason(self) -> str | None:
+        if self._reader is None:
+            return f"only torch can read this checkpoint ({self._unread})"
+        if self._reader.fallback_reason is not None:
+            return f"only torch can read this checkpoint ({self._reader.fallback_reason})"
+        if self._reader.byteorder == "big" or sys.byteorder != "little":
+            return "the file's byte order is not this machine's"
+        if self._reader.table_error is not None:
+            return f"no tensor table ({self._reader.table_error})"
+        return None
+
+    def _rows_of(self, names: Iterable[str]) -> list[int]:
+        index = {name: i for i, name in enumerate(self.table.names)}
+        return [index[n] if n in index else _missing(self, n) for n in names]
+
+    def _rows_reason(self, rows: Iterable[int]) -> str | None:
+        """Why `rows` can not be read as plain bytes into tensors of their own (None: they can)."""
+        t = self.table
+        users: dict[str, str] = {}
+        for i in rows:
+            name = t.names[i]
+            if _torch_dtype(t.dtypes[i]) is None:
+                return f"{name!r} is of dtype {t.dtypes[i]}, which this torch lacks"
+            if not _contiguous(t.shapes[i], t.strides[i]):
+                return f"{name!r} is not contiguous (strides {t.strides[i]})"
+            start, end = t.byte_ranges[i]
+            if end - start != t.nbytes[i]:
+                return f"{name!r} spans {end - start} bytes for {t.nbytes[i]} of data"
+            key = t.storage_keys[i]
+            if key in users:
+                return f"{name!r} shares its storage with {users[key]!r}"
+            users[key] = name
+        return None
+
+    def _plan(self, rows: list[int], target: torch.device) -> list[streaming.ReadItem]:
+        t = self.table
+        # The reader's own file: a remote checkpoint's is the local copy of its fetched bytes.
+        source = streaming.SourceFile(self._ready().path, self._identity)
+        items = []
+        for i in rows:
+            start, end = t.byte_ranges[i]
+            dtype = _torch_dtype(t.dtypes[i])
+            assert dtype is not None  # checked by _rows_reason
+            items.append(streaming.ReadItem(source, start, end, dtype, t.shapes[i], target))
+        return items
+
+    def _stream_device(self, map_location: Any) -> torch.device | None:
+        """The one device every storage goes to under `map_location` (None: not one)."""
+        device = streaming.named_device(map_location)
+        if device is None:
+            return None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            return None  # torch.load's own message says which device is missing
+        if not isinstance(map_location, dict):
+            return device
+        for location in self._reader.locations:
+            try:
+                if torch.device(map_location.get(location, location)) != device:
+                    return None
+            except (RuntimeError, TypeError, ValueError):
+                return None
+        return device
+
+    def _streamed(self, names: list[str] | None, map_location: Any) -> Any:
+        """The tensors `names` (None: the whole checkpoint, when it is a plain state dict)
+        read through the staging ring onto the device `map_location` names; None where the
+        load goes the usual way (logged at debug level, with why)."""
+        device = self._stream_device(map_location)
+        engine = streaming.engine_for(device)
+        if engine is None or device is None:
+            return None
+        reason = self._file_reason()
+        root: Any = None
+        rows: list[int] = []
+        if reason is None and names is None:
+            root, reason = self._plain_root()
+            rows = list(range(len(self.table)))
+        elif reason is None and names is not None:
+            rows = self._rows_of(names)
+        reason = reason or self._rows_reason(rows) or self._params_reason(rows)
+        if reason is not None:
+            self._log_unstreamed(device, reason)
+            return None
+        t = self.table
+        items = self._plan(rows, device)
+        for k, i in enumerate(rows):
+            shape, stride = t.shapes[i], t.strides[i]
+            if tuple(stride) != _contiguous_strides(shape):
+                # Contiguous with other strides on dimensions of size 1 (or empty): kept.
+                empty = torch.empty_strided(shape, stride, dtype=items[k].dtype, device=device)
+                items[k] = items[k]._replace(target=empty)
+        tensors = streaming.read_tensors(items, engine=engine)
+        built: list[torch.Tensor] = []
+        for i, tensor in zip(rows, tensors, strict=True):
+            if t.parameters[i]:
+                built.append(torch.nn.Parameter(tensor, requires_grad=t.requires_grad[i]))
+            else:
+                built.append(tensor.requires_grad_(True) if t.requires_grad[i] else tensor)
+        if root is None:
+            assert names is not None
+            return OrderedDict(zip(names, built, strict=True))
+        root.update(zip(t.names, built, strict=True))
+        return root
+
+    def _plain_root(self) -> tuple[Any, str | None]:
+        """An empty container of the checkpoint's type, attributes set, when the checkpoint
+        is a plain state dict (a dict of str to tensors, each row its own record), else None
+        and why."""
+        r = self._reader
+        kind = r.value_type([])
+        if kind not in _MAPPINGS:
+            return None, "the checkpoint is not a plain state dict"
+        items = r.mapping_items([]) or []
+        names = self.table.names
+        if not items or len(items) != len(names):
+            return None, "the checkpoint is not a plain state dict of tensors"
+        for (key, shape, _dtype, _type), name in zip(items, names, strict=True):
+            if shape is None or not isinstance(key, str) or key != name:
+                return None, f"the checkpoint's entry {key!r} is not a tensor"
+        if len(names) != r.record_count:  # storages shared, or used by other objects
+            return None, self._rows_reason(range(len(names))) or "storages used elsewhere"
+        try:
+            attrs = self.attrs_of([])
+        except PthFallback as err:
+            return None, str(err)
+        if any(True for _ in _walk_tensors(attrs, "")):
+            return None, "the state dict's attributes hold tensors"
+        if kind == "dict":
+            return ({}, None) if not attrs else (None, "a dict with attributes")
+        root: OrderedDict[str, Any] = OrderedDict()
+        root.__dict__.update(attrs)
+        return root, None
+
+    def _params_reason(self, rows: list[int]) -> str | None:
+        """Why the Parameters among `rows` can not be rebuilt from their data alone: a
+        Parameter with attributes of its own (``_rebuild_parameter_with_state``)."""
+        params = [i for i in rows if self.table.parameters[i]]
+        if not params:
+            return None
+        try:
+            with _gc_paused():
+                built = self._ready().load(self._allowed.hooks(None), rows=params, meta=True)
+        except PthFallback as err:
+            return str(err)
+        for i, param in zip(params, built, strict=True):
+            if type(param) is not torch.nn.Parameter or torch._utils._get_obj_state(param):
+                return f"the Parameter {self.table.names[i]!r} has attributes of its own"
+        return None
+
+    def _log_unstreamed(self, device: torch.device, reason: str) -> None:
+        logger.debug(
+            "%s: not streamed to %s through the staging ring, loaded the usual way (%s)",
+            self.path,
+            device,
+            reason,
+        )
 
     def _log_fallback(self, reason: str) -> None:
         if self._reader is not None and self._reader.fallback_reason is None:
@@ -496,6 +703,47 @@ def _open(
         raise CheckpointNotFoundError(path) from err
     except PermissionError as err:
         raise CheckpointPermissionError(path) from err
+
+
+def _identity_of(path: str, reader: Any) -> tuple[int, int, int] | None:
+    """``(st_dev, st_ino, size)`` of the file the reader opened, for the ring to check."""
+    if reader is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # The reader's size, not the path's now: a file changed since then fails the check.
+    return (st.st_dev, st.st_ino, reader.file_size)
+
+
+@functools.cache
+def _torch_dtype(name: str) -> torch.dtype | None:
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether elements in row-major order are consecutive in memory (`Tensor.is_contiguous`:
+    strides of dimensions of size 1, and of empty tensors, do not matter)."""
+    if any(size == 0 for size in shape):
+        return True
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1:
+            if step != expected:
+                return False
+            expected *= size
+    return True
 
 
 def _missing(f: PthFile, name: str) -> Any:
