@@ -755,6 +755,21 @@ def test_damaged_metadata_bytes_give_typed_errors(
         pass
 
 
+@pytest.mark.parametrize("slot", [0x7FFFFFFF, 1 << 26])
+def test_a_memo_slot_past_the_pickle_is_refused_before_unpickling(
+    flat: tuple[Path, Any], tmp_path: Path, slot: int
+) -> None:
+    """Found by the fuzz test above: a damaged byte became LONG_BINPUT with a slot near
+    2**31, and the C unpickler sized its memo to it (16 GiB: MemoryError here, a swapping
+    machine elsewhere)."""
+    directory = tmp_path / "memo"
+    shutil.copytree(flat[0], directory)
+    # An empty dict, memoized at `slot`.
+    (directory / ".metadata").write_bytes(b"\x80\x02}r" + slot.to_bytes(4, "little") + b".")
+    with pytest.raises(InvalidDcpCheckpointError, match="memo slot"):
+        load_file(directory)
+
+
 def _walk(value: Any) -> Iterator[Any]:
     if isinstance(value, Mapping):
         for v in value.values():

@@ -506,7 +506,8 @@ def pickle_globals(stream: IO[bytes], count: int = 1) -> set[str]:
     unpickler, which is what actually decides.
 
     Raises:
-        ValueError: the stream is not a complete pickle (truncated, damaged).
+        ValueError: the stream is not a complete pickle (truncated, damaged, or a memo slot
+            numbered past its own bytes).
     """
     from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 
@@ -522,7 +523,7 @@ def pickle_globals(stream: IO[bytes], count: int = 1) -> set[str]:
     for _ in range(count):
         memo: dict[int, Any] = {}
         pushed: list[Any] = []
-        for opcode, arg, _pos in pickletools.genops(stream):
+        for opcode, arg, pos in pickletools.genops(stream):
             op = opcode.name
             if op in ("GLOBAL", "INST"):
                 module, _, qualname = str(arg).partition(" ")
@@ -538,6 +539,11 @@ def pickle_globals(stream: IO[bytes], count: int = 1) -> set[str]:
             elif op == "MEMOIZE":
                 memo[len(memo)] = pushed[-1] if pushed else None
             elif op in ("PUT", "BINPUT", "LONG_BINPUT"):
+                # Picklers number memo slots from 0, one per object: a slot past the bytes
+                # read so far is damage, and the C unpickler would size its memo to it (a
+                # 2**31 slot asks for 16 GiB).
+                if int(arg) > (pos or 0):  # type: ignore[arg-type]
+                    raise ValueError(f"memo slot {arg} at byte {pos} is past what was pickled")
                 memo[int(arg)] = pushed[-1] if pushed else None  # type: ignore[arg-type]
             elif op in ("GET", "BINGET", "LONG_BINGET"):
                 pushed.append(memo.get(int(arg)))  # type: ignore[arg-type]
