@@ -127,6 +127,25 @@ def test_compressed_member(tmp_path: Path) -> None:
     assert_same(load_file(out), torch.load(good, weights_only=True))
 
 
+def test_a_huge_memo_slot_in_a_pickle_torch_reads_is_not_replayed(tmp_path: Path) -> None:
+    """The Rust reader hands a sparse memo to torch's reader, after ckptmap's replay of
+    data.pkl in a C unpickler, which sizes its memo to the largest slot named: a damaged slot
+    must not reach it (2**31 is 16 GiB). torch's own unpickler (a dict memo) then decides."""
+    import tracemalloc
+
+    good = checkpoint(tmp_path / "m.pth")
+    damaged = b"\x80\x02}r" + (1 << 26).to_bytes(4, "little") + b"."  # {} at slot 2**26
+    out = repack(tmp_path / "z.pth", edit(good, "data.pkl", lambda _: damaged))
+    tracemalloc.start()
+    try:
+        assert load_file(out) == {}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak:,} bytes: the memo was sized to the slot (512 MiB)"
+    assert torch.load(out, weights_only=True) == {}
+
+
 def test_duplicate_member(tmp_path: Path) -> None:
     entries = members(checkpoint(tmp_path / "m.pth"))
     record = next(e for e in entries if e[0].endswith("data/0"))

@@ -236,6 +236,15 @@ def check_torch_zip(path: str, size: int, *, mmap: bool) -> bool:
             data = _pickle_bytes(f, pickles[0])
         except ZipDirectoryError:
             return True
+    from ckptmap.formats.pickled import pickle_globals  # pickled imports this module
+
+    try:
+        # The C unpickler sizes its memo to the largest slot a pickle names: refuse damaged
+        # slots (a 2**31 slot is 16 GiB) before replaying. torch's own unpickler, whose memo
+        # is a dict, then reports the damage in its words.
+        pickle_globals(io.BytesIO(data))
+    except ValueError:
+        return True
     collecting = gc.isenabled()
     gc.disable()
     try:
