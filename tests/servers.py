@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 #: Upper bound for any wait inside a server handler, so a test can never hang on one.
@@ -515,3 +516,11 @@ def self_signed_certificate(directory: str) -> tuple[str, str]:
             )
         )
     return cert_path, key_path
+
+
+def cache_entries(home: os.PathLike[str] | str) -> list[Path]:
+    """The download cache's entries under `home` (each entry's ``.sha256`` manifest aside)."""
+    root = Path(home)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".sha256")

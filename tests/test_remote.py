@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from servers import SUBTREE, CheckpointServer, checkpoint_server, random_checkpoint
+from servers import SUBTREE, CheckpointServer, cache_entries, checkpoint_server, random_checkpoint
 from torch import nn
 
 from ckptmap import open_checkpoint
@@ -79,13 +79,6 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(RangeReader, "attempts", 2)
 
 
-def cached(home: Path) -> list[Path]:
-    """Cache entries under `home` (each entry's ``.sha256`` manifest aside)."""
-    if not home.exists():
-        return []
-    return sorted(p for p in home.rglob("*") if p.is_file() and p.suffix != ".sha256")
-
-
 def model_for(path: Path, names: list[str] | None = None) -> nn.Module:
     """A meta-device module whose parameters are the file's tensors (or those in `names`)."""
     root = nn.Module()
@@ -115,7 +108,7 @@ def test_a_prefix_load_transfers_its_subtree_and_equals_a_full_load(model_file, 
     subtree = sum(t.nbytes for t in expected.values())
     assert subtree >= 0.099 * len(body)
     assert len(header) + subtree <= sent <= 0.15 * len(body), (sent, len(body))
-    assert cached(home) == []  # nothing was written to the cache
+    assert cache_entries(home) == []  # nothing was written to the cache
 
 
 def test_plans_inspect_and_diff_transfer_the_header_alone(model_file, server, home, tmp_path):
@@ -138,7 +131,7 @@ def test_plans_inspect_and_diff_transfer_the_header_alone(model_file, server, ho
     server.reset_counts()
     assert checkpoint_shapes(url)[0] == checkpoint_shapes(path)[0]
     assert server.bytes_sent["/m.safetensors"] == len(header)
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 def test_the_opened_checkpoint_answers_from_the_header(model_file, server, home):
@@ -198,7 +191,7 @@ def test_the_whole_checkpoint_goes_through_the_cache(small_file, server, home):
     load_checkpoint(model, url, strict=True)
     full = safetensors.torch.load_file(str(path))
     assert all(torch.equal(t, full[n]) for n, t in model.state_dict().items())
-    (entry,) = cached(home)
+    (entry,) = cache_entries(home)
     assert entry.read_bytes() == body
     with open_checkpoint(url) as opened:
         assert list(opened.load()) == list(full)
@@ -216,7 +209,7 @@ def test_a_server_without_ranges_falls_back_in_one_log_line(small_file, server, 
     ]
     full = safetensors.torch.load_file(str(path))
     assert all(torch.equal(got[k], full[f"{SUBTREE}.{k}"]) for k in got)
-    (entry,) = cached(home)
+    (entry,) = cache_entries(home)
     assert entry.read_bytes() == body
 
 
@@ -238,7 +231,9 @@ def test_hashed_names_fall_back_and_torch_zips_are_read_by_range(server, home, c
         "which only a whole download can check",
     ]
     assert server.hits[f"/w-{digest}.safetensors"] == 1  # no ranged probe first
-    assert len(cached(home)) == 1  # the torch zip was read by range (tests/test_remote_pth.py)
+    assert (
+        len(cache_entries(home)) == 1
+    )  # the torch zip was read by range (tests/test_remote_pth.py)
 
 
 def safetensors_whose_header_starts_like_a_pickle() -> bytes:
@@ -260,7 +255,7 @@ def test_a_header_that_starts_like_a_pickle_is_still_read_by_range(server, home,
             got = opened.state_dict(["b"])  # one tensor: by range, not through the cache
     assert list(got) == ["b"] and torch.equal(got["b"], torch.ones(2))
     assert not [r for r in caplog.records if FALLBACK in r.getMessage()]
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 def test_a_custom_http_loader_is_respected(server, home):
@@ -291,7 +286,7 @@ def test_a_file_replaced_between_requests_is_refused(model_file, server, home):
         with pytest.raises(RemoteChangedError) as info:
             opened.state_dict([f"{SUBTREE}.fpn.0.weight"])
     assert info.value.what == "If-Match" and url in str(info.value)
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 @pytest.mark.parametrize(
@@ -329,7 +324,7 @@ def test_short_bodies_are_retried_then_refused(model_file, server, home):
             opened.state_dict([f"{SUBTREE}.fpn.0.weight"])
     assert server.hits["/m.safetensors"] == 2  # RangeReader.attempts
     assert "short body" in str(info.value)
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 def test_a_wrong_range_is_refused(model_file, server, home):
@@ -356,7 +351,7 @@ def test_http_errors_are_typed(server, home, status, error):
     with pytest.raises(error) as info:
         open_checkpoint(url)
     assert info.value.status == status and url in str(info.value)
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 def test_a_damaged_header_names_the_url(server, home):
@@ -365,4 +360,4 @@ def test_a_damaged_header_names_the_url(server, home):
     with pytest.raises(InvalidSafetensorsError) as info:
         open_checkpoint(url)
     assert info.value.kind == "data_truncated" and url in str(info.value)
-    assert cached(home) == []
+    assert cache_entries(home) == []

@@ -25,7 +25,7 @@ import torch
 from devices import DEVICES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import SUBTREE, CheckpointServer, checkpoint_server, random_state
+from servers import SUBTREE, CheckpointServer, cache_entries, checkpoint_server, random_state
 from torch import nn
 
 from ckptmap import open_checkpoint
@@ -89,12 +89,6 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(RangeReader, "attempts", 2)
 
 
-def cached(home: Path) -> list[Path]:
-    if not home.exists():
-        return []
-    return sorted(p for p in home.rglob("*") if p.is_file() and p.suffix != ".sha256")
-
-
 def subtree_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     lead = SUBTREE + "."
     return {k[len(lead) :]: v for k, v in state.items() if k.startswith(lead)}
@@ -112,7 +106,7 @@ def test_a_prefix_load_transfers_its_subtree_and_equals_torch_load(model, server
     subtree = sum(t.nbytes for t in expected.values())
     assert subtree >= 0.099 * len(body)
     assert subtree <= sent <= 0.15 * len(body), (sent, len(body))
-    assert cached(home) == []  # nothing in the download cache
+    assert cache_entries(home) == []  # nothing in the download cache
     assert list(scratch.iterdir()) == []  # the sparse working file is gone
 
 
@@ -165,7 +159,7 @@ def test_tables_plans_inspect_and_diff_read_the_directory_and_pickle_alone(
         assert summary[key] == here[key], key
     assert checkpoint_shapes(url)[0] == checkpoint_shapes(local)[0]
     assert server.bytes_sent["/m.pth"] <= 3 * directory_and_pickle
-    assert cached(home) == [] and list(scratch.iterdir()) == []
+    assert cache_entries(home) == [] and list(scratch.iterdir()) == []
 
 
 def test_the_whole_checkpoint_goes_through_the_cache(server, home, scratch):
@@ -177,7 +171,7 @@ def test_the_whole_checkpoint_goes_through_the_cache(server, home, scratch):
     want = torch.load(io.BytesIO(body), weights_only=False)
     assert loaded["meta"] == want["meta"] and list(loaded["state_dict"]) == ["w", "b"]
     assert all(torch.equal(loaded["state_dict"][k], v) for k, v in state.items())
-    assert len(cached(home)) == 1
+    assert len(cache_entries(home)) == 1
 
 
 class Net(nn.Module):
@@ -196,13 +190,13 @@ def test_load_checkpoint_into_a_model_equals_the_source(server, home, scratch):
     head = Net().head
     head.load_state_dict(_load_checkpoint_with_prefix("head", url))
     assert torch.equal(head.weight, source.head.weight)
-    assert cached(home) == []
+    assert cache_entries(home) == []
     # load_checkpoint returns the whole checkpoint: the whole file, through the cache.
     target = Net()
     load_checkpoint(target, url, strict=True)
     for name, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[name], value), name
-    assert len(cached(home)) == 1 and list(scratch.iterdir()) == []
+    assert len(cache_entries(home)) == 1 and list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,7 +237,7 @@ def test_a_server_without_ranges_falls_back_in_one_log_line(server, home, caplog
         assert torch.equal(opened.state_dict()["w"], torch.arange(3.0))
     lines = [r.getMessage() for r in caplog.records if WHOLE in r.getMessage()]
     assert len(lines) == 1 and "does not serve byte ranges" in lines[0]
-    assert len(cached(home)) == 1
+    assert len(cache_entries(home)) == 1
 
 
 def compressed(body: bytes) -> bytes:
@@ -266,7 +260,7 @@ def test_what_only_torch_reads_is_downloaded_whole_in_one_log_line(server, home,
         'member: member "archive/data.pkl" is compressed (zip method 8); torch.save stores '
         "every member uncompressed, and only uncompressed members can be mapped)"
     ]
-    assert len(cached(home)) == 1 and list(scratch.iterdir()) == []
+    assert len(cache_entries(home)) == 1 and list(scratch.iterdir()) == []
 
 
 def test_a_record_damaged_at_the_server_fails_its_crc_when_fetched(server, home, scratch):
@@ -281,7 +275,7 @@ def test_a_record_damaged_at_the_server_fails_its_crc_when_fetched(server, home,
         with pytest.raises(InvalidTorchZipError) as info:
             opened.state_dict(["a"])
     assert info.value.kind == "crc_mismatch" and url in str(info.value)
-    assert cached(home) == [] and list(scratch.iterdir()) == []
+    assert cache_entries(home) == [] and list(scratch.iterdir()) == []
 
 
 def test_a_damaged_directory_names_the_url(server, home, scratch):
@@ -290,7 +284,7 @@ def test_a_damaged_directory_names_the_url(server, home, scratch):
     with pytest.raises(InvalidTorchZipError) as info:
         open_checkpoint(url)
     assert info.value.kind == "no_end_record" and url in str(info.value)
-    assert list(scratch.iterdir()) == [] and cached(home) == []
+    assert list(scratch.iterdir()) == [] and cache_entries(home) == []
 
 
 def test_a_file_replaced_between_requests_is_refused(model, server, home, scratch):
@@ -301,7 +295,7 @@ def test_a_file_replaced_between_requests_is_refused(model, server, home, scratc
         with pytest.raises(RemoteChangedError) as info:
             opened.state_dict([f"{SUBTREE}.fpn.0.weight"])
     assert info.value.what == "If-Match" and url in str(info.value)
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 def test_a_missing_tensor_is_named(server, home):
@@ -339,7 +333,7 @@ def test_any_subset_equals_torch_load(server, home, state, data):
     assert list(got) == names
     for name in names:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
-    assert os.path.exists(home) is False or cached(home) == []
+    assert os.path.exists(home) is False or cache_entries(home) == []
 
 
 def test_a_larger_storage_alignment_costs_one_more_fetch_not_a_failure(server, home, scratch):
@@ -358,7 +352,7 @@ def test_a_larger_storage_alignment_costs_one_more_fetch_not_a_failure(server, h
         got = opened.state_dict(["a"])
     assert torch.equal(got["a"], state["a"])
     assert server.bytes_sent["/aligned.pth"] < len(body) * 0.6
-    assert cached(home) == [] and list(scratch.iterdir()) == []
+    assert cache_entries(home) == [] and list(scratch.iterdir()) == []
 
 
 def local_header_of(body: bytes, name: str) -> int:
@@ -382,4 +376,4 @@ def test_a_damaged_local_header_is_found_when_its_record_is_fetched(server, home
         with pytest.raises(InvalidTorchZipError) as info:
             opened.state_dict(["b"])
     assert info.value.kind == "bad_local_header" and url in str(info.value)
-    assert cached(home) == []
+    assert cache_entries(home) == []

@@ -20,6 +20,7 @@ import torch
 from servers import (
     SUBTREE,
     CheckpointServer,
+    cache_entries,
     checkpoint_server,
     counting_moto_s3_server,
     random_state,
@@ -84,13 +85,6 @@ def weight_map(directory: Path) -> dict[str, str]:
     return json.loads(index.read_text())["weight_map"]
 
 
-def cached(home: Path) -> list[Path]:
-    """Cache entries under `home` (each entry's ``.sha256`` manifest aside)."""
-    if not home.exists():
-        return []
-    return sorted(p for p in home.rglob("*") if p.is_file() and p.suffix != ".sha256")
-
-
 def test_a_prefix_load_reads_only_the_shards_it_needs(shards, server, home):
     directory, state = shards
     url = serve(server, directory, ranges="bytes")
@@ -112,7 +106,7 @@ def test_a_prefix_load_reads_only_the_shards_it_needs(shards, server, home):
         size = (directory / shard).stat().st_size
         assert header_bytes(directory / shard) + subtree <= sent <= size
     assert server.bytes_sent[f"/repo/{INDEX}"] == (directory / INDEX).stat().st_size
-    assert cached(home) == []
+    assert cache_entries(home) == []
 
 
 def test_inspect_reads_the_index_and_every_header(shards, server, home):
@@ -151,7 +145,7 @@ def test_torch_shards_and_servers_without_ranges_are_downloaded_shard_by_shard(
     assert len(lines) == len(needed)
     for line, shard in zip(lines, needed, strict=True):
         assert line.startswith(f"Downloading the shard {server.url('/repo/' + shard)} whole")
-    assert sorted(p.name for p in cached(home)) == needed
+    assert sorted(p.name for p in cache_entries(home)) == needed
     assert all(server.hits[f"/repo/{s}"] == 0 for s in set(mapping.values()) - set(needed))
 
 
@@ -171,7 +165,7 @@ def test_torch_bin_shards_are_read_by_range_too(tmp_path, server, home):
     sent = sum(server.bytes_sent.get(f"/repo/{s}", 0) for s in set(mapping.values()))
     assert subtree <= sent <= subtree + len(needed) * (512 << 10), (sent, subtree)
     assert all(server.hits[f"/repo/{s}"] == 0 for s in set(mapping.values()) - needed)
-    assert cached(home) == []
+    assert cache_entries(home) == []
     with open_checkpoint(url) as opened:
         entries = opened.entries()
     assert [(e.name, e.shape) for e in entries] == [(k, tuple(v.shape)) for k, v in state.items()]
@@ -223,4 +217,4 @@ def test_a_shard_set_on_s3(shards, tmp_path, monkeypatch):
         touched = {p.rsplit("/", 1)[1] for p, _ in counter.requests} - {INDEX}
     assert touched == needed
     assert all(torch.equal(got[k], state[f"{SUBTREE}.{k}"]) for k in got)
-    assert cached(tmp_path / "home") == []
+    assert cache_entries(tmp_path / "home") == []

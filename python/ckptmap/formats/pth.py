@@ -283,12 +283,7 @@ class PthFile:
         loaded = _load_torch_zip(
             sniff(self.path), map_location, True, self._allowed.given, mmap=mmap
         )
-        if wanted is None:
-            return loaded
-        found = dict(_walk_tensors(loaded, ""))
-        return OrderedDict(
-            (name, found[name] if name in found else _missing(self, name)) for name in wanted
-        )
+        return loaded if wanted is None else _picked(self, loaded, wanted)
 
     def read_plan(self, names: Iterable[str], target: torch.device) -> list[streaming.ReadItem]:
         """The rows of `ckptmap.streaming.read_tensors` that read table rows `names` into new
@@ -754,6 +749,12 @@ def _missing(f: PthFile, name: str) -> Any:
         name,
         f"{f.path!r} has no tensor named {name!r}: check the name (its table lists them)",
     )
+
+
+def _picked(f: PthFile, loaded: Any, wanted: list[str]) -> OrderedDict[str, torch.Tensor]:
+    """The tensors `wanted` (table names) of a checkpoint loaded whole."""
+    found = dict(_walk_tensors(loaded, ""))
+    return OrderedDict((n, found[n] if n in found else _missing(f, n)) for n in wanted)
 
 
 def _walk_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -25,7 +25,6 @@ import os
 import tempfile
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from ckptmap._core import PthUnfetched
 from ckptmap.errors import InvalidTorchZipError, TensorNotFoundError
-from ckptmap.formats.pth import FALLBACK, PthFile, _missing, _walk_tensors
+from ckptmap.formats.pth import FALLBACK, PthFile, _missing, _picked
 from ckptmap.formats.sniff import Format
 from ckptmap.opened import TensorEntry, _TorchZip
 from ckptmap.remote.reader import RangeReader, fetch_all
@@ -292,12 +291,7 @@ class RemotePthFile(PthFile):
         if result is not FALLBACK:
             return result
         loaded = self._load_whole(map_location)
-        if wanted is None:
-            return loaded
-        found = dict(_walk_tensors(loaded, ""))
-        return OrderedDict(
-            (name, found[name] if name in found else _missing(self, name)) for name in wanted
-        )
+        return loaded if wanted is None else _picked(self, loaded, wanted)
 
     def close(self) -> None:
         """Removes the sparse file (tensors already built keep their own map of it)."""
