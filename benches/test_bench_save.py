@@ -146,19 +146,21 @@ def test_save(benchmark, checkpoint, saver_id, tmp_path):
         setup=lambda: empty(directory),
         **memory,
     )
-    check(directory, checkpoint)
+    # safetensors' own writer orders tensors by dtype and name; every other side keeps order.
+    check(directory, checkpoint, ordered=saver_id != "safetensors")
     shutil.rmtree(directory)
 
 
-def check(directory: Path, checkpoint: dict[str, Any]) -> None:
-    """What the last round wrote loads back as the state dict that was saved."""
+def check(directory: Path, checkpoint: dict[str, Any], *, ordered: bool = True) -> None:
+    """What the last round wrote loads back as the state dict that was saved (in its order,
+    where the writer keeps it)."""
     files = sorted(directory.iterdir())
     index = [p for p in files if p.name.endswith(".index.json")]
     path = index[0] if index else files[0]
     assert index or len(files) == 1, files
     sd = ckptmap.find_state_dict(ckptmap.load_file(path), str(path))
     expected = checkpoint["state_dict"]
-    assert list(sd) == list(expected)
+    assert list(sd) == list(expected) if ordered else sorted(sd) == sorted(expected)
     assert all(torch.equal(sd[k], v) for k, v in expected.items())
 
 
