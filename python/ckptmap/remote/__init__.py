@@ -3,10 +3,12 @@
 The flow, one module per step:
 
 - `opener`: which ``http(s)://`` and ``s3://`` URIs are read by range (`open_remote`), and the
-  whole-download fallback (servers without range support, anything but safetensors);
+  whole-download fallback (servers without range support, pickles, what only torch reads);
 - `checkpoint`: the opened `Checkpoint`s (one safetensors file; a shard set);
 - `safetensors`: the header by range, validated in the Rust core; tensors allocated, then
   filled;
+- `pth`: a torch zip (``.pth``, ``.bin`` shards): the zip directory and ``data.pkl`` by
+  range into a sparse temp file the Rust reader parses in part, then the records asked for;
 - `spans`: which ranges to ask for (merged when close, cut to a size);
 - `reader`: one file read by range, every answer checked (206, Content-Range, length, the
   same ETag / Last-Modified / size), retries, the bounded thread pool;
