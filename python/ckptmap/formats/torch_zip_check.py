@@ -30,6 +30,7 @@ import zlib
 from typing import Any, BinaryIO
 
 from ckptmap.errors import CorruptCheckpointError
+from ckptmap.formats.pickle_scan import pickle_globals
 from ckptmap.paths import open_regular
 from ckptmap.zipdir import ZipDirectoryError, ZipEntry, read_stored, read_zip_directory
 
@@ -236,8 +237,6 @@ def check_torch_zip(path: str, size: int, *, mmap: bool) -> bool:
             data = _pickle_bytes(f, pickles[0])
         except ZipDirectoryError:
             return True
-    from ckptmap.formats.pickled import pickle_globals  # pickled imports this module
-
     try:
         # The C unpickler sizes its memo to the largest slot a pickle names: refuse damaged
         # slots (a 2**31 slot is 16 GiB) before replaying. torch's own unpickler, whose memo
