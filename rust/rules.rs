@@ -168,14 +168,7 @@ impl NativeRule {
             });
         }
         if !self.needs_exact(key) {
-            return Ok(sub_loop(
-                &self.regex,
-                &mut scratch.cache,
-                &mut scratch.caps,
-                &self.template,
-                key,
-                key.as_bytes(),
-            ));
+            return Ok(self.sub_fast(scratch, key));
         }
         let exact = self.exact.get().ok_or(NeedsExact)?;
         let regex = exact.regex();

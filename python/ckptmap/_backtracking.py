@@ -193,25 +193,17 @@ def _edge_branches(seq: list[Item]) -> list[list[Any]]:
 
 def _first(seq: list[Item]) -> list[Item]:
     """The one-character items that can match the first character of `seq`."""
-    out: list[Item] = []
-    for item in seq:
-        op, av = item
-        if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
-            out.append(item)
-        elif op is _c.GROUPREF:
-            out.append((_c.ANY, None))
-        else:
-            for sub in _children(op, av):
-                if op not in (_c.ASSERT, _c.ASSERT_NOT):
-                    out += _first(sub)
-        if not _nullable(item):
-            break
-    return out
+    return _edge(seq, from_end=False)
 
 
 def _last(seq: list[Item]) -> list[Item]:
+    """The one-character items that can match the last character of `seq`."""
+    return _edge(seq, from_end=True)
+
+
+def _edge(seq: list[Item], *, from_end: bool) -> list[Item]:
     out: list[Item] = []
-    for item in reversed(seq):
+    for item in reversed(seq) if from_end else seq:
         op, av = item
         if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
             out.append(item)
@@ -220,7 +212,7 @@ def _last(seq: list[Item]) -> list[Item]:
         else:
             for sub in _children(op, av):
                 if op not in (_c.ASSERT, _c.ASSERT_NOT):
-                    out += _last(sub)
+                    out += _edge(sub, from_end=from_end)
         if not _nullable(item):
             break
     return out
