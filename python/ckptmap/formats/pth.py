@@ -62,6 +62,7 @@ from ckptmap.errors import (
 )
 from ckptmap.formats.map_location import checked_map_location
 from ckptmap.formats.pickled import _ZIP_FALLBACK, _load_torch_zip, built_safely
+from ckptmap.formats.safetensors import dtype_named
 
 __all__ = [
     "FALLBACK",
@@ -424,10 +425,7 @@ class PthFile:
         streamed = self._streamed(names, map_location)
         if streamed is not None:
             return streamed
-        rows = None
-        if names is not None:
-            index = {name: i for i, name in enumerate(self.table.names)}
-            rows = [index[n] if n in index else _missing(self, n) for n in names]
+        rows = None if names is None else self._rows_of(names)
         hooks = self._allowed.hooks(restore)
         try:
             try:
@@ -468,8 +466,13 @@ class PthFile:
             return f"no tensor table ({self._reader.table_error})"
         return None
 
+    @functools.cached_property
+    def _row_index(self) -> dict[str, int]:
+        """Each table name's row (the last, for a name listed twice); built once per file."""
+        return {name: i for i, name in enumerate(self.table.names)}
+
     def _rows_of(self, names: Iterable[str]) -> list[int]:
-        index = {name: i for i, name in enumerate(self.table.names)}
+        index = self._row_index
         return [index[n] if n in index else _missing(self, n) for n in names]
 
     def _rows_reason(self, rows: Iterable[int]) -> str | None:
@@ -478,7 +481,7 @@ class PthFile:
         users: dict[str, str] = {}
         for i in rows:
             name = t.names[i]
-            if _torch_dtype(t.dtypes[i]) is None:
+            if dtype_named(t.dtypes[i]) is None:
                 return f"{name!r} is of dtype {t.dtypes[i]}, which this torch lacks"
             if not _contiguous(t.shapes[i], t.strides[i]):
                 return f"{name!r} is not contiguous (strides {t.strides[i]})"
@@ -498,7 +501,7 @@ class PthFile:
         items = []
         for i in rows:
             start, end = t.byte_ranges[i]
-            dtype = _torch_dtype(t.dtypes[i])
+            dtype = dtype_named(t.dtypes[i])
             assert dtype is not None  # checked by _rows_reason
             items.append(streaming.ReadItem(source, start, end, dtype, t.shapes[i], target))
         return items
@@ -710,12 +713,6 @@ def _identity_of(path: str, reader: Any) -> tuple[int, int, int] | None:
         return None
     # The reader's size, not the path's now: a file changed since then fails the check.
     return (st.st_dev, st.st_ino, reader.file_size)
-
-
-@functools.cache
-def _torch_dtype(name: str) -> torch.dtype | None:
-    dtype = getattr(torch, name, None)
-    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -960,10 +957,7 @@ def _static_hooks() -> _StaticHooks:
         ("torch", "device"): torch.device,
     }
     callables = [known[name] for name in PthReader.callable_names()]
-    dtypes = []
-    for name in PthReader.dtype_names():
-        dtype = getattr(torch, name, None)
-        dtypes.append(dtype if isinstance(dtype, torch.dtype) else None)
+    dtypes = [dtype_named(name) for name in PthReader.dtype_names()]
     return _StaticHooks(torch._C._from_dlpack, callables, dtypes)
 
 

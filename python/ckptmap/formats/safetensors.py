@@ -92,11 +92,12 @@ class TensorInfo(NamedTuple):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The `torch.dtype`, or None where this torch has none."""
-        return _torch_dtype(self.dtype)
+        return dtype_named(self.dtype)
 
 
 @functools.cache
-def _torch_dtype(name: str) -> torch.dtype | None:
+def dtype_named(name: str) -> torch.dtype | None:
+    """This torch's dtype called `name` (``"bfloat16"``), or None where it has none."""
     dtype = getattr(torch, name, None)
     return dtype if isinstance(dtype, torch.dtype) else None
 
@@ -423,7 +424,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         items = []
         for name in names:
             i = self._position(name)
-            dtype = _torch_dtype(dtypes[i])
+            dtype = dtype_named(dtypes[i])
             if dtype is None:
                 raise UnsupportedDtypeError(self.path, name, self.header.safetensors_dtypes[i])
             start, end = ranges[i]
@@ -486,7 +487,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         if view is None:
             raise ValueError(f"{self.path!r}: this SafetensorsFile is closed; open it again")
         dtypes, shapes, ranges = self._columns
-        dtype = _torch_dtype(dtypes[i])
+        dtype = dtype_named(dtypes[i])
         if dtype is None:
             name = self.header.safetensors_dtypes[i]
             raise UnsupportedDtypeError(self.path, self._names[i], name)
