@@ -21,6 +21,7 @@ file); it is removed when the checkpoint is closed or collected.
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
 import threading
@@ -32,8 +33,7 @@ import numpy as np
 
 from ckptmap._core import PthUnfetched
 from ckptmap.errors import InvalidTorchZipError, TensorNotFoundError
-from ckptmap.formats.pth import FALLBACK, PthFile, _missing, _picked
-from ckptmap.formats.sniff import Format
+from ckptmap.formats.pth import FALLBACK, PthFile, _picked
 from ckptmap.opened import TensorEntry, _TorchZip
 from ckptmap.remote.reader import RangeReader, fetch_all
 from ckptmap.remote.safetensors import RangeOptions
@@ -75,13 +75,19 @@ class _SparseFile:
 
     def missing(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         """The parts of `ranges` (clipped to the file) not fetched yet, sorted and merged."""
+        known = self.known
+        starts = [k[0] for k in known]
         out: list[tuple[int, int]] = []
         for start, end in _merged(
             (max(0, a), min(self.size, b)) for a, b in ranges if a < self.size
         ):
             at = start
-            for k_start, k_end in self.known:
-                if k_end <= at or k_start >= end:
+            # The known ranges that can overlap [start, end): from the last one starting at
+            # or before `start` (they are sorted and disjoint).
+            for k_start, k_end in known[max(0, bisect.bisect_right(starts, start) - 1) :]:
+                if k_start >= end:
+                    break
+                if k_end <= at:
                     continue
                 if k_start > at:
                     out.append((at, k_start))
@@ -90,12 +96,15 @@ class _SparseFile:
                 out.append((at, end))
         return out
 
-    def write(self, start: int, data: bytes | np.ndarray) -> None:
+    def write(self, start: int, data: bytes) -> None:
+        self._pwrite(start, data)
+        self.known = _merged([*self.known, (start, start + len(data))])
+
+    def _pwrite(self, start: int, data: bytes | np.ndarray) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, start)
             view, start = view[written:], start + written
-        self.known = _merged([*self.known, (start - len(data), start)])
 
     def fill(
         self, reader: RangeReader, ranges: Iterable[tuple[int, int]], options: RangeOptions
@@ -114,7 +123,8 @@ class _SparseFile:
             fetch_all([(reader, r) for r in requests], workers=options.workers)
             asked += sum(r.nbytes for r in requests)
             for start, buf in buffers:
-                self.write(start, buf)
+                self._pwrite(start, buf)
+            self.known = _merged([*self.known, *batch])  # once per batch, not per range
         return asked
 
     def close(self) -> None:
@@ -280,9 +290,7 @@ class RemotePthFile(PthFile):
         if names is None:
             return self._load_whole(map_location)
         wanted = list(names)
-        index = {name: i for i, name in enumerate(self.table.names)}
-        rows = [index[n] if n in index else _missing(self, n) for n in wanted]
-        self._fetch_rows(rows)
+        self._fetch_rows(self._rows_of(wanted))
         return super().load(wanted, map_location, mmap=True)
 
     def _load(self, wanted: list[str] | None, map_location: Any, mmap: bool) -> Any:
@@ -319,7 +327,6 @@ class RemoteTorchZipCheckpoint(_TorchZip):
         )
         self.source = pth_file.uri
         self.size = pth_file.size
-        self.format = Format.TORCH_ZIP
 
     def entries(self) -> list[TensorEntry]:
         # Offsets in the file are known only once a record's local header is fetched.
