@@ -311,21 +311,21 @@ pub fn parse_known(
             format!("the archive has no {prefix}/data.pkl (the checkpoint's pickle)"),
         ));
     };
+    // The other small records (.format_version, .storage_alignment, serialization ids)
+    // are not read here, but torch reads some of them: damage there is damage.
+    metadata.retain(|&i| archive.members[i].size <= MAX_CHECKED_RECORD);
     // A file read in part: every record read below must be at hand first, asked for at once.
-    let mut read_here: Vec<usize> = [Some(data_pkl), byteorder_member, version_member]
+    let small_members = [
+        Some(data_pkl),
+        byteorder_member,
+        version_member,
+        data_version_member,
+    ];
+    let need: Vec<(u64, u64)> = small_members
         .into_iter()
-        .chain([data_version_member])
         .flatten()
-        .collect();
-    read_here.extend(
-        metadata
-            .iter()
-            .copied()
-            .filter(|&i| archive.members[i].size <= MAX_CHECKED_RECORD),
-    );
-    let need: Vec<(u64, u64)> = read_here
-        .iter()
-        .filter_map(|&i| to_fetch(&archive, i, known))
+        .chain(metadata.iter().copied())
+        .filter_map(|i| to_fetch(&archive, i, known))
         .collect();
     if !need.is_empty() {
         return Err(zipfile::ZipError::unfetched(need).into());
@@ -345,14 +345,9 @@ pub fn parse_known(
         }
         Ok(data)
     };
-    // The other small records (.format_version, .storage_alignment, serialization ids)
-    // are not read here, but torch reads some of them: damage there is damage.
     for &i in &metadata {
-        if archive.members[i].size <= MAX_CHECKED_RECORD {
-            let name =
-                String::from_utf8_lossy(archive.name(bytes, i).get(plen..).unwrap_or_default());
-            small(i, &name)?;
-        }
+        let name = String::from_utf8_lossy(archive.name(bytes, i).get(plen..).unwrap_or_default());
+        small(i, &name)?;
     }
     let byteorder = match byteorder_member {
         None => None,
